@@ -1,0 +1,3 @@
+from pmgen.cli import app
+
+app()

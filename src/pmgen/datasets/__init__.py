@@ -1,0 +1,48 @@
+"""Built-in datasets, built locally from registry packages and cached under the data directory.
+
+    >>> from pmgen import datasets
+    >>> ds = datasets.load("sticker-users")     # builds stickers + sticker-users on first use
+    >>> ds.split("test")[0].target_id
+
+Names: ``stickers``, ``sticker-users``, ``movielens``, ``conversations``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from pmgen.data import Dataset, load_dataset
+from pmgen.paths import data_dir
+
+from . import conversations, movielens, sticker_users, stickers
+
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "stickers": stickers.build,
+    "sticker-users": sticker_users.build,
+    "movielens": movielens.build,
+    "conversations": conversations.build,
+}
+NAMES = tuple(BUILDERS)
+
+
+def _check(name: str) -> None:
+    if name not in BUILDERS:
+        raise KeyError(f"unknown dataset {name!r} (known: {', '.join(NAMES)})")
+
+
+def build(name: str, root: str | Path | None = None, force: bool = False, **options: Any) -> Path:
+    """Build dataset ``name`` under the data directory (no-op when already built) and return its folder."""
+    _check(name)
+    return BUILDERS[name](data_dir(root), force=force, **options)
+
+
+def load(name: str, root: str | Path | None = None, build_if_missing: bool = True) -> Dataset:
+    """Load a built-in dataset, building it first when missing (``build_if_missing``)."""
+    _check(name)
+    folder = data_dir(root) / name
+    if build_if_missing:
+        folder = build(name, root)
+    elif not (folder / "dataset.json").is_file():
+        raise FileNotFoundError(f"dataset {name!r} is not built in {folder.parent}; run `pmgen data build {name}`")
+    return load_dataset(folder, name=name)
