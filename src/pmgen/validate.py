@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pmgen.data import (
     EVENT_TYPES,
@@ -62,14 +62,13 @@ class _Ctx:
         self.problems.append(Problem(self.file, self.line, fld, message))
 
 
-def _read_records(path: Path, ctx: _Ctx) -> list[tuple[int, dict[str, Any]]]:
-    """Decode each line as UTF-8 JSON object; report undecodable lines and keep going."""
-    out: list[tuple[int, dict[str, Any]]] = []
+def _read_records(path: Path, ctx: _Ctx) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Decode each line as a UTF-8 JSON object; report undecodable lines (in line order) and go on."""
     try:
         lines = list(iter_jsonl_lines(path))
     except OSError as e:
         ctx.add(None, f"cannot read file: {e.strerror or e}")
-        return out
+        return
     for lineno, raw in lines:
         ctx.line = lineno
         try:
@@ -86,9 +85,8 @@ def _read_records(path: Path, ctx: _Ctx) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(obj, dict):
             ctx.add(None, f"expected a JSON object, got {type(obj).__name__}")
             continue
-        out.append((lineno, obj))
+        yield lineno, obj
     ctx.line = None
-    return out
 
 
 def _id(obj: dict[str, Any], key: str, ctx: _Ctx, required: bool = True) -> str | None:

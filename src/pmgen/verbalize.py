@@ -39,9 +39,9 @@ def describe_item(item: Item | None, item_id: str | None, detail_words: int = 0)
     out = f'"{clean_text(item.title, 120)}"'
     if detail_words > 0 and item.text:
         words = clean_text(item.text, 400).split()
-        # drop a leading field label ("genres: A, B" reads better as "(A, B)") and trailing commas
-        parts = re.sub(r"^[\w ]{1,20}: ", "", " ".join(words[: detail_words + 1])).split()
-        detail = " ".join(parts[:detail_words]).rstrip(",;:")
+        # first clause only, without its field label: "genres: A, B; x: y" reads better as "(A, B)"
+        first = re.sub(r"^[\w ]{1,20}: ", "", " ".join(words).split(";")[0])
+        detail = " ".join(first.split()[:detail_words]).rstrip(",;:")
         if detail:
             out += f" ({detail})"
     return out

@@ -24,7 +24,7 @@ from typing import Any
 from pmgen.data import Event, Item, Sample, User, load_dataset, write_jsonl
 from pmgen.datasets.base import build_atomically, is_built, user_disjoint_splits
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -250,8 +250,9 @@ def build(data_root: Path, force: bool = False, n_users: int = 1000, samples_per
                     events.append(Event("click", item_id=rng.choice(taste_pool), time=t))
                 else:
                     events.append(Event("conversation", speaker="user", text=rng.choice(chat), time=t))
-            if sum(e.type == "social" for e in events) < 5:  # guarantee >= 5 sticker uses
-                for _ in range(5):
+            n_taste_sent = sum(e.type == "social" and e.item_id in taste_pool for e in events)
+            if n_taste_sent < 5:  # every user sends at least 5 stickers of their taste
+                for _ in range(5 - n_taste_sent):
                     t += rng.randint(60, 3600)
                     events.append(Event("social", item_id=rng.choice(taste_pool), value="send", time=t))
             users.append(User(uid, events, {"taste": taste.name, "taste_description": taste.description,

@@ -1,0 +1,51 @@
+import json
+
+from typer.testing import CliRunner
+
+from pmgen.cli import app
+
+runner = CliRunner()
+
+
+def test_data_build_and_list(data_root):
+    r = runner.invoke(app, ["data", "build", "all", "--data-dir", str(data_root)])
+    assert r.exit_code == 0, r.output
+    assert "stickers" in r.output and "items=4495" in r.output
+    r = runner.invoke(app, ["data", "list", "--data-dir", str(data_root)])
+    assert r.exit_code == 0 and r.output.count("yes") == 4
+
+
+def test_data_show_sticker_users(data_root):
+    r = runner.invoke(app, ["data", "show", "sticker-users", "--data-dir", str(data_root), "--n", "2"])
+    assert r.exit_code == 0, r.output
+    assert "samples_with_ground_truth" in r.output and "→ target:" in r.output
+
+
+def test_data_show_stickers_writes_sheet(data_root, tmp_path):
+    out = tmp_path / "sheet.png"
+    r = runner.invoke(app, ["data", "show", "stickers", "--data-dir", str(data_root), "--sheet", str(out)])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    im = Image.open(out)
+    assert im.width == 12 * 64 and im.height > 10 * 64
+
+
+def test_unknown_dataset_is_a_clear_error(data_root):
+    r = runner.invoke(app, ["data", "build", "imagenet", "--data-dir", str(data_root)])
+    assert r.exit_code == 2 and "unknown dataset 'imagenet'" in r.output
+
+
+def test_validate_good_and_bad(tmp_path):
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "a", "title": "x"}) + "\n")
+    good = tmp_path / "users.jsonl"
+    good.write_text(json.dumps({"user_id": "u", "events": [{"type": "click", "item_id": "a"}]}) + "\n")
+    r = runner.invoke(app, ["data", "validate", str(good)])
+    assert r.exit_code == 0 and "OK" in r.output
+    bad = tmp_path / "users2.jsonl"
+    bad.write_text(json.dumps({"user_id": "u", "events": [{"type": "rating", "item_id": "a", "value": 9}]}) + "\n")
+    r = runner.invoke(app, ["data", "validate", str(bad)])
+    assert r.exit_code == 1
+    assert f"{bad}:1 [events[0].value]: rating 9 out of range (expected 1 to 5)" in r.output.replace("\n", "")
+    r = runner.invoke(app, ["data", "validate", str(tmp_path)])
+    assert r.exit_code == 0
