@@ -175,13 +175,169 @@ def data_validate(
     console.print(f"[green]OK[/] {path}: {counts}, no problems")
 
 
+def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
+                        strength: Optional[float], steps: Optional[int], k: Optional[int],
+                        history_weight: Optional[float]) -> dict:
+    from pmgen.select import weight_grid
+
+    out: dict = {}
+    if weights is not None:
+        out["weights"] = tuple(weight_grid(weights))
+    for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
+                     ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight)):
+        if val is not None:
+            out[key] = val
+    return out
+
+
+def _load_pmg(preset: str, overrides: dict, no_cache: bool = False):
+    import dataclasses
+
+    from pmgen.models.llm import ModelNotAvailable
+    from pmgen.pipeline import PMG
+
+    try:
+        pmg = PMG.from_preset(preset, keyword_cache=None if no_cache else "default")
+    except KeyError as e:
+        _fail(str(e.args[0]), 2)
+    except (FileNotFoundError, ModelNotAvailable) as e:
+        _fail(f"{e}\n(`pmgen models check --preset {preset}` lists every model and what is missing)")
+    try:
+        pmg.settings = dataclasses.replace(pmg.settings, **overrides)
+    except (ValueError, TypeError) as e:
+        _fail(str(e), 2)
+    return pmg
+
+
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Candidate preference weights, e.g. '0,1,2' (0 is always "
+                                                   "included: the non-personalized baseline). Default 0,0.5,1,1.5,2.")]
+AlphaOpt = Annotated[Optional[float], typer.Option(help="Balance α in z = α·log d_p + (1−α)·log d_t (default 2/3).")]
+ModeOpt = Annotated[Optional[str], typer.Option(help="Weighting mode: concat (paper) or guidance (continuous).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed shared by all candidates (default 0).")]
+StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image strength (default: the preset's).")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]
+KOpt = Annotated[Optional[int], typer.Option("--keywords", help="Number of preference keywords (default 8).")]
+HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image similarity in d_p (default 0).")]
+PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models list`).")]
+
+
 @app.command()
-def demo(data_dir_: DataDirOpt = None) -> None:
-    """The main job: build the datasets and print their summary (generation joins once its models exist)."""
+def generate(
+    dataset: Annotated[Optional[str], typer.Option(help="Built-in dataset to take the user and target from.")] = None,
+    sample: Annotated[Optional[str], typer.Option(help="Sample id in --dataset (user, target and conversation).")] = None,
+    user: Annotated[Optional[str], typer.Option(help="User id in --dataset.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Target item id (in --dataset or --items).")] = None,
+    behaviors: Annotated[Optional[Path], typer.Option(help="Your own data: a JSON file with one user "
+                                                      "{'user_id', 'events': [...]} (needs --items and --target).")] = None,
+    items: Annotated[Optional[Path], typer.Option(help="Items JSONL for --behaviors.")] = None,
+    batch: Annotated[Optional[Path], typer.Option(help="A JSONL file of requests (see docs); resumable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<request>).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+    preset: PresetOpt = "sticker-tiny",
+    weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
+    strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
+    from pmgen import requests as rq
+
+    overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight)
+    if batch is not None:
+        if not batch.is_file():
+            _fail(f"batch file not found: {batch}", 2)
+        pmg = _load_pmg(preset, overrides)
+        from pmgen.requests import run_batch
+
+        done, failed = run_batch(pmg, batch, out or Path("runs") / batch.stem, data_dir_, console, err)
+        if failed:
+            _fail(f"{failed} request(s) failed; the {done} others are done (re-run to retry only the failed ones)")
+        return
+    try:
+        if behaviors is not None:
+            if items is None or target is None:
+                _fail("--behaviors needs --items and --target", 2)
+            req = rq.from_files(behaviors, items, target)
+        elif dataset is not None:
+            _names(dataset)
+            req = rq.from_dataset(datasets.load(dataset, data_dir_), sample_id=sample, user_id=user, target_id=target)
+        else:
+            _fail("say what to generate: --dataset with --sample (or --user and --target), --behaviors with --items "
+                  "and --target, or --batch", 2)
+    except DataError as e:
+        _fail(str(e))
+    except (KeyError, ValueError) as e:
+        _fail(str(e.args[0]) if e.args else str(e), 2)
+    pmg = _load_pmg(preset, overrides)
+    res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
+                       history_images=req.history_images, user_id=req.user.user_id,
+                       **({"seed": req.seed} if req.seed is not None else {}))
+    folder = res.save(out or Path("runs") / req.request_id)
+    if as_json:
+        print(json.dumps(res.record, indent=2, ensure_ascii=False))
+    else:
+        c = res.record["candidates"][res.chosen]
+        console.print(f"[green]✓[/] {folder}/chosen.png  (w = {c['weight']:g}, d_t {c['d_t']:.3f}, d_p {c['d_p']:.3f})")
+        console.print(f"  preference keywords: {', '.join(res.record['preference_keywords']) or '-'}", highlight=False)
+        console.print(f"  report: {folder}/report.html", highlight=False)
+        for w in res.record["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
+    users: Annotated[int, typer.Option(help="How many users (different hidden tastes).")] = 4,
+    target_key: Annotated[Optional[str], typer.Option(help="Conversational target (e.g. laughing, sad, celebrate); "
+                                                      "default: the one with the most personalized ground truths.")] = None,
+    preset: PresetOpt = "sticker-tiny",
+    weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """The main job (what `make demo` runs): different users, same target, one side-by-side picture."""
+    from pmgen.demo import run_demo
+
     data_build("all", data_dir_)
-    for n in datasets.NAMES:
-        summarize(datasets.load(n, data_dir_), n_examples=1)
-    data_show("stickers", data_dir_, n=0)
+    pmg = _load_pmg(preset, _settings_overrides(weights, alpha, mode, seed, None, None, None, None))
+    ds = datasets.load("sticker-users", data_dir_)
+    try:
+        picture = run_demo(pmg, ds, out, users, target_key, log=lambda m: console.print(m, highlight=False))
+    except KeyError as e:
+        _fail(str(e.args[0]), 2)
+    console.print(f"[green]✓[/] picture: {picture}\n  pages: {out / 'index.html'}", highlight=False)
+
+
+@app.command()
+def bench(
+    preset: PresetOpt = "sticker-tiny",
+    n: Annotated[int, typer.Option(help="Repetitions per stage (medians are reported).")] = 5,
+    cold: Annotated[bool, typer.Option(help="Also time `pmgen generate` in a fresh process.")] = True,
+    json_out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("runs/bench.json"),
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Per-stage latency (medians), warm/cold generate, throughput and peak memory vs. the CPU budgets."""
+    from pmgen.bench import run_bench
+
+    data_build("sticker-users", data_dir_)
+    res = run_bench(preset, n, data_dir_, cold, log=lambda m: console.print(m, highlight=False))
+    t = Table("stage", "median", "budget", "ok")
+    for name, st in res["stages"].items():
+        if "median_s" in st:
+            budget = res["budgets_s"].get(name)
+            t.add_row(name, f"{st['median_s']:.3f} s", f"≤ {budget:g} s" if budget else "",
+                      ("✓" if st["median_s"] <= budget else "✗") if budget else "")
+        else:
+            t.add_row(name, f"{st['value']:.2f}", "", "")
+    for key in ("peak_rss_gb_in_process", "peak_rss_gb_cold_process"):
+        if key in res:
+            t.add_row(key, f"{res[key]:.2f} GB", f"≤ {res['budget_rss_gb']:g} GB",
+                      "✓" if res[key] <= res["budget_rss_gb"] else "✗")
+    console.print(t)
+    m = res["machine"]
+    console.print(f"{m['cpu']} · {m['cores']} cores · torch {m['torch']} ({m['torch_threads']} threads)",
+                  highlight=False)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(res, indent=2) + "\n")
+    console.print(f"written: {json_out}")
 
 
 @models_app.command("list")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Preset:
         strength: default image-to-image strength (the target item's image is the init).
         num_inference_steps, guidance_scale: sampler settings.
         text_max_length: token length of the generator's text condition.
+        soft_prompt: reference to trained soft-prompt weights (``""`` = soft embeddings off).
     """
 
     name: str
@@ -52,7 +53,7 @@ class Preset:
     num_inference_steps: int = 20
     guidance_scale: float = 4.0
     text_max_length: int = 32
-    extra: dict[str, Any] = field(default_factory=dict)
+    soft_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.generator_kind not in ("sticker", "stable-diffusion"):
@@ -193,6 +194,18 @@ def load_scorer(preset: Preset, role: str = "selector", text_encoder: Any = None
     from pmgen.models.sd import CLIPScorer
 
     return CLIPScorer.from_pretrained(path, name=role)
+
+
+def load_soft_prompt(preset: Preset, llm: Any) -> Any:
+    """The preset's trained soft-prompt encoder, or ``None`` when it names none (soft embeddings off)."""
+    if not preset.soft_prompt:
+        return None
+    from pmgen.soft import SoftPromptEncoder
+
+    path = resolve(preset.soft_prompt)
+    if not isinstance(path, Path):
+        raise FileNotFoundError(f"soft prompt not found: {preset.soft_prompt}")
+    return SoftPromptEncoder.load(path, llm)
 
 
 @dataclass

@@ -55,6 +55,12 @@ def _generators(generator: Any, seed: int | None, batch: int) -> list[torch.Gene
     return gens
 
 
+def _no_composed_guidance(extra: torch.Tensor | None, scale: float) -> None:
+    if extra is not None and scale != 0.0:
+        raise ValueError("the 'guidance' weighting mode (composed guidance) is implemented for the sticker "
+                         "generator only; use mode='concat' with Stable Diffusion")
+
+
 class StableDiffusionGenerator:
     """A diffusers Stable Diffusion 1.x/2.x pipeline behind pmgen's generator interface."""
 
@@ -107,8 +113,10 @@ class StableDiffusionGenerator:
     @torch.no_grad()
     def text_to_image(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
                       generator: Any = None, seed: int | None = None, num_inference_steps: int = 30,
-                      guidance_scale: float = 7.5) -> torch.Tensor:
+                      guidance_scale: float = 7.5, extra_prompt_embeds: torch.Tensor | None = None,
+                      extra_guidance_scale: float = 0.0) -> torch.Tensor:
         """Images float32 ``[B, 3, S, S]`` in [0, 1] from noise."""
+        _no_composed_guidance(extra_prompt_embeds, extra_guidance_scale)
         cond, uncond = self._check(prompt_embeds, negative_prompt_embeds, guidance_scale)
         out = self.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, generator=_generators(generator, seed, cond.shape[0]),
@@ -119,8 +127,10 @@ class StableDiffusionGenerator:
     def image_to_image(self, init_images: torch.Tensor, prompt_embeds: torch.Tensor,
                        negative_prompt_embeds: torch.Tensor | None = None, *, strength: float = 0.6,
                        generator: Any = None, seed: int | None = None, num_inference_steps: int = 30,
-                       guidance_scale: float = 7.5) -> torch.Tensor:
+                       guidance_scale: float = 7.5, extra_prompt_embeds: torch.Tensor | None = None,
+                       extra_guidance_scale: float = 0.0) -> torch.Tensor:
         """SDEdit from ``init_images`` (float ``[1 or B, 3, H, W]`` in [0, 1]); images in [0, 1]."""
+        _no_composed_guidance(extra_prompt_embeds, extra_guidance_scale)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         cond, uncond = self._check(prompt_embeds, negative_prompt_embeds, guidance_scale)

@@ -1,0 +1,411 @@
+"""The generator role for ``sticker-tiny``: a small latent diffusion model on 64×64 stickers.
+
+Three diffusers components, each its own object (nothing re-implemented):
+
+* ``vae`` — :class:`diffusers.AutoencoderKL`, 64×64×3 images in [-1, 1] ↔ 16×16×4 latents;
+* ``unet`` — :class:`diffusers.UNet2DConditionModel` on the latents, cross-attending to text-encoder
+  token states ``[B, L, 384]`` only at the low resolutions (8×8 and 4×4; attention at high
+  resolution is what costs on a CPU);
+* ``scheduler`` — :class:`diffusers.DDIMScheduler` for sampling (training builds a
+  :class:`diffusers.DDPMScheduler` from the same config).
+
+On disk it is a diffusers-style folder::
+
+    vae/  unet/  scheduler/      save_pretrained / from_pretrained of each component
+    pmgen_generator.json          latent scaling factor, text length, image size, training notes
+
+:class:`StickerGenerator` has two entry points, :meth:`~StickerGenerator.text_to_image` (from noise)
+and :meth:`~StickerGenerator.image_to_image` (SDEdit from an init image). Both take precomputed
+``prompt_embeds`` / ``negative_prompt_embeds`` (see :meth:`pmgen.models.text_encoder.TextEncoder.token_states`)
+and an explicit ``generator`` or ``seed``; the same inputs give bit-identical images on the same
+machine and thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+CONFIG_NAME = "pmgen_generator.json"
+FORMAT = "pmgen-sticker-generator"
+FORMAT_VERSION = 1
+
+GeneratorArg = torch.Generator | list[torch.Generator] | None
+
+
+def build_vae(block_out_channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
+              latent_channels: int = 4, norm_num_groups: int = 32, image_size: int = 64) -> Any:
+    """An :class:`~diffusers.AutoencoderKL` downsampling by ``2 ** (len(block_out_channels) - 1)``.
+
+    The default (0.9M parameters) maps 64×64×3 to 16×16×4. No attention in the mid block: at 16×16
+    it adds cost and nothing measurable on stickers.
+    """
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        latent_channels=latent_channels, norm_num_groups=norm_num_groups, sample_size=image_size,
+        mid_block_add_attention=False, scaling_factor=1.0,
+    )
+
+
+def build_unet(block_out_channels: Sequence[int] = (64, 128, 192), layers_per_block: int = 1,
+               attention_levels: int = 2, cross_attention_dim: int = 384, head_dim: int = 32,
+               latent_channels: int = 4, latent_size: int = 16, norm_num_groups: int = 32) -> Any:
+    """A :class:`~diffusers.UNet2DConditionModel` with cross-attention only at the lowest resolutions.
+
+    Args:
+        block_out_channels: channels per resolution level, highest resolution first.
+        attention_levels: how many of the lowest-resolution levels get (self + cross) attention
+            transformer blocks; the others are plain ResNet blocks.
+        head_dim: channels per attention head (heads = channels // head_dim).
+    """
+    from diffusers import UNet2DConditionModel
+
+    n = len(block_out_channels)
+    if not 1 <= attention_levels <= n:
+        raise ValueError(f"attention_levels must be in 1..{n}, got {attention_levels}")
+    down = ("DownBlock2D",) * (n - attention_levels) + ("CrossAttnDownBlock2D",) * attention_levels
+    up = ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * (n - attention_levels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=tuple(max(1, c // head_dim) for c in block_out_channels),
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def build_scheduler(prediction_type: str = "v_prediction") -> Any:
+    """The sampling scheduler: DDIM over a 1000-step scaled-linear schedule rescaled to zero terminal
+    SNR, "trailing" timestep spacing (so text-to-image starts from pure noise, as trained)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=0, prediction_type=prediction_type,
+        timestep_spacing="trailing", rescale_betas_zero_snr=True,
+    )
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class StickerGenerator:
+    """VAE + text-conditioned UNet + DDIM scheduler, sampling in float32 on the modules' device.
+
+    Args:
+        vae, unet, scheduler: diffusers components (see :func:`build_vae`, :func:`build_unet`,
+            :func:`build_scheduler`).
+        scaling_factor: latents are ``vae_mean * scaling_factor`` (≈ unit variance for the UNet).
+        text_max_length: the token length the UNet was trained on; ``prompt_embeds`` should come
+            from ``TextEncoder.token_states(texts, max_length=text_max_length)``.
+        info: free metadata saved in ``pmgen_generator.json`` (text encoder name, training notes).
+    """
+
+    def __init__(self, vae: Any, unet: Any, scheduler: Any, scaling_factor: float = 1.0,
+                 text_max_length: int = 32, info: dict[str, Any] | None = None):
+        if scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.scaling_factor = float(scaling_factor)
+        self.text_max_length = int(text_max_length)
+        self.info = dict(info or {})
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vae.config.sample_size)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "StickerGenerator":
+        self.vae.to(device=device, dtype=dtype)
+        self.unet.to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
+        """Write ``vae/``, ``unet/``, ``scheduler/`` (safetensors) and ``pmgen_generator.json`` into ``path``.
+
+        ``dtype=torch.float16`` halves the size (the shipped form); the in-memory model is unchanged.
+        Everything is written to a sibling folder first, then each entry is swapped in by rename, so
+        a crash never leaves a half-written component; other files in ``path`` are left alone.
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for name, module in (("vae", self.vae), ("unet", self.unet)):
+            if dtype is not None:
+                module = copy.deepcopy(module)
+                for tensor in (*module.parameters(), *module.buffers()):
+                    tensor.data = tensor.data.to(dtype)
+            module.save_pretrained(tmp / name, safe_serialization=True)
+        self.scheduler.save_pretrained(tmp / "scheduler")
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "scaling_factor": self.scaling_factor,
+                "text_max_length": self.text_max_length, "image_size": self.image_size,
+                "cross_attention_dim": self.cross_attention_dim,
+                "parameters": {"vae": count_parameters(self.vae), "unet": count_parameters(self.unet)},
+                "saved_dtype": str(dtype or self.dtype).replace("torch.", ""), "info": self.info}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        path.mkdir(parents=True, exist_ok=True)
+        for entry in ("vae", "unet", "scheduler", CONFIG_NAME):
+            target, old = path / entry, path / (entry + ".old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if target.exists():
+                target.rename(old)
+            (tmp / entry).rename(target)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        tmp.rmdir()
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> "StickerGenerator":
+        """Load a folder written by :meth:`save_pretrained` (float32 by default, whatever was saved).
+
+        Raises:
+            FileNotFoundError: naming the missing file.
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        path = Path(path)
+        for needed in (CONFIG_NAME, "vae/config.json", "unet/config.json", "scheduler/scheduler_config.json"):
+            if not (path / needed).is_file():
+                raise FileNotFoundError(f"not a pmgen sticker generator folder: {path / needed} is missing "
+                                        "(train one with `pmgen train generator`)")
+        meta = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path / CONFIG_NAME}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+        return cls(vae, unet, scheduler, scaling_factor=meta["scaling_factor"],
+                   text_max_length=meta.get("text_max_length", 32), info=meta.get("info", {}))
+
+    # ------------------------------------------------------------------ latents <-> images
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images float ``[B, 3, H, W]`` in [0, 1] → scaled latents ``[B, 4, H/4, W/4]`` (posterior mean)."""
+        images = self._check_images(images)
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        return dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B, 4, h, w]`` → images float32 ``[B, 3, 4h, 4w]`` clamped to [0, 1]."""
+        out = self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+        return ((out.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def text_to_image(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
+                      generator: GeneratorArg = None, seed: int | None = None, num_inference_steps: int = 20,
+                      guidance_scale: float = 4.0, extra_prompt_embeds: torch.Tensor | None = None,
+                      extra_guidance_scale: float = 0.0) -> torch.Tensor:
+        """Sample from noise under the condition.
+
+        Args:
+            prompt_embeds: float ``[B, L, D]`` token states (D = ``unet.config.cross_attention_dim``).
+            negative_prompt_embeds: ``[B or 1, L, D]`` (e.g. the empty-string states); required when
+                ``guidance_scale > 1`` (classifier-free guidance).
+            generator: a ``torch.Generator`` (or one per row); or ``seed``: every row then gets the
+                same noise from ``torch.Generator().manual_seed(seed)``, so rows differing only in
+                their condition are compared like for like. Exactly one of the two is required.
+            extra_prompt_embeds, extra_guidance_scale: composed guidance — adds
+                ``extra_guidance_scale · (ε(extra) − ε(prompt))`` to the guided prediction (one more
+                UNet call per step; nothing changes when the scale is 0). PMG's continuous weighting.
+
+        Returns:
+            float32 ``[B, 3, 64, 64]`` in [0, 1].
+        """
+        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        batch = cond.shape[0]
+        gens = self._generators(generator, seed, batch)
+        scheduler = self._fresh_scheduler(num_inference_steps)
+        shape = (batch, self.unet.config.in_channels, *self._latent_hw())
+        latents = self._randn(shape, gens) * scheduler.init_noise_sigma
+        extra = self._check_extra(extra_prompt_embeds, batch)
+        return self.decode(self._denoise(latents, scheduler.timesteps, scheduler, cond, uncond, guidance_scale,
+                                         extra, extra_guidance_scale))
+
+    @torch.no_grad()
+    def image_to_image(self, init_images: torch.Tensor, prompt_embeds: torch.Tensor,
+                       negative_prompt_embeds: torch.Tensor | None = None, *, strength: float = 0.6,
+                       generator: GeneratorArg = None, seed: int | None = None, num_inference_steps: int = 20,
+                       guidance_scale: float = 4.0, extra_prompt_embeds: torch.Tensor | None = None,
+                       extra_guidance_scale: float = 0.0) -> torch.Tensor:
+        """SDEdit: encode ``init_images``, noise them to the timestep matching ``strength``, denoise
+        under the condition.
+
+        Args:
+            init_images: float ``[B or 1, 3, 64, 64]`` in [0, 1] (one image is used for every row).
+            strength: in [0, 1]; runs ``int(num_inference_steps * strength)`` of the
+                ``num_inference_steps`` DDIM steps. 0 returns the VAE reconstruction, 1 ignores the
+                init image's content.
+            prompt_embeds, negative_prompt_embeds, generator, seed, num_inference_steps,
+            guidance_scale, extra_prompt_embeds, extra_guidance_scale: as in :meth:`text_to_image`.
+
+        Returns:
+            float32 ``[B, 3, 64, 64]`` in [0, 1].
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        batch = cond.shape[0]
+        images = self._check_images(init_images)
+        if images.shape[0] not in (1, batch):
+            raise ValueError(f"init_images has {images.shape[0]} images for {batch} prompts (expected 1 or {batch})")
+        gens = self._generators(generator, seed, batch)
+        init_latents = self.encode(images).expand(batch, -1, -1, -1)
+        scheduler = self._fresh_scheduler(num_inference_steps)
+        n_run = min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = scheduler.timesteps[(num_inference_steps - n_run) * scheduler.order:]
+        if len(timesteps) == 0:
+            return self.decode(init_latents)
+        noise = self._randn(tuple(init_latents.shape), gens)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
+        extra = self._check_extra(extra_prompt_embeds, batch)
+        return self.decode(self._denoise(latents, timesteps, scheduler, cond, uncond, guidance_scale, extra,
+                                         extra_guidance_scale))
+
+    def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, cond: torch.Tensor,
+                 uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
+                 extra_scale: float = 0.0) -> torch.Tensor:
+        """Denoise with classifier-free guidance; with ``extra`` also add ``extra_scale·(ε_extra − ε_cond)``."""
+        use_cfg = uncond is not None
+        context = torch.cat([uncond, cond]) if use_cfg else cond
+        use_extra = extra is not None and extra_scale != 0.0
+        for t in timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            out = self.unet(model_in, t, encoder_hidden_states=context).sample
+            if use_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            else:
+                out_cond = out
+            if use_extra:
+                out_extra = self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
+                out = out + extra_scale * (out_extra - out_cond)
+            latents = scheduler.step(out, t, latents).prev_sample
+        return latents
+
+    def _check_extra(self, extra: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if extra is None:
+            return None
+        dim = self.cross_attention_dim
+        if extra.ndim != 3 or extra.shape[-1] != dim or extra.shape[0] not in (1, batch):
+            raise ValueError(f"extra_prompt_embeds must be [{batch} or 1, L, {dim}], got {list(extra.shape)}")
+        return extra.to(self.device, self.dtype).expand(batch, -1, -1)
+
+    # ------------------------------------------------------------------ helpers
+    def _latent_hw(self) -> tuple[int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.image_size // factor, self.image_size // factor
+
+    def _fresh_scheduler(self, num_inference_steps: int) -> Any:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    def _check_embeds(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dim = self.cross_attention_dim
+        if cond.ndim != 3 or cond.shape[-1] != dim:
+            raise ValueError(f"prompt_embeds must be [B, L, {dim}], got {list(cond.shape)}")
+        cond = cond.to(self.device, self.dtype)
+        if guidance_scale <= 1.0:
+            return cond, None
+        if uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds "
+                             "(e.g. the text encoder's states of the empty string)")
+        if uncond.ndim != 3 or uncond.shape[0] not in (1, cond.shape[0]) or uncond.shape[1:] != cond.shape[1:]:
+            raise ValueError(f"negative_prompt_embeds must be [{cond.shape[0]} or 1, {cond.shape[1]}, {dim}], "
+                             f"got {list(uncond.shape)}")
+        return cond, uncond.to(self.device, self.dtype).expand_as(cond)
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1:] != (3, size, size):
+            got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a float tensor [B, 3, {size}, {size}] in [0, 1], got {got} "
+                             "(convert PIL images with StickerGenerator.pil_to_tensor)")
+        return images.to(self.device, self.dtype)
+
+    @staticmethod
+    def _generators(generator: GeneratorArg, seed: int | None, batch: int) -> list[torch.Generator]:
+        if (generator is None) == (seed is None):
+            raise ValueError("pass exactly one of generator= (a torch.Generator or a list, one per row) or seed=")
+        if seed is not None:
+            return [torch.Generator().manual_seed(int(seed)) for _ in range(batch)]
+        if isinstance(generator, torch.Generator):
+            return [generator]
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        return list(generator)
+
+    def _randn(self, shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
+        """Noise drawn on the CPU (identical on every device), one generator per row or one for all."""
+        if len(gens) == 1:
+            noise = torch.randn(shape, generator=gens[0], dtype=torch.float32)
+        else:
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in gens])
+        return noise.to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------ PIL conversion
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list[Any]:
+        """Float ``[B, 3, H, W]`` in [0, 1] → a list of RGB ``PIL.Image``."""
+        from PIL import Image
+
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]
+
+    @staticmethod
+    def pil_to_tensor(images: Sequence[Any], size: int | None = None) -> torch.Tensor:
+        """RGB(A) PIL images → float32 ``[B, 3, H, W]`` in [0, 1]; RGBA is composited on white,
+        ``size`` resizes (bicubic) when given."""
+        from PIL import Image
+
+        out = []
+        for img in images:
+            if img.mode in ("RGBA", "LA", "P"):
+                img = img.convert("RGBA")
+                bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(bg, img)
+            img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return torch.stack(out).float() / 255.0

@@ -1,0 +1,362 @@
+"""The PMG pipeline end to end: behaviors → keywords (+ soft embeddings) → conditions → candidates → choice.
+
+    from pmgen import PMG, datasets
+    pmg = PMG.from_preset("sticker-tiny")
+    ds = datasets.load("sticker-users")
+    sample = ds.split("test")[0]
+    result = pmg.generate(ds.users[sample.user_id], ds.items[sample.target_id], ds.items,
+                          context=sample.context, target_image=ds.image_path(sample.target_id))
+    result.save("runs/one")            # chosen.png, candidates/*.png, record.json, report.html
+
+Every candidate uses the same seed (same noise) and the target item's image as the init, so the
+``w = 0`` candidate is the non-personalized baseline, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from pmgen.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
+from pmgen.data import Event, Item, User
+from pmgen.presets import Preset, get_preset
+from pmgen.select import DEFAULT_ALPHA, select, weight_grid
+
+log = logging.getLogger(__name__)
+DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+@dataclass
+class Settings:
+    """Per-request generation settings (defaults from the preset).
+
+    Attributes:
+        weights: preference weights of the candidates (0 = non-personalized baseline, always included).
+        alpha: balance in ``z = α·log d_p + (1−α)·log d_t`` (1 = all personalization).
+        mode: weighting mode, ``"concat"`` (paper) or ``"guidance"`` (continuous); see :mod:`pmgen.condition`.
+        k: number of preference keywords.
+        n_target_keywords: number of target keywords used.
+        seed: noise seed shared by every candidate.
+        strength, num_inference_steps, guidance_scale: generator settings.
+        history_weight: share of history-image similarity in d_p (0 = text only).
+        budget_tokens: token budget of the verbalized history given to the LLM.
+        use_soft: use soft preference embeddings (needs trained weights in the preset).
+    """
+
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS
+    alpha: float = DEFAULT_ALPHA
+    mode: str = "concat"
+    k: int = 8
+    n_target_keywords: int = 5
+    seed: int = 0
+    strength: float = 0.6
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+    history_weight: float = 0.0
+    budget_tokens: int = 192
+    use_soft: bool = False
+
+    def __post_init__(self) -> None:
+        self.weights = tuple(weight_grid(self.weights))
+        if self.mode not in WEIGHTING_MODES:
+            raise ValueError(f"mode must be one of {WEIGHTING_MODES}, got {self.mode!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.k < 1 or self.n_target_keywords < 1 or self.budget_tokens < 16:
+            raise ValueError("k >= 1, n_target_keywords >= 1 and budget_tokens >= 16 are required")
+        if not 0 <= self.strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+
+
+@dataclass
+class GenerationResult:
+    """Images of every candidate, the record (DESIGN.md section 4) and the chosen index."""
+
+    record: dict[str, Any]
+    images: torch.Tensor  # [N, 3, H, W] in [0, 1], one per weight
+    history_images: list[Path] = field(default_factory=list)
+    target_image: Path | None = None
+
+    @property
+    def chosen(self) -> int:
+        return int(self.record["chosen"])
+
+    @property
+    def chosen_image(self) -> torch.Tensor:
+        return self.images[self.chosen]
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``chosen.png``, ``candidates/w_*.png``, ``record.json`` and ``report.html``.
+
+        Written to a temporary folder that replaces ``out_dir`` at the end, so an interrupted save
+        never leaves a half-written result behind.
+        """
+        from pmgen.report import write_request_report
+        from pmgen.models.generator import StickerGenerator
+
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "candidates").mkdir(parents=True)
+        pils = StickerGenerator.to_pil(self.images)
+        record = json.loads(json.dumps(self.record))
+        for cand, im in zip(record["candidates"], pils):
+            name = f"candidates/w_{cand['weight']:.2f}.png"
+            im.save(tmp / name)
+            cand["image"] = name
+        pils[self.chosen].save(tmp / "chosen.png")
+        record["image"] = "chosen.png"
+        (tmp / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        write_request_report(tmp, record, self.history_images, self.target_image)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        self.record = record
+        return out_dir
+
+
+def _load_image(image: Any, size: int) -> torch.Tensor | None:
+    """Path / PIL image / tensor → float ``[1, 3, size, size]`` in [0, 1] (white behind transparency)."""
+    if image is None:
+        return None
+    if torch.is_tensor(image):
+        x = image if image.dim() == 4 else image.unsqueeze(0)
+        return torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False) if x.shape[-1] != size else x.float()
+    from PIL import Image
+
+    im = Image.open(image) if isinstance(image, (str, Path)) else image
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    im = im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class PMG:
+    """Personalized multimodal generation with injected models (see :meth:`from_preset`).
+
+    Args:
+        preset: the :class:`~pmgen.presets.Preset` the models come from (recorded in outputs).
+        llm: frozen LLM for keywords (``.chat``), and hidden states for soft embeddings.
+        text_encoder: the generator's text encoder (``token_states``).
+        generator: ``image_to_image`` / ``text_to_image`` with ``prompt_embeds``.
+        selector: scorer with ``text_similarity`` / ``image_similarity`` (never the evaluator).
+        soft_prompt: a trained :class:`pmgen.soft.SoftPromptEncoder`, or ``None`` (soft embeddings off).
+        settings: default :class:`Settings`.
+        keyword_cache: a :class:`pmgen.preferences.KeywordCache` or ``None`` (no caching).
+    """
+
+    def __init__(self, preset: Preset, llm: Any, text_encoder: Any, generator: Any, selector: Any,
+                 soft_prompt: Any = None, settings: Settings | None = None, keyword_cache: Any = None):
+        self.preset = preset
+        self.llm = llm
+        self.text_encoder = text_encoder
+        self.generator = generator
+        self.selector = selector
+        self.soft_prompt = soft_prompt
+        self.settings = settings or Settings(strength=preset.strength, num_inference_steps=preset.num_inference_steps,
+                                             guidance_scale=preset.guidance_scale, use_soft=soft_prompt is not None)
+        self.keyword_cache = keyword_cache
+        self._extractors: dict[tuple[int, int], Any] = {}
+        self._builders: dict[str, ConditionBuilder] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str = "sticker-tiny", settings: Settings | None = None, keyword_cache: Any = "default",
+                    **preset_overrides: Any) -> "PMG":
+        """Load every model a preset names (offline). ``keyword_cache="default"`` uses the cache dir's SQLite."""
+        from pmgen.presets import load_generator, load_llm, load_scorer, load_soft_prompt, load_text_encoder
+
+        preset = get_preset(name, **preset_overrides)
+        generator = load_generator(preset)
+        text_encoder = load_text_encoder(preset, generator)
+        llm = load_llm(preset)
+        selector = load_scorer(preset, "selector", text_encoder if preset.text_encoder == "minilm" else None)
+        soft = load_soft_prompt(preset, llm)
+        if keyword_cache == "default":
+            from pmgen.preferences import KeywordCache
+
+            keyword_cache = KeywordCache()
+        return cls(preset, llm, text_encoder, generator, selector, soft, settings, keyword_cache)
+
+    def models(self) -> dict[str, dict[str, str]]:
+        """Name and content hash of each model used (the record's ``models`` field)."""
+        out = {}
+        for role, obj in (("llm", self.llm), ("text_encoder", self.text_encoder), ("generator", self.generator),
+                          ("selector", self.selector), ("soft_prompt", self.soft_prompt)):
+            if obj is None:
+                continue
+            name = getattr(obj, "name", None) or getattr(getattr(obj, "cfg", None), "llm_name", None) or type(obj).__name__
+            out[role] = {"name": str(name), "hash": str(getattr(obj, "content_hash", "") or "")}
+        return out
+
+    def extractor(self, k: int | None = None, budget_tokens: int | None = None) -> Any:
+        """The :class:`pmgen.preferences.PreferenceExtractor` for ``k`` keywords and a history budget."""
+        from pmgen.preferences import PreferenceExtractor
+
+        key = (k or self.settings.k, budget_tokens or self.settings.budget_tokens)
+        if key not in self._extractors:
+            self._extractors[key] = PreferenceExtractor(self.llm, k=key[0], cache=self.keyword_cache,
+                                                        budget_tokens=key[1])
+        return self._extractors[key]
+
+    def builder(self, mode: str) -> ConditionBuilder:
+        if mode not in self._builders:
+            self._builders[mode] = ConditionBuilder(self.text_encoder, self.preset.text_max_length, mode)
+        return self._builders[mode]
+
+    # ------------------------------------------------------------------ stages
+    def extract(self, user: User | Sequence[Event], items: Mapping[str, Item]) -> Any:
+        """Preference keywords of a user (cached); see :class:`pmgen.preferences.Keywords`."""
+        events = user.events if isinstance(user, User) else list(user)
+        return self.extractor().extract(events, items)
+
+    def target_keywords(self, target: Item, context: Sequence[Event] = (), n: int | None = None) -> list[str]:
+        """Keywords of the target: the item's title and tags, then the emotion/action cues of the
+        conversation's last user turn when there is one (deterministic; see :mod:`pmgen.preferences`)."""
+        from pmgen.preferences import target_keywords
+
+        n = n or self.settings.n_target_keywords
+        return list(target_keywords(item=target, conversation=list(context) or None, k=n).keywords)
+
+    def history_text(self, events: Sequence[Event], items: Mapping[str, Item], budget_tokens: int | None = None) -> str:
+        """The verbalized history (newest first, within the token budget) the soft prompt reads."""
+        from pmgen.verbalize import verbalize_history
+
+        count = getattr(self.llm, "count_tokens", None)
+        kwargs = {"count_tokens": count} if callable(count) else {}
+        return verbalize_history(events, items, budget_tokens or self.settings.budget_tokens, **kwargs).text
+
+    def soft_embeddings(self, history_text: str) -> torch.Tensor | None:
+        """``[n_img, D]`` soft preference embeddings, or ``None`` when soft embeddings are off."""
+        if self.soft_prompt is None or not self.settings.use_soft:
+            return None
+        with torch.no_grad():
+            return self.soft_prompt([history_text])[0]
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, user: User | Sequence[Event], target: Item, items: Mapping[str, Item], *,
+                 context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
+                 user_id: str | None = None, settings: Settings | None = None, **overrides: Any) -> GenerationResult:
+        """Generate the personalized version of ``target`` for ``user``.
+
+        ``target_image`` (path, PIL image or tensor) is the init for image-to-image; without one the
+        generator draws from noise. ``history_images`` are shown in the report and, with
+        ``history_weight > 0``, count in d_p. An empty history gives an explicit non-personalized
+        result (only ``w = 0``; ``record["personalized"]`` is false with the reason).
+        """
+        s = dataclasses.replace(settings or self.settings, **overrides) if overrides else (settings or self.settings)
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+        events = user.events if isinstance(user, User) else list(user)
+        uid = user_id or (user.user_id if isinstance(user, User) else "user")
+
+        t = time.perf_counter()
+        tkw = self.target_keywords(target, context, s.n_target_keywords)
+        timings["target_keywords"] = time.perf_counter() - t
+
+        warnings: list[str] = []
+        personalized, reason = True, ""
+        pref_record: dict[str, Any] = {}
+        pref_kw: list[str] = []
+        if not events:
+            personalized, reason = False, "empty history: no behaviors to personalize from"
+        else:
+            t = time.perf_counter()
+            kw = self.extractor(s.k, s.budget_tokens).extract(events, items)
+            timings["preference_keywords"] = time.perf_counter() - t
+            pref_kw = list(kw.keywords)
+            pref_record = kw.to_json()
+            if not pref_kw and not (self.soft_prompt is not None and s.use_soft):
+                personalized, reason = False, "no usable preference keywords"
+        soft = None
+        if personalized and s.use_soft and self.soft_prompt is not None:
+            t = time.perf_counter()
+            soft = self.soft_embeddings(self.history_text(events, items, s.budget_tokens))
+            timings["soft_embeddings"] = time.perf_counter() - t
+        weights = list(s.weights) if personalized else [0.0]
+
+        size = int(getattr(self.generator, "image_size", self.preset.image_size))
+        init = _load_image(target_image, size)
+        hist = [_load_image(p, size) for p in history_images]
+        builder = self.builder(s.mode)
+        t = time.perf_counter()
+        conds = [builder.build(tkw, pref_kw, w, soft) for w in weights]
+        timings["conditions"] = time.perf_counter() - t
+        for c in conds:
+            warnings += [w for w in c.warnings if w not in warnings]
+
+        images = []
+        t = time.perf_counter()
+        for c in conds:
+            kwargs = dict(seed=s.seed, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
+            if c.extra_prompt_embeds is not None:
+                kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale)
+            if init is not None:
+                img = self.generator.image_to_image(init, c.prompt_embeds, c.negative_prompt_embeds,
+                                                    strength=s.strength, **kwargs)
+            else:
+                img = self.generator.text_to_image(c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
+            images.append(img)
+        timings["generate"] = time.perf_counter() - t
+        images_t = torch.cat(images)
+
+        t = time.perf_counter()
+        hist_t = torch.cat(hist) if hist else None
+        sel = select(images_t, self.selector, keywords_text(tkw), keywords_text(pref_kw), s.alpha, hist_t,
+                     s.history_weight)
+        timings["select"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_all
+
+        candidates = []
+        for i, c in enumerate(conds):
+            cand = {"weight": c.weight, "d_t": sel.d_t[i], "d_p": sel.d_p[i], "z": sel.z[i], "image": None,
+                    "preference_tokens": c.n_preference_tokens}
+            if sel.d_h is not None:
+                cand["d_h"] = sel.d_h[i]
+            candidates.append(cand)
+        record = {
+            "user_id": uid,
+            "target_id": target.id,
+            "target_title": target.title,
+            "personalized": personalized,
+            **({"reason": reason} if reason else {}),
+            "preference_keywords": pref_kw,
+            "target_keywords": tkw,
+            "preference": pref_record,
+            "soft_embeddings": ("on" if soft is not None else
+                                "off (no trained soft prompt in this preset)" if self.soft_prompt is None else "off"),
+            "alpha": s.alpha,
+            "mode": s.mode,
+            "candidates": candidates,
+            "chosen": sel.chosen,
+            "seed": s.seed,
+            "strength": s.strength if init is not None else None,
+            "init": "target image" if init is not None else "noise (target has no image)",
+            "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale,
+            "history_weight": s.history_weight,
+            "preset": self.preset.name,
+            "models": self.models(),
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "warnings": warnings,
+        }
+        return GenerationResult(record=record, images=images_t, history_images=[Path(p) for p in history_images],
+                                target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)

@@ -1,0 +1,78 @@
+"""Selection: score candidates for accuracy to the target (d_t) and fit to the user (d_p), keep argmax z.
+
+    d_t = s(sim(image, target text))            d_p = s(sim(image, preference text))
+    z   = α·log d_p + (1 − α)·log d_t            chosen = argmax z   (ties → the smaller weight)
+
+``sim`` is the selector's cosine similarity in [-1, 1] and ``s(c) = (1 + c) / 2`` maps it into
+(0, 1] so the logarithm is defined (clamped at 1e-6). With ``history_weight = β > 0`` the user
+side also counts the image's mean similarity to the user's history images:
+``d_p = (1 − β)·s(sim_text) + β·s(mean sim_history)``. Every score is kept in the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_ALPHA = 2 / 3
+
+
+def to_unit(cos: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity in [-1, 1] → (0, 1]."""
+    return ((1 + cos) / 2).clamp(min=1e-6, max=1.0)
+
+
+def z_score(d_t: torch.Tensor, d_p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``α·log d_p + (1 − α)·log d_t`` elementwise (d values in (0, 1])."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha * torch.log(d_p) + (1 - alpha) * torch.log(d_t)
+
+
+@dataclass
+class Selection:
+    """Per-candidate scores (lists aligned with the candidates) and the chosen index."""
+
+    d_t: list[float]
+    d_p: list[float]
+    z: list[float]
+    chosen: int
+    alpha: float
+    d_h: list[float] | None = None
+
+
+def select(images: torch.Tensor, selector: Any, target_text: str, preference_text: str,
+           alpha: float = DEFAULT_ALPHA, history_images: torch.Tensor | None = None,
+           history_weight: float = 0.0) -> Selection:
+    """Score candidate ``images`` ``[N, 3, H, W]`` in [0, 1] with ``selector`` and choose one.
+
+    An empty ``preference_text`` (no preference known) makes ``d_p`` neutral (1.0) so the choice
+    falls to accuracy alone.
+    """
+    if images.shape[0] == 0:
+        raise ValueError("no candidates to select from")
+    if not 0.0 <= history_weight <= 1.0:
+        raise ValueError(f"history_weight must be in [0, 1], got {history_weight}")
+    texts = [target_text] + ([preference_text] if preference_text else [])
+    sims = selector.text_similarity(images, texts)
+    d_t = to_unit(sims[:, 0])
+    d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
+    d_h = None
+    if history_images is not None and history_images.shape[0] > 0 and history_weight > 0:
+        d_h = to_unit(selector.image_similarity(images, history_images).mean(dim=1))
+        d_p = (1 - history_weight) * d_p + history_weight * d_h
+    z = z_score(d_t, d_p, alpha)
+    best = max(range(len(z)), key=lambda i: (round(float(z[i]), 9), -i))
+    return Selection(d_t=[float(v) for v in d_t], d_p=[float(v) for v in d_p], z=[float(v) for v in z],
+                     chosen=best, alpha=alpha, d_h=[float(v) for v in d_h] if d_h is not None else None)
+
+
+def weight_grid(spec: str | Sequence[float]) -> list[float]:
+    """Parse ``"0,0.5,1"`` (or a sequence) into sorted unique non-negative weights; 0 always included."""
+    vals = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec) if str(v).strip() != ""]
+    if any(v < 0 or not math.isfinite(v) for v in vals):
+        raise ValueError(f"weights must be finite and >= 0, got {vals}")
+    return sorted(set(vals) | {0.0})

@@ -1,0 +1,152 @@
+"""Weighting (conditions) and selection math."""
+
+import math
+
+import pytest
+import torch
+
+from pmgen.condition import ConditionBuilder, keywords_text
+from pmgen.select import select, to_unit, weight_grid, z_score
+
+
+class FakeTextEncoder:
+    """token_states: deterministic per-token vectors; real tokens = words + [CLS] + [SEP]."""
+
+    dim = 8
+
+    def token_states(self, texts, max_length):
+        out = torch.zeros(len(texts), max_length, self.dim)
+        mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            toks = ["[CLS]"] + t.replace(",", " ,").split() + ["[SEP]"]
+            toks = toks[: max_length - 1] + ["[SEP]"] if len(toks) > max_length else toks
+            for j in range(max_length):
+                tok = toks[j] if j < len(toks) else f"[PAD]{j}"
+                g = torch.Generator().manual_seed(abs(hash(tok)) % (2**31))
+                out[i, j] = torch.randn(self.dim, generator=g)
+            mask[i, : len(toks)] = 1
+        return out, mask
+
+
+@pytest.fixture()
+def builder():
+    return ConditionBuilder(FakeTextEncoder(), max_length=16, mode="concat")
+
+
+def test_w0_is_the_target_only_condition_in_both_modes():
+    for mode in ("concat", "guidance"):
+        b = ConditionBuilder(FakeTextEncoder(), max_length=16, mode=mode)
+        base = b.build(["grinning face"], [], 0.0)
+        c0 = b.build(["grinning face"], ["cat", "kitten"], 0.0, soft=torch.randn(4, 8))
+        assert torch.equal(c0.prompt_embeds, base.prompt_embeds)
+        assert torch.equal(c0.negative_prompt_embeds, base.negative_prompt_embeds)
+        assert c0.extra_prompt_embeds is None and c0.n_preference_tokens == 0
+        assert c0.prompt_embeds.shape == (1, 16, 8)
+
+
+def test_concat_repeats_the_preference_unit(builder):
+    pref = ["cat", "kitten"]  # real tokens: [CLS] cat , kitten [SEP] = 5
+    soft = torch.randn(3, 8)
+    c1 = builder.build(["grinning face"], pref, 1.0, soft)
+    c2 = builder.build(["grinning face"], pref, 2.0, soft)
+    c15 = builder.build(["grinning face"], pref, 1.5, soft)
+    assert c1.n_preference_tokens == 5 + 3
+    assert c2.n_preference_tokens == 2 * 8 and c2.prompt_embeds.shape == (1, 16 + 16, 8)
+    assert c15.n_preference_tokens == 8 + 4
+    # the unit is [P_real ; S], the soft rows sit right after the keyword tokens
+    assert torch.equal(c1.prompt_embeds[0, 16 + 5:], soft)
+    assert torch.equal(c2.prompt_embeds[0, 16:24], c2.prompt_embeds[0, 24:32])
+    # the negative matches the condition's shape
+    for c in (c1, c2, c15):
+        assert c.negative_prompt_embeds.shape == c.prompt_embeds.shape
+    # the first 16 positions are the target states unchanged
+    assert torch.equal(c2.prompt_embeds[:, :16], builder.build(["grinning face"], [], 0).prompt_embeds)
+
+
+def test_guidance_mode_condition(builder):
+    b = ConditionBuilder(FakeTextEncoder(), max_length=16, mode="guidance")
+    c = b.build(["grinning face"], ["cat"], 1.5)
+    assert c.extra_scale == 1.5
+    assert torch.equal(c.prompt_embeds, b.build(["grinning face"], [], 0).prompt_embeds)
+    assert c.extra_prompt_embeds.shape == (1, 16 + 3, 8)
+
+
+def test_overflowing_keywords_are_truncated_with_a_warning(builder):
+    many = [f"word{i}" for i in range(40)]
+    c = builder.build(["grinning face"], many, 1.0)
+    assert c.n_preference_tokens == 16
+    assert any("truncated" in w for w in c.warnings)
+
+
+def test_no_preference_gives_target_alone(builder):
+    c = builder.build(["grinning face"], [], 2.0)
+    assert c.n_preference_tokens == 0 and any("no preference" in w for w in c.warnings)
+
+
+def test_bad_inputs(builder):
+    with pytest.raises(ValueError, match="weight"):
+        builder.build(["x"], ["y"], -1)
+    with pytest.raises(ValueError, match="soft embeddings"):
+        builder.build(["x"], ["y"], 1, soft=torch.randn(4, 5))
+    with pytest.raises(ValueError, match="mode"):
+        ConditionBuilder(FakeTextEncoder(), mode="average")
+
+
+def test_keywords_text():
+    assert keywords_text([" cat", "kitten ", "", "  "]) == "cat, kitten"
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_z_score_math():
+    d_t = torch.tensor([0.9, 0.5])
+    d_p = torch.tensor([0.5, 0.9])
+    z = z_score(d_t, d_p, alpha=2 / 3)
+    assert z[0].item() == pytest.approx(2 / 3 * math.log(0.5) + 1 / 3 * math.log(0.9))
+    assert z[1] > z[0]  # α = 2/3 favours personalization
+    assert z_score(d_t, d_p, 0.0)[0] > z_score(d_t, d_p, 0.0)[1]  # α = 0: accuracy only
+    with pytest.raises(ValueError):
+        z_score(d_t, d_p, 1.5)
+    assert to_unit(torch.tensor([-1.0, 0.0, 1.0])).tolist() == pytest.approx([1e-6, 0.5, 1.0])
+
+
+class FakeSelector:
+    def __init__(self, sims, img_sims=None):
+        self.sims = torch.tensor(sims)
+        self.img_sims = img_sims
+
+    def text_similarity(self, images, texts):
+        return self.sims[:, : len(texts)]
+
+    def image_similarity(self, images, others):
+        return torch.tensor(self.img_sims)
+
+
+def test_select_argmax_and_ties():
+    imgs = torch.zeros(3, 3, 8, 8)
+    # columns: target text, preference text
+    sel = select(imgs, FakeSelector([[0.8, 0.0], [0.6, 0.5], [0.2, 0.6]]), "t", "p", alpha=2 / 3)
+    expected = [2 / 3 * math.log((1 + p) / 2) + 1 / 3 * math.log((1 + t) / 2) for t, p in [(0.8, 0), (0.6, 0.5), (0.2, 0.6)]]
+    assert sel.z == pytest.approx(expected, rel=1e-5)
+    assert sel.chosen == max(range(3), key=lambda i: expected[i])
+    tie = select(torch.zeros(2, 3, 8, 8), FakeSelector([[0.5, 0.5], [0.5, 0.5]]), "t", "p")
+    assert tie.chosen == 0  # ties go to the smaller weight (the first candidate)
+    acc = select(imgs, FakeSelector([[0.8, 0.0], [0.6, 0.5], [0.2, 0.6]]), "t", "p", alpha=0.0)
+    assert acc.chosen == 0
+
+
+def test_select_without_preferences_and_with_history():
+    imgs = torch.zeros(2, 3, 8, 8)
+    sel = select(imgs, FakeSelector([[0.3, 0.9], [0.5, 0.0]]), "t", "", alpha=2 / 3)
+    assert sel.d_p == [1.0, 1.0] and sel.chosen == 1
+    hist = select(imgs, FakeSelector([[0.5, 0.5], [0.5, 0.5]], img_sims=[[0.9, 0.9], [0.1, 0.1]]), "t", "p",
+                  history_images=torch.zeros(2, 3, 8, 8), history_weight=0.5)
+    assert hist.d_h == pytest.approx([0.95, 0.55]) and hist.chosen == 0
+
+
+def test_weight_grid():
+    assert weight_grid("1, 0.5,2") == [0.0, 0.5, 1.0, 2.0]
+    assert weight_grid([2, 1, 1]) == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError):
+        weight_grid("-1")

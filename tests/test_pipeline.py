@@ -1,0 +1,154 @@
+"""The whole PMG pipeline on tiny random models: record contract, w = 0 identity, reports, batch resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pmgen.data import Event, Item, User
+from tiny_models import write_tiny_bert, write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_pmg(tmp_path_factory):
+    from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae
+    from pmgen.models.llm import LLM
+    from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig
+    from pmgen.models.text_encoder import TextEncoder
+    from pmgen.pipeline import PMG, Settings
+    from pmgen.preferences import KeywordCache
+    from pmgen.presets import get_preset
+
+    root = tmp_path_factory.mktemp("tiny-pmg")
+    torch.manual_seed(0)
+    te = TextEncoder(write_tiny_bert(root / "bert"))
+    gen = StickerGenerator(build_vae((32, 32, 32)), build_unet((32, 32), attention_levels=1, cross_attention_dim=32,
+                                                              head_dim=16), build_scheduler(), text_max_length=16)
+    sel_model = DualEncoder(ScorerConfig(widths=(8, 16), embed_dim=16, text_dim=32))
+    selector = Scorer(sel_model, te, name="tiny-selector")
+    llm = LLM.from_pretrained(write_tiny_llama(root / "llama"))
+    preset = get_preset("sticker-tiny", text_max_length=16)
+    settings = Settings(weights=(0.0, 1.0, 2.0), num_inference_steps=3, strength=0.6, guidance_scale=3.0, k=4)
+    return PMG(preset, llm, te, gen, selector, settings=settings, keyword_cache=KeywordCache(root / "kw.sqlite"))
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A tiny dataset folder: 4 items with images, one user."""
+    root = tmp_path_factory.mktemp("toy-data")
+    (root / "img").mkdir()
+    colors = {"a": (250, 200, 0), "b": (200, 80, 0), "c": (0, 120, 255), "d": (230, 30, 60)}
+    items = {}
+    for iid, col in colors.items():
+        im = Image.new("RGB", (64, 64), "white")
+        im.paste(Image.new("RGB", (30, 30), col), (17, 17))
+        im.save(root / "img" / f"{iid}.png")
+        items[iid] = Item(iid, {"a": "grinning face", "b": "cat face", "c": "blue heart", "d": "red heart"}[iid],
+                          "tags: test", image=f"img/{iid}.png")
+    with open(root / "items.jsonl", "w") as f:
+        for it in items.values():
+            f.write(json.dumps(it.to_json()) + "\n")
+    user = User("u1", [Event("social", item_id="b", value="send", time=1), Event("search", text="cat stickers", time=2),
+                       Event("social", item_id="b", value="send", time=3)])
+    return root, items, user
+
+
+def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
+    root, items, user = toy_data
+    ctx = [Event("conversation", speaker="user", text="hahaha so funny")]
+    res = tiny_pmg.generate(user, items["a"], items, context=ctx, target_image=root / "img" / "a.png",
+                            history_images=[root / "img" / "b.png"])
+    rec = res.record
+    for key in ("user_id", "target_id", "preference_keywords", "target_keywords", "alpha", "candidates", "chosen",
+                "seed", "preset", "models", "timings_s"):
+        assert key in rec, key
+    assert [c["weight"] for c in rec["candidates"]] == [0.0, 1.0, 2.0]
+    assert all({"weight", "d_t", "d_p", "z", "image"} <= set(c) for c in rec["candidates"])
+    assert 0 <= rec["chosen"] < 3 and rec["alpha"] == pytest.approx(2 / 3)
+    assert {"llm", "text_encoder", "generator", "selector"} <= set(rec["models"])
+    assert rec["soft_embeddings"].startswith("off")
+    assert res.images.shape == (3, 3, 64, 64)
+    # w = 0 is the non-personalized baseline, bit for bit: same seed, same init, target-only condition
+    b = tiny_pmg.builder("concat").build(rec["target_keywords"], [], 0.0)
+    from pmgen.pipeline import _load_image
+
+    base = tiny_pmg.generator.image_to_image(_load_image(root / "img" / "a.png", 64), b.prompt_embeds,
+                                             b.negative_prompt_embeds, strength=0.6, seed=0, num_inference_steps=3,
+                                             guidance_scale=3.0)
+    assert torch.equal(res.images[0], base[0])
+    if rec["preference_keywords"]:
+        assert not torch.equal(res.images[0], res.images[2])  # the preference changes the image
+
+
+def test_w0_identity_in_guidance_mode(tiny_pmg, toy_data):
+    root, items, user = toy_data
+    a = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode="guidance")
+    c = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode="concat")
+    assert torch.equal(a.images[0], c.images[0])
+    assert a.record["mode"] == "guidance"
+
+
+def test_save_writes_everything_atomically(tiny_pmg, toy_data, tmp_path):
+    root, items, user = toy_data
+    res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png",
+                            history_images=[root / "img" / "b.png"])
+    out = res.save(tmp_path / "req")
+    assert (out / "chosen.png").is_file() and (out / "report.html").is_file()
+    rec = json.loads((out / "record.json").read_text())
+    assert all((out / c["image"]).is_file() for c in rec["candidates"])
+    assert "OpenMoji" in (out / "report.html").read_text()
+    assert not (tmp_path / "req.partial").exists()
+
+
+def test_empty_history_is_an_explicit_non_personalized_result(tiny_pmg, toy_data):
+    root, items, _ = toy_data
+    res = tiny_pmg.generate(User("nobody", []), items["a"], items, target_image=root / "img" / "a.png")
+    assert res.record["personalized"] is False and "empty history" in res.record["reason"]
+    assert [c["weight"] for c in res.record["candidates"]] == [0.0]
+
+
+def test_no_target_image_draws_from_noise(tiny_pmg, toy_data):
+    _, items, user = toy_data
+    res = tiny_pmg.generate(user, Item("x", "party popper"), items)
+    assert res.record["init"].startswith("noise") and res.images.shape[0] == 3
+
+
+def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
+    from pmgen.requests import run_batch
+
+    root, items, user = toy_data
+    lines = [{"request_id": f"r{i}", "user": user.to_json(), "items": str(root / "items.jsonl"), "target_id": t}
+             for i, t in enumerate(["a", "c", "d"])]
+    lines.insert(1, {"request_id": "bad", "dataset": "no-such-dataset", "sample_id": "x"})
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+
+    real = tiny_pmg.generate
+    calls = []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies during the second request
+        return real(*a, **k)
+
+    monkeypatch.setattr(tiny_pmg, "generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(tiny_pmg, batch, out)
+    assert (out / "r0" / "record.json").is_file()
+    assert not (out / "r1").exists() and not list(out.glob("*.partial"))
+    first_mtime = (out / "r0" / "record.json").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(tiny_pmg, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    done, failed = run_batch(tiny_pmg, batch, out)
+    assert (done, failed) == (3, 1)  # the unknown dataset line fails with its line number, the rest go on
+    assert len(calls) == 2  # r0 was skipped
+    assert (out / "r0" / "record.json").stat().st_mtime_ns == first_mtime
+    assert (out / "r2" / "record.json").is_file()
+    assert len((out / "index.jsonl").read_text().splitlines()) == 3
