@@ -382,6 +382,31 @@ def models_check(
         _fail(f"{len(bad)} model(s) of preset '{p.name}' could not be loaded offline")
 
 
+@models_app.command("report")
+def models_report(
+    preset: PresetOpt = "sticker-tiny",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <generator folder>/report).")] = None,
+    n_items: Annotated[int, typer.Option(help="Catalog items in the faithful / from-noise tests.")] = 150,
+    seed: SeedOpt = None,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Quality figures of the sticker generator (faithful, editable, from noise, speed), graded by the evaluator."""
+    from pmgen.models.quality import quality_report
+    from pmgen.presets import get_preset, load_generator, load_scorer, load_text_encoder, resolve
+
+    p = get_preset(preset)
+    if p.generator_kind != "sticker":
+        _fail("`models report` measures pmgen's own sticker generator (preset sticker-tiny)", 2)
+    gen = load_generator(p)
+    te = load_text_encoder(p, gen)
+    ev = load_scorer(p, "evaluator", te)
+    folder = out or Path(resolve(p.generator)) / "report"
+    quality_report(gen, te, ev, folder, n_items=n_items, default_strength=p.strength, steps=p.num_inference_steps,
+                   guidance=p.guidance_scale, seed=seed or 0, data_root=data_dir_,
+                   log=lambda m: console.print(m, highlight=False))
+    console.print(f"[green]✓[/] {folder}/quality.json, strength_curve.png, samples.png")
+
+
 @train_app.command("scorer", context_settings=PASSTHROUGH)
 def train_scorer(ctx: typer.Context) -> None:
     """Train the selector or evaluator scorer (options: see `pmgen train scorer --help`)."""

@@ -18,7 +18,9 @@ On disk it is a diffusers-style folder::
 and :meth:`~StickerGenerator.image_to_image` (SDEdit from an init image). Both take precomputed
 ``prompt_embeds`` / ``negative_prompt_embeds`` (see :meth:`pmgen.models.text_encoder.TextEncoder.token_states`)
 and an explicit ``generator`` or ``seed``; the same inputs give bit-identical images on the same
-machine and thread count.
+machine and thread count. "Same inputs" includes the batch: a row generated alone and the same row
+generated inside a larger batch agree only to float rounding (~1e-6, measured), so compare
+conditions (e.g. preference weight w = 0 vs w > 0) within one batch, or each alone.
 """
 
 from __future__ import annotations
@@ -203,8 +205,8 @@ class StickerGenerator:
         meta = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path / CONFIG_NAME}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype)
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
         return cls(vae, unet, scheduler, scaling_factor=meta["scaling_factor"],
                    text_max_length=meta.get("text_max_length", 32), info=meta.get("info", {}))

@@ -81,7 +81,7 @@ class StableDiffusionGenerator:
         from diffusers import StableDiffusionPipeline
 
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(id_or_path), torch_dtype=dtype, local_files_only=True,
+            pipe = StableDiffusionPipeline.from_pretrained(str(id_or_path), dtype=dtype, local_files_only=True,
                                                            safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError, EnvironmentError) as e:
             raise _not_available("Stable Diffusion pipeline", id_or_path, e) from e

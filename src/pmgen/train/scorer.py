@@ -38,7 +38,7 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "selector": {"arch": "resnet", "widths": (32, 64, 128, 256), "depth": 1, "seed": 1, "holdout_seed": 101,
                  "steps": 1500},
     "evaluator": {"arch": "convnext", "widths": (32, 64, 128, 256), "depth": 1, "seed": 2, "holdout_seed": 202,
-                  "steps": 1200},
+                  "steps": 800},
 }
 
 
