@@ -152,3 +152,37 @@ def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
     assert (out / "r0" / "record.json").stat().st_mtime_ns == first_mtime
     assert (out / "r2" / "record.json").is_file()
     assert len((out / "index.jsonl").read_text().splitlines()) == 3
+
+
+def test_evaluate_rows_and_summary(tiny_pmg, toy_data, tmp_path):
+    from pmgen.data import Dataset, Sample
+    from pmgen.evaluate import Grader, Method, bootstrap_ci, paired_margin, run_methods, summarize, write_outputs
+    from pmgen.metrics import STLPIPS
+
+    root, items, user = toy_data
+    user.attributes["taste_description"] = "loves cats"
+    ds = Dataset("toy", root, items, {"u1": user},
+                 [Sample("s1", "u1", "a", "test", ground_truth_personalized="b")], items_root=root)
+    grader = Grader(tiny_pmg.selector, ds, STLPIPS("alex"))
+    rows = run_methods(tiny_pmg, grader, ds, ds.samples, [Method("none", {"weights": (0.0,)}), Method("pmg", {})])
+    assert [r["method"] for r in rows] == ["none", "pmg"]
+    assert rows[0]["chosen_weight"] == 0.0
+    for key in ("acc_text", "pers_image", "pers_taste", "gt_hit", "lpips_target", "lpips_history"):
+        assert key in rows[0]
+    assert rows[0]["gt_hit"] in (0.0, 1.0) and rows[0]["lpips_target"] >= 0
+    summary = summarize(rows, baseline="none")
+    assert summary["none"]["acc_text"]["n"] == 1
+    assert "gain_vs_none" in summary["pmg"]["acc_text"]
+    report = write_outputs(tmp_path, rows, summary, {"baseline": "none", "n_samples": 1, "n_users": 1})
+    assert "| none |" in report.read_text() and (tmp_path / "metrics.json").is_file()
+    mean, lo, hi = paired_margin(rows, "pmg", "none", "acc_text")
+    assert lo <= mean <= hi
+
+
+def test_bootstrap_ci_resamples_users():
+    from pmgen.evaluate import bootstrap_ci
+
+    mean, lo, hi = bootstrap_ci([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"], n=500)
+    assert mean == 0.5 and lo == 0.0 and hi == 1.0  # two users: resampling users gives 0, 0.5 or 1
+    m2, lo2, hi2 = bootstrap_ci([0.5] * 10)
+    assert m2 == lo2 == hi2 == 0.5

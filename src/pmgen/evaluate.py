@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -159,3 +160,51 @@ def paired_margin(rows: list[dict[str, Any]], a: str, b: str, metric: str) -> tu
             diffs.append(r[metric] - by[(sid, b)][metric])
             users.append(r["user_id"])
     return bootstrap_ci(diffs, users)
+
+
+DEFAULT_METHODS = {
+    "none": {"weights": (0.0,)},
+    "pmg-concat": {"mode": "concat"},
+    "pmg-guidance": {"mode": "guidance"},
+}
+
+
+def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0) -> list[Sample]:
+    """``n`` samples of a split, one per user first (fixed seed), ground-truth samples favoured."""
+    samples = ds.split(split)
+    rng = random.Random(seed)
+    by_user: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_user.setdefault(s.user_id, []).append(s)
+    users = sorted(by_user)
+    rng.shuffle(users)
+    picked = []
+    for u in users:
+        ss = sorted(by_user[u], key=lambda s: (s.ground_truth_personalized is None, s.sample_id))
+        picked.append(ss[0])
+    return picked[:n]
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """``metrics.json`` (rows, summary, settings) and ``report.md`` (the table with intervals)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    metrics = [m for m in HIGHER_IS_BETTER if any(m in st for st in summary.values())]
+    lines = ["| method | " + " | ".join(f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for name, st in summary.items():
+        cells = []
+        for m in metrics:
+            if m in st:
+                v = st[m]
+                gain = next((g for k, g in v.items() if k.startswith("gain_vs_")), None)
+                cells.append(f"{v['mean']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
+                             + (f" ({gain:+.1%})" if gain is not None and name != meta.get("baseline") else ""))
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "report.md").write_text(
+        f"# pmgen evaluation\n\n{meta.get('n_samples')} held-out samples ({meta.get('n_users')} users), "
+        f"evaluator `{meta.get('evaluator')}`; means with 95% bootstrap intervals over users; "
+        f"gain relative to `{meta.get('baseline')}`.\n\n" + "\n".join(lines) + "\n")
+    return out / "report.md"
