@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -156,7 +155,7 @@ def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
 
 def test_evaluate_rows_and_summary(tiny_pmg, toy_data, tmp_path):
     from pmgen.data import Dataset, Sample
-    from pmgen.evaluate import Grader, Method, bootstrap_ci, paired_margin, run_methods, summarize, write_outputs
+    from pmgen.evaluate import Grader, Method, paired_margin, run_methods, summarize, write_outputs
     from pmgen.metrics import STLPIPS
 
     root, items, user = toy_data

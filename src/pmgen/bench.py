@@ -7,7 +7,6 @@ a cold generate ≤ 30 s, peak memory ≤ 3 GB.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource

@@ -14,7 +14,6 @@ OpenMoji is CC BY-SA 4.0 (https://openmoji.org); every output that shows its ima
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tarfile

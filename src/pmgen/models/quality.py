@@ -106,7 +106,7 @@ def quality_report(generator: Any, text_encoder: Any, evaluator: Any, out: Path,
     curve = []
     bs = 16
     for s in strengths:
-        def faithful_batch(i: int, j: int) -> torch.Tensor:
+        def faithful_batch(i: int, j: int, s: float = s) -> torch.Tensor:
             rows = pick[i:j]
             return generator.image_to_image(img(rows), states([titles[k] for k in rows]), empty, strength=s,
                                             seed=seed, num_inference_steps=steps, guidance_scale=guidance)
