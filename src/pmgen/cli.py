@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,8 +33,9 @@ app.add_typer(models_app, name="models")
 train_app = typer.Typer(help="Train the models pmgen ships (runs resumably; see each --help).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-console = Console()
-err = Console(stderr=True)
+# piped output (logs, CI) gets wide lines instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Dataset directory "
                                                     "(default: $PMGEN_DATA_DIR or ~/.cache/pmgen/data).")]

