@@ -69,7 +69,8 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
         pmg = PMG.from_preset(preset, keyword_cache=KeywordCache(Path(tmp) / "kw.sqlite"))
         stages["load_models"] = {"median_s": time.perf_counter() - t, "runs": 1}
         log(f"models loaded in {stages['load_models']['median_s']:.1f} s")
-        reqs = [from_dataset(ds, sample_id=s.sample_id) for s in test[: 3 * n]]
+        one_per_user = list({s.user_id: s for s in reversed(test)}.values())[::-1]  # distinct users: cold = cold
+        reqs = [from_dataset(ds, sample_id=s.sample_id) for s in one_per_user[: 3 * n]]
 
         # keywords: each user once with an empty cache (cold), then again (cached)
         cold_t, warm_t = [], []
