@@ -49,3 +49,34 @@ def test_validate_good_and_bad(tmp_path):
     assert f"{bad}:1 [events[0].value]: rating 9 out of range (expected 1 to 5)" in r.output.replace("\n", "")
     r = runner.invoke(app, ["data", "validate", str(tmp_path)])
     assert r.exit_code == 0
+
+
+def test_generate_without_a_request_is_a_usage_error():
+    r = runner.invoke(app, ["generate"])
+    assert r.exit_code == 2 and "say what to generate" in r.output
+
+
+def test_generate_unknown_ids_name_the_problem(data_root):
+    r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "nope-0", "--data-dir", str(data_root)])
+    assert r.exit_code == 2 and "unknown sample id 'nope-0'" in r.output
+    r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--user", "su0001", "--target", "ZZZ",
+                            "--data-dir", str(data_root)])
+    assert r.exit_code == 2 and "unknown target item id 'ZZZ'" in r.output
+
+
+def test_generate_own_files_are_validated(tmp_path):
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "a", "title": "x"}) + "\n")
+    beh = tmp_path / "alice.json"
+    beh.write_text(json.dumps({"user_id": "alice", "events": [{"type": "rating", "item_id": "a", "value": 11}]}))
+    r = runner.invoke(app, ["generate", "--behaviors", str(beh), "--items", str(tmp_path / "items.jsonl"),
+                            "--target", "a"])
+    assert r.exit_code == 1 and "rating 11 out of range" in r.output
+    r = runner.invoke(app, ["generate", "--behaviors", str(beh)])
+    assert r.exit_code == 2 and "--behaviors needs --items and --target" in r.output
+
+
+def test_models_list_names_every_role():
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0
+    for word in ("sticker-tiny", "sd15", "llm", "text_encoder", "generator", "selector", "evaluator"):
+        assert word in r.output
