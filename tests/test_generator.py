@@ -42,7 +42,7 @@ def init() -> torch.Tensor:
     return img
 
 
-KW = dict(num_inference_steps=4, guidance_scale=3.0)
+KW = {"num_inference_steps": 4, "guidance_scale": 3.0}
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -89,7 +89,7 @@ def test_small_strength_edits_less_than_large_strength(embeds, init) -> None:
     calls: list[int] = []
     gen.unet.register_forward_hook(lambda module, args, out: calls.append(int(args[1])))
     cond, neg = embeds
-    kw = dict(seed=5, num_inference_steps=20, guidance_scale=3.0)
+    kw = {"seed": 5, "num_inference_steps": 20, "guidance_scale": 3.0}
     recon = gen.decode(gen.encode(init))
     change, timesteps = {}, {}
     for s in (0.1, 0.5, 0.9):
@@ -210,20 +210,20 @@ def synthetic_data(n: int = 8) -> train.TrainData:
 
 
 def tiny_config(tmp: Path, **overrides) -> train.GeneratorTrainConfig:
-    values = dict(out=str(tmp / "out"), train_dir=str(tmp / "train"), vae_channels=(8, 16, 16), vae_norm_groups=8,
-                  vae_steps=1, vae_batch_size=4, unet_channels=(32, 64), unet_attention_levels=1, unet_head_dim=16,
-                  batch_size=3, text_max_length=L, warmup_steps=1, holdout=1, sample_steps=2,
-                  sample_strengths=(0.5,), milestone_steps=100, max_steps=2, threads=1)
-    values.update(overrides)
-    return train.GeneratorTrainConfig(**values)
+    values = {"out": str(tmp / "out"), "train_dir": str(tmp / "train"), "vae_channels": (8, 16, 16),
+              "vae_norm_groups": 8, "vae_steps": 1, "vae_batch_size": 4, "unet_channels": (32, 64),
+              "unet_attention_levels": 1, "unet_head_dim": 16, "batch_size": 3, "text_max_length": L,
+              "warmup_steps": 1, "holdout": 1, "sample_steps": 2, "sample_strengths": (0.5,),
+              "milestone_steps": 100, "max_steps": 2, "threads": 1}
+    return train.GeneratorTrainConfig(**{**values, **overrides})
 
 
 def _assert_same_state(a: dict, b: dict, path: str = "") -> None:
     assert type(a) is type(b), path
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same_state(a[k], b[k], f"{path}.{k}")
+        for k, v in a.items():
+            _assert_same_state(v, b[k], f"{path}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for k, (x, y) in enumerate(zip(a, b)):
@@ -240,14 +240,16 @@ def test_trainer_resume_matches_uninterrupted_training(tiny_encoder, tmp_path: P
     data = synthetic_data()
     quiet = lambda msg: None  # noqa: E731
 
-    straight = train.GeneratorTrainer(tiny_config(tmp_path / "a"), data, tiny_encoder, log=quiet)
+    straight = train.GeneratorTrainer(tiny_config(tmp_path / "a", decoder_steps=1), data, tiny_encoder, log=quiet)
     straight.run()
-    assert (straight.vae_step, straight.step, straight.stage) == (1, 2, "unet")
+    assert (straight.vae_step, straight.dec_step, straight.step, straight.stage) == (1, 1, 2, "unet")
 
-    first = train.GeneratorTrainer(tiny_config(tmp_path / "b", max_steps=1), data, tiny_encoder, log=quiet)
+    first = train.GeneratorTrainer(tiny_config(tmp_path / "b", decoder_steps=1, max_steps=1), data, tiny_encoder,
+                                   log=quiet)
     first.run()
     assert first.step == 1 and first.checkpoint_path.is_file()
-    resumed = train.GeneratorTrainer(tiny_config(tmp_path / "b", max_steps=2), data, tiny_encoder, log=quiet)
+    resumed = train.GeneratorTrainer(tiny_config(tmp_path / "b", decoder_steps=1, max_steps=2), data, tiny_encoder,
+                                     log=quiet)
     resumed.load_checkpoint()
     resumed.run()
 
@@ -266,7 +268,7 @@ def test_trainer_resume_matches_uninterrupted_training(tiny_encoder, tmp_path: P
     loaded = StickerGenerator.from_pretrained(out)
     assert loaded.scaling_factor == pytest.approx(straight.scaling_factor)
     lines = [json.loads(x) for x in (resumed.train_dir / "progress.log").read_text().splitlines()]
-    assert {line["stage"] for line in lines} >= {"vae_done", "milestone"}
+    assert {line["stage"] for line in lines} >= {"vae_done", "decoder_done", "milestone"}
 
 
 def test_trainer_refuses_a_checkpoint_from_another_config(tiny_encoder, tmp_path: Path) -> None:
@@ -323,3 +325,23 @@ def test_vae_init_from_checkpoint_or_pipeline_folder(tiny_encoder, tmp_path: Pat
     with pytest.raises(FileNotFoundError, match="vae_init"):
         train.GeneratorTrainer(tiny_config(tmp_path / "c", vae_init=str(tmp_path / "missing")), data, tiny_encoder,
                                log=quiet)
+
+
+def test_decoder_stage_keeps_the_encoder_and_so_the_latents(tiny_encoder, tmp_path: Path) -> None:
+    data = synthetic_data()
+    trainer = train.GeneratorTrainer(tiny_config(tmp_path, vae_steps=1, decoder_steps=2, max_steps=1), data,
+                                     tiny_encoder, log=lambda m: None)
+    trainer.vae_train_step()
+    assert trainer.vae_step == 1
+    trainer._finish_vae_stage()
+    assert trainer.stage == "decoder"
+    before = {k: v.clone() for k, v in trainer.vae.state_dict().items()}
+    for _ in range(2):
+        trainer.decoder_train_step()
+    after = trainer.vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    trainer._finish_vae_stage()
+    assert trainer.stage == "unet" and trainer.scaling_factor is not None
+    metrics = trainer.vae_metrics()
+    assert set(metrics) == {"l1", "psnr", "saturated_l1"} and 0 <= metrics["l1"] <= 1

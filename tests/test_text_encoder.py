@@ -9,7 +9,7 @@ import torch
 
 from pmgen.models.text_encoder import TextEncoder, minilm_path
 
-WORDS = "grinning face cat dog heart red green happy smile pizza , :".split()
+WORDS = ["grinning", "face", "cat", "dog", "heart", "red", "green", "happy", "smile", "pizza", ",", ":"]
 
 
 def make_tiny_encoder(folder: Path, hidden: int = 32) -> Path:

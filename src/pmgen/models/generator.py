@@ -29,8 +29,9 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ class StickerGenerator:
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "StickerGenerator":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StickerGenerator:
         self.vae.to(device=device, dtype=dtype)
         self.unet.to(device=device, dtype=dtype)
         return self
@@ -189,7 +190,7 @@ class StickerGenerator:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> "StickerGenerator":
+    def from_pretrained(cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> StickerGenerator:
         """Load a folder written by :meth:`save_pretrained` (float32 by default, whatever was saved).
 
         Raises:

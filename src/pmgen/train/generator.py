@@ -14,6 +14,9 @@ Recipe (read top to bottom, nothing hidden in a framework):
 1. **VAE** (``vae_steps`` steps): :class:`~diffusers.AutoencoderKL` on 64×64 images, L1 reconstruction
    + a small KL term; cosine LR. Held-out L1 / PSNR is logged. Then the posterior (mean, std) of every
    image is computed once and the latent scaling factor is set to 1 / std of the training latents.
+1b. **Decoder** (``decoder_steps`` steps, optional): the encoder is frozen (so the latents, and any
+   UNet trained on them, stay valid) and the decoder is tuned with an L1 loss weighted up on
+   saturated pixels: plain L1 on a mostly white catalog leaves rare colors (greens) desaturated.
 2. **UNet** (until the time budget or ``max_steps``): v-prediction on posterior samples of the cached
    latents, min-SNR-γ loss weighting, the text replaced by the empty string ``cond_drop`` of the time
    (classifier-free guidance), AdamW, linear warmup then constant (or cosine) LR, EMA of the weights.
@@ -34,15 +37,15 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +54,7 @@ from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet
 
 CHECKPOINT_FORMAT = "pmgen-generator-train"
 CHECKPOINT_VERSION = 1
-STAGES = ("vae", "unet")
+STAGES = ("vae", "decoder", "unet")
 
 # Rows of the sample grid: (item title, another catalog title to edit it towards). Items missing
 # from the data (tests, other catalogs) are replaced by the first training items.
@@ -107,11 +110,18 @@ class GeneratorTrainConfig:
         vae_lr: peak AdamW learning rate (cosine decay to 10% over ``vae_steps``).
         vae_kl_weight: weight of the mean per-element KL against the mean per-pixel L1 (>= 0).
 
+    Decoder (stage 1b):
+        decoder_steps: optimizer steps tuning the decoder on the frozen encoder (>= 0).
+        decoder_lr: peak AdamW learning rate (cosine decay over ``decoder_steps``).
+        decoder_saturation_weight: per-pixel L1 weight is ``1 + this * saturation`` (>= 0;
+            saturation = (max - min) of the pixel's RGB in [0, 1]).
+
     UNet (stage 2):
         unet_channels: ``block_out_channels``, highest resolution first.
         unet_layers_per_block: ResNet (and transformer) layers per level.
         unet_attention_levels: how many lowest-resolution levels cross-attend to the text.
         unet_head_dim: channels per attention head.
+        unet_norm_groups: GroupNorm groups (must divide every channel count).
         batch_size: latents per step.
         lr: peak AdamW learning rate.
         lr_schedule: ``"constant"`` (after warmup) or ``"cosine"`` (to 0 at ``max_steps``).
@@ -155,10 +165,15 @@ class GeneratorTrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-5
 
+    decoder_steps: int = 0
+    decoder_lr: float = 1e-3
+    decoder_saturation_weight: float = 8.0
+
     unet_channels: tuple[int, ...] = (64, 128, 192)
     unet_layers_per_block: int = 1
     unet_attention_levels: int = 2
     unet_head_dim: int = 32
+    unet_norm_groups: int = 32
     batch_size: int = 32
     lr: float = 3e-4
     lr_schedule: str = "constant"
@@ -213,6 +228,11 @@ class GeneratorTrainConfig:
         need(1 <= self.unet_attention_levels <= len(self.unet_channels), "unet_attention_levels",
              f"in 1..{len(self.unet_channels)}")
         need(self.unet_head_dim >= 1, "unet_head_dim", ">= 1")
+        need(self.unet_norm_groups >= 1 and all(c % self.unet_norm_groups == 0 for c in self.unet_channels),
+             "unet_norm_groups", "a divisor of every unet_channels entry")
+        need(self.decoder_steps >= 0, "decoder_steps", ">= 0")
+        need(self.decoder_lr > 0, "decoder_lr", "> 0")
+        need(self.decoder_saturation_weight >= 0, "decoder_saturation_weight", ">= 0")
         need(self.batch_size >= 1, "batch_size", ">= 1")
         need(self.lr > 0, "lr", "> 0")
         need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "'constant' or 'cosine'")
@@ -237,7 +257,7 @@ class GeneratorTrainConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self)}
 
-    def model_fields_differ(self, other: "GeneratorTrainConfig") -> list[str]:
+    def model_fields_differ(self, other: GeneratorTrainConfig) -> list[str]:
         """Names of non-run-control fields whose values differ."""
         a, b = self.to_json(), other.to_json()
         return [k for k in a if k not in self.RUN_FIELDS and a[k] != b[k]]
@@ -475,7 +495,8 @@ class GeneratorTrainer:
         torch.manual_seed(cfg.seed)  # model init only; every later draw uses self.gen
         self.vae = build_vae(cfg.vae_channels, norm_num_groups=cfg.vae_norm_groups,
                              image_size=int(data.images.shape[-1]))
-        if cfg.vae_init:
+        if cfg.vae_init and (Path(cfg.vae_init).exists() or not self.checkpoint_path.is_file()):
+            # (when resuming, the checkpoint carries the VAE: vae_init may be gone by then)
             self.vae.load_state_dict(load_vae_weights(Path(cfg.vae_init)))
         down = 2 ** (len(cfg.vae_channels) - 1)
         if text_encoder is None:
@@ -486,7 +507,8 @@ class GeneratorTrainer:
         self.encoder_id = f"{getattr(text_encoder, 'name', '?')}:{getattr(text_encoder, 'path', '?')}"
         self.unet = build_unet(cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
                                attention_levels=cfg.unet_attention_levels, cross_attention_dim=self.text_dim,
-                               head_dim=cfg.unet_head_dim, latent_size=int(data.images.shape[-1]) // down)
+                               head_dim=cfg.unet_head_dim, latent_size=int(data.images.shape[-1]) // down,
+                               norm_num_groups=cfg.unet_norm_groups)
         self.sampler_scheduler = build_scheduler(cfg.prediction_type)
         self.noise_scheduler = DDPMScheduler.from_config(self.sampler_scheduler.config)
         export_mb = (count_parameters(self.vae) + count_parameters(self.unet)) * 2 / 2**20
@@ -497,6 +519,9 @@ class GeneratorTrainer:
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         self.vae_sched = get_scheduler("cosine", self.vae_opt, num_warmup_steps=min(100, cfg.vae_steps // 10),
                                        num_training_steps=max(1, int(cfg.vae_steps / 0.9)))
+        self.dec_opt = torch.optim.AdamW(self._decoder_parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+        self.dec_sched = get_scheduler("cosine", self.dec_opt, num_warmup_steps=min(50, cfg.decoder_steps // 10),
+                                       num_training_steps=max(1, cfg.decoder_steps))
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.lr_schedule == "cosine":
             self.sched = get_scheduler("cosine", self.opt, num_warmup_steps=cfg.warmup_steps,
@@ -506,8 +531,9 @@ class GeneratorTrainer:
         self.ema = EMAModel(self.unet.parameters(), decay=cfg.ema_decay, foreach=True)
 
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.stage = "vae" if cfg.vae_steps > 0 else "unet"
+        self.stage = "vae" if cfg.vae_steps > 0 else "decoder" if cfg.decoder_steps > 0 else "unet"
         self.vae_step = 0
+        self.dec_step = 0
         self.step = 0
         self.epoch = 0
         self.pos = 0
@@ -577,14 +603,55 @@ class GeneratorTrainer:
         index = self.data.heldout_index if index is None else index
         if len(index) == 0:
             return {}
-        l1, ps = [], []
+        l1, ps, sat_err, sat_n = [], [], 0.0, 0
         for start in range(0, len(index), batch):
             x = self._images(torch.from_numpy(index[start:start + batch]))
             rec = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
             a, b = (x + 1) / 2, (rec + 1) / 2
             l1.append((a - b).abs().flatten(1).mean(1))
             ps.append(psnr(a, b))
-        return {"l1": float(torch.cat(l1).mean()), "psnr": float(torch.cat(ps).mean())}
+            saturated = ((a.amax(1) - a.amin(1)) > 0.3).unsqueeze(1).expand_as(a)
+            sat_err += float((a - b).abs()[saturated].sum())
+            sat_n += int(saturated.sum())
+        return {"l1": float(torch.cat(l1).mean()), "psnr": float(torch.cat(ps).mean()),
+                "saturated_l1": sat_err / max(sat_n, 1)}
+
+    def _decoder_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.vae.decoder.parameters(), *self.vae.post_quant_conv.parameters()]
+
+    def decoder_train_step(self) -> float:
+        """One step of stage 1b; the encoder (and so every latent) is left untouched."""
+        self.vae.eval().requires_grad_(False)
+        self.vae.decoder.train()
+        for p in self._decoder_parameters():
+            p.requires_grad_(True)
+        x = self._images(self._next_batch(self.cfg.vae_batch_size))
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample(generator=self.gen)
+        rec = self.vae.decode(z).sample
+        saturation = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2
+        weight = 1 + self.cfg.decoder_saturation_weight * saturation
+        loss = (weight * (rec - x).abs()).mean() / weight.mean()
+        self.dec_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self._decoder_parameters(), 1.0)
+        self.dec_opt.step()
+        self.dec_sched.step()
+        self.dec_step += 1
+        return float(loss.detach())
+
+    def _finish_vae_stage(self) -> None:
+        metrics = self.vae_metrics()
+        done = self.stage
+        if self.stage == "vae" and self.cfg.decoder_steps > 0:
+            self.stage, self.epoch, self.pos, self._order = "decoder", 0, 0, None
+        else:
+            self._enter_unet_stage()
+        step = self.vae_step if done == "vae" else self.dec_step
+        self._record({"time": round(time.time()), "stage": f"{done}_done", "step": step,
+                      "scaling_factor": self.scaling_factor, **{f"heldout_{k}": v for k, v in metrics.items()}})
+        self.log(f"{done} stage done after {step} steps: held-out {metrics}"
+                 + (f"; latent scaling factor {self.scaling_factor:.4f}" if self.scaling_factor else ""))
 
     def _enter_unet_stage(self) -> None:
         """Freeze the VAE, cache every image's posterior, set the latent scaling factor."""
@@ -679,7 +746,7 @@ class GeneratorTrainer:
     def pipeline(self, unet: torch.nn.Module | None = None) -> StickerGenerator:
         assert self.scaling_factor is not None
         info = {"text_encoder": self.encoder_id.split(":")[0], "trained_steps": self.step,
-                "vae_steps": self.vae_step, "train_hours": round(self.train_seconds / 3600, 2),
+                "vae_steps": self.vae_step, "decoder_steps": self.dec_step, "train_hours": round(self.train_seconds / 3600, 2),
                 "data": "OpenMoji (https://openmoji.org), CC BY-SA 4.0", "config": self.cfg.to_json()}
         info["config"].pop("out", None)
         info["config"].pop("train_dir", None)
@@ -709,7 +776,7 @@ class GeneratorTrainer:
         init = torch.stack([self.data.images[k] for k, _, _ in self.sample_rows]).float() / 255
         same, other = self.sample_states[0::2], self.sample_states[1::2]
         empty = self.text.empty
-        kw = dict(seed=cfg.seed, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance)
+        kw = {"seed": cfg.seed, "num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.sample_guidance}
         cols = [("init", init),
                 (f"same {cfg.sample_strengths[0]}", gen.image_to_image(init, same, empty, strength=cfg.sample_strengths[0], **kw))]
         for s in cfg.sample_strengths:
@@ -755,6 +822,7 @@ class GeneratorTrainer:
             "step": self.step, "epoch": self.epoch, "pos": self.pos, "scaling_factor": self.scaling_factor,
             "train_seconds": self.train_seconds, "last_export_step": self.last_export_step,
             "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict(), "vae_sched": self.vae_sched.state_dict(),
+            "dec_step": self.dec_step, "dec_opt": self.dec_opt.state_dict(), "dec_sched": self.dec_sched.state_dict(),
             "unet": self.unet.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "ema": self.ema.state_dict(),
             "rng": {"trainer": self.gen.get_state(), "torch": torch.get_rng_state(),
@@ -783,6 +851,9 @@ class GeneratorTrainer:
         self.vae.load_state_dict(state["vae"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.vae_sched.load_state_dict(state["vae_sched"])
+        self.dec_step = state["dec_step"]
+        self.dec_opt.load_state_dict(state["dec_opt"])
+        self.dec_sched.load_state_dict(state["dec_sched"])
         self.unet.load_state_dict(state["unet"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
@@ -825,6 +896,9 @@ class GeneratorTrainer:
             if self.stage == "vae":
                 loss = self.vae_train_step()
                 step, lr = self.vae_step, self.vae_sched.get_last_lr()[0]
+            elif self.stage == "decoder":
+                loss = self.decoder_train_step()
+                step, lr = self.dec_step, self.dec_sched.get_last_lr()[0]
             else:
                 loss = self.unet_train_step()
                 step, lr = self.step, self.sched.get_last_lr()[0]
@@ -836,20 +910,15 @@ class GeneratorTrainer:
                 line = {"time": round(time.time()), "stage": self.stage, "step": step,
                         "loss": round(sum(window) / len(window), 5), "lr": lr, "s_per_step": round(per_step, 3),
                         "epoch": self.epoch}
-                if self.stage == "vae" and step % (cfg.log_every * 8) == 0:
+                if self.stage in ("vae", "decoder") and step % (cfg.log_every * 8) == 0:
                     line.update({f"heldout_{k}": round(v, 4) for k, v in self.vae_metrics().items()})
                 self._record(line)
                 self.log(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in line.items() if k != "time"))
                 window, window_t = [], 0.0
-            if self.stage == "vae" and self.vae_step >= cfg.vae_steps:
-                metrics = self.vae_metrics()
-                self._enter_unet_stage()
-                line = {"time": round(time.time()), "stage": "vae_done", "step": self.vae_step,
-                        "scaling_factor": self.scaling_factor, **{f"heldout_{k}": v for k, v in metrics.items()}}
-                self._record(line)
-                self.log(f"VAE done after {self.vae_step} steps: held-out {metrics}; scaling factor "
-                         f"{self.scaling_factor:.4f}")
+            if ((self.stage == "vae" and self.vae_step >= cfg.vae_steps)
+                    or (self.stage == "decoder" and self.dec_step >= cfg.decoder_steps)):
+                self._finish_vae_stage()
                 self.save_checkpoint()
                 last_ckpt = time.monotonic()
                 window, window_t = [], 0.0
@@ -861,7 +930,8 @@ class GeneratorTrainer:
         if self.stage == "unet" and self.step > 0 and self.last_export_step != self.step:
             self._milestone()
         self.save_checkpoint()
-        self.log(f"stopped at stage {self.stage}, VAE step {self.vae_step}, UNet step {self.step}; "
+        self.log(f"stopped at stage {self.stage}, VAE step {self.vae_step}, decoder step {self.dec_step}, "
+                 f"UNet step {self.step}; "
                  f"checkpoint {self.checkpoint_path}")
 
     def _milestone(self) -> None:
@@ -965,7 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"params; train dir {trainer.train_dir}")
     if args.resume:
         trainer.load_checkpoint()
-        log(f"resumed at stage {trainer.stage}, VAE step {trainer.vae_step}, UNet step {trainer.step}")
+        log(f"resumed at stage {trainer.stage}, VAE step {trainer.vae_step}, decoder step {trainer.dec_step}, "
+            f"UNet step {trainer.step}")
 
     stopping = {"flag": False}
 
