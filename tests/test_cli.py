@@ -80,3 +80,23 @@ def test_models_list_names_every_role():
     assert r.exit_code == 0
     for word in ("sticker-tiny", "sd15", "llm", "text_encoder", "generator", "selector", "evaluator"):
         assert word in r.output
+
+
+def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
+    """`pmgen evaluate --quick`: the real sticker-tiny models on 8 held-out users, every output written."""
+    import json
+
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", "--quick", "--out", str(out), "--data-dir", str(data_root),
+                            "--keep-images", "2"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["meta"]["n_samples"] == 8 and "none" in m["selected"] and "keywords" in m["selected"]
+    none = m["selected"]["none"]
+    assert -1 <= none["acc_text"]["mean"] <= 1 and none["acc_text"]["n"] == 8
+    assert none["acc_text"]["ci95"][0] <= none["acc_text"]["mean"] <= none["acc_text"]["ci95"][1]
+    assert {p["alpha"] for p in m["alpha_sweep"]["curve"]} >= {0.0, 1.0}
+    rows = [x for x in m["rows"] if x["method"] == "none"]
+    assert all(x["weight"] == 0.0 for x in rows) and len(rows) == 8
+    for name in ("report.md", "tradeoff.png", "alpha_sweep.png", "samples.png"):
+        assert (out / name).is_file(), name

@@ -153,28 +153,55 @@ def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
     assert len((out / "index.jsonl").read_text().splitlines()) == 3
 
 
-def test_evaluate_rows_and_summary(tiny_pmg, toy_data, tmp_path):
+def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
     from pmgen.data import Dataset, Sample
-    from pmgen.evaluate import Grader, Method, paired_margin, run_methods, summarize, write_outputs
+    from pmgen.evaluate import (Grader, Method, alpha_sweep, at_weight, paired_margin, reselect, run_methods, selected,
+                                summarize, write_outputs)
     from pmgen.metrics import STLPIPS
+    from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
 
     root, items, user = toy_data
     user.attributes["taste_description"] = "loves cats"
     ds = Dataset("toy", root, items, {"u1": user},
                  [Sample("s1", "u1", "a", "test", ground_truth_personalized="b")], items_root=root)
     grader = Grader(tiny_pmg.selector, ds, STLPIPS("alex"))
-    rows = run_methods(tiny_pmg, grader, ds, ds.samples, [Method("none", {"weights": (0.0,)}), Method("pmg", {})])
-    assert [r["method"] for r in rows] == ["none", "pmg"]
-    assert rows[0]["chosen_weight"] == 0.0
-    for key in ("acc_text", "pers_image", "pers_taste", "gt_hit", "lpips_target", "lpips_history"):
-        assert key in rows[0]
-    assert rows[0]["gt_hit"] in (0.0, 1.0) and rows[0]["lpips_target"] >= 0
-    summary = summarize(rows, baseline="none")
-    assert summary["none"]["acc_text"]["n"] == 1
-    assert "gain_vs_none" in summary["pmg"]["acc_text"]
-    report = write_outputs(tmp_path, rows, summary, {"baseline": "none", "n_samples": 1, "n_users": 1})
-    assert "| none |" in report.read_text() and (tmp_path / "metrics.json").is_file()
-    mean, lo, hi = paired_margin(rows, "pmg", "none", "acc_text")
+    loaded = []
+
+    def soft_loader(folder):
+        loaded.append(folder)
+        return SoftPromptEncoder(SoftPromptConfig(llm_name="tiny", llm_hidden=tiny_pmg.llm.hidden_size, text_width=32,
+                                                  prefix_length=0, n_img=2), tiny_pmg.llm).eval()
+
+    methods = [Method("none", {"weights": (0.0,)}), Method("keywords", {}),
+               Method("soft-x", {"use_soft": True, "use_keywords": False, "history_weight": 1.0}, soft_prompt="x")]
+    rows, kept = run_methods(tiny_pmg, grader, ds, ds.samples, methods, keep_images=1, soft_loader=soft_loader)
+    assert loaded == ["x"] and tiny_pmg.soft_prompt is None  # the ablation's weights were swapped back out
+    assert [(r["method"], r["weight"]) for r in rows] == [("none", 0.0), ("keywords", 0.0), ("keywords", 1.0),
+                                                          ("keywords", 2.0), ("soft-x", 0.0), ("soft-x", 1.0),
+                                                          ("soft-x", 2.0)]
+    for key in ("acc_text", "acc_image", "pers_image", "pers_taste", "gt_hit", "lpips_target", "lpips_history",
+                "ssim_target", "ssim_history", "ms_ssim_history"):
+        assert key in rows[0], key
+    assert rows[0]["gt_hit"] in (0.0, 1.0) and rows[0]["lpips_target"] >= 0 and -1 <= rows[0]["ssim_target"] <= 1
+    # every method's w = 0 candidate is the same image, so it grades the same
+    zero = [r for r in rows if r["weight"] == 0.0]
+    assert all(r["acc_text"] == pytest.approx(zero[0]["acc_text"], abs=1e-6) for r in zero)
+    assert len(selected(rows)) == 3 and len(at_weight(rows, 1.0)) == 2
+    # α = 0 keeps the best d_t; α = 1 the best d_p
+    kw = [r for r in rows if r["method"] == "keywords"]
+    assert reselect(kw, 0.0)[0]["d_t"] == max(r["d_t"] for r in kw)
+    assert reselect(kw, 1.0)[0]["d_p"] == max(r["d_p"] for r in kw)
+    curve = alpha_sweep(rows, "keywords", [0.0, 0.5, 1.0])
+    assert [p["alpha"] for p in curve] == [0.0, 0.5, 1.0] and all("acc_text" in p for p in curve)
+    summary = summarize(selected(rows), baseline="none")
+    assert summary["none"]["acc_text"]["n"] == 1 and "gain_vs_none" in summary["keywords"]["acc_text"]
+    report = write_outputs(tmp_path, rows, {"n_samples": 1, "n_users": 1, "alpha": 2 / 3}, kept,
+                           main_method="keywords")
+    text = report.read_text()
+    assert "| none |" in text and "w = 1" in text and "α sweep" in text
+    for name in ("metrics.json", "tradeoff.png", "alpha_sweep.png", "samples.png"):
+        assert (tmp_path / name).is_file(), name
+    mean, lo, hi = paired_margin(selected(rows), "keywords", "none", "acc_text")
     assert lo <= mean <= hi
 
 
@@ -185,3 +212,22 @@ def test_bootstrap_ci_resamples_users():
     assert mean == 0.5 and lo == 0.0 and hi == 1.0  # two users: resampling users gives 0, 0.5 or 1
     m2, lo2, hi2 = bootstrap_ci([0.5] * 10)
     assert m2 == lo2 == hi2 == 0.5
+
+
+def test_soft_embeddings_enter_the_condition_and_keep_the_w0_baseline(tiny_pmg, toy_data):
+    from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
+
+    root, items, user = toy_data
+    enc = SoftPromptEncoder(SoftPromptConfig(llm_name="tiny", llm_hidden=tiny_pmg.llm.hidden_size, text_width=32,
+                                             prefix_length=2, n_img=3), tiny_pmg.llm).eval()
+    plain = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png")
+    tiny_pmg.soft_prompt = enc
+    try:
+        soft = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", use_soft=True)
+    finally:
+        tiny_pmg.soft_prompt = None
+    assert soft.record["soft_embeddings"] == "on" and "soft_prompt" in soft.record["models"]
+    assert torch.equal(soft.images[0], plain.images[0])  # w = 0 ignores the soft embeddings
+    n_kw = plain.record["candidates"][1]["preference_tokens"]
+    assert soft.record["candidates"][1]["preference_tokens"] == n_kw + 3  # [P ; S] at w = 1
+    assert not torch.equal(soft.images[1], plain.images[1])

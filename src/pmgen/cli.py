@@ -346,27 +346,35 @@ def bench(
 def evaluate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/eval"),
     n_samples: Annotated[int, typer.Option(help="Held-out samples (one per user).")] = 60,
-    quick: Annotated[bool, typer.Option(help="A small subset (12 samples, 3 weights) for CI-sized checks.")] = False,
-    methods: Annotated[str, typer.Option(help="Comma-separated: none, pmg-concat, pmg-guidance.")] =
-        "none,pmg-concat,pmg-guidance",
+    quick: Annotated[bool, typer.Option(help="A small subset (8 samples, weights 0,1,2) for CI-sized checks.")] = False,
+    methods: Annotated[Optional[str], typer.Option(
+        help="Comma-separated methods (default: every one whose models exist): none, keywords, keywords-guidance, "
+             "soft, pmg, and the soft-prompt ablations found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
+    keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
-    """PMG vs. no personalization on held-out sticker users, graded by the evaluator (never the selector)."""
-    from pmgen.evaluate import (DEFAULT_METHODS, Grader, Method, evaluation_samples, run_methods, summarize,
-                                write_outputs)
-    from pmgen.presets import load_scorer
+    """PMG vs. no personalization (and the ablations) on held-out sticker users, graded by the evaluator."""
+    import time as _time
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in DEFAULT_METHODS]
-    if bad:
-        _fail(f"unknown method(s) {bad}; choose from {', '.join(DEFAULT_METHODS)}", 2)
+    from pmgen.evaluate import Grader, default_methods, evaluation_samples, run_methods, write_outputs
+    from pmgen.presets import load_scorer, soft_prompt_ablations
+    from pmgen.soft import SoftPromptEncoder
+
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, None, None, None, None)
     pmg = _load_pmg(preset, overrides)
+    ablations = soft_prompt_ablations(pmg.preset)
+    known = default_methods(pmg.soft_prompt is not None, ablations)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
+    bad = [m for m in names if m not in known]
+    if bad:
+        _fail(f"unknown or unavailable method(s) {bad}; available with preset {preset}: {', '.join(known)}"
+              + ("" if pmg.soft_prompt is not None else " (soft-embedding methods need trained soft-prompt weights)"),
+              2)
     ds = datasets.load("sticker-users", data_dir_)
-    samples = evaluation_samples(ds, 12 if quick else n_samples)
+    samples = evaluation_samples(ds, 8 if quick else n_samples)
     evaluator = load_scorer(pmg.preset, "evaluator", pmg.text_encoder if pmg.preset.text_encoder == "minilm" else None)
     lp = None
     if lpips:
@@ -376,17 +384,129 @@ def evaluate(
     grader = Grader(evaluator, datasets.load("stickers", data_dir_), lp)
     from rich.progress import Progress
 
+    t0 = _time.perf_counter()
     with Progress(console=console) as bar:
-        task = bar.add_task("evaluating", total=len(samples))
-        rows = run_methods(pmg, grader, ds, samples, [Method(m, DEFAULT_METHODS[m]) for m in names],
-                           progress=lambda i, n: bar.update(task, completed=i))
-    summary = summarize(rows, baseline="none" if "none" in names else None)
+        task = bar.add_task(f"evaluating {len(names)} methods", total=len(samples))
+        rows, kept = run_methods(pmg, grader, ds, samples, [known[m] for m in names],
+                                 progress=lambda i, n: bar.update(task, completed=i), keep_images=keep_images,
+                                 soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm))
+    main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
     meta = {"n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
-            "evaluator": evaluator.name, "baseline": "none", "settings": {k: str(v) for k, v in vars(pmg.settings).items()},
-            "models": pmg.models()}
-    report = write_outputs(out, rows, summary, meta)
-    console.print(report.read_text(), highlight=False)
-    console.print(f"[green]✓[/] {out}/metrics.json, {report}")
+            "method_descriptions": {m: known[m].description for m in names},
+            "evaluator": evaluator.name, "alpha": pmg.settings.alpha, "weights": list(pmg.settings.weights),
+            "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(),
+            "seconds": round(_time.perf_counter() - t0, 1)}
+    report = write_outputs(out, rows, meta, kept, main_method=main)
+    console.print(report.read_text().split("## Fixed")[0], highlight=False)
+    console.print(f"[green]✓[/] {out}/report.md, metrics.json, tradeoff.png, alpha_sweep.png, samples.png "
+                  f"({meta['seconds']:.0f} s)")
+
+
+def _load_keyword_models(preset: str, text_encoder: bool = True):
+    """The preset, its LLM and (optionally) its text encoder; a clear error when one cannot be loaded."""
+    from pmgen.models.llm import ModelNotAvailable
+    from pmgen.presets import get_preset, load_llm, load_text_encoder
+
+    try:
+        p = get_preset(preset)
+    except KeyError as e:
+        _fail(str(e.args[0]), 2)
+    try:
+        llm = load_llm(p)
+        te = load_text_encoder(p) if text_encoder else None
+    except (FileNotFoundError, ModelNotAvailable, ValueError) as e:
+        _fail(f"{e}\n(`pmgen models check --preset {preset}` lists every model and what is missing)")
+    return p, llm, te
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    t = Table(*header, title=title)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+
+
+@app.command("evaluate-movielens")
+def evaluate_movielens(
+    n_users: Annotated[Optional[int], typer.Option(help="Test users (seeded subset; default: every test user "
+                                                   "with held-out likes, ~95).", min=1)] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (movielens.json, movielens.md).")] = Path("runs/eval"),
+    k: Annotated[int, typer.Option("--k", help="Cut-off of HR@k and NDCG@k.", min=1)] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the user subset, the random ranking and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Do the LLM's preference keywords predict real MovieLens users' later likes? HR@k / NDCG@k per method."""
+    from rich.progress import Progress
+
+    from pmgen.preference_eval import (encoder_text_vectors, movielens_benchmark, movielens_table,
+                                       write_movielens_outputs)
+    from pmgen.preferences import KeywordCache, PreferenceExtractor, model_id
+
+    try:
+        ds = datasets.load("movielens", data_dir_)
+    except (DataError, FileNotFoundError) as e:
+        _fail(str(e))
+    p, llm, te = _load_keyword_models(preset)
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    with Progress(console=console) as bar:
+        task = bar.add_task("preference keywords", total=n_users)
+        try:
+            result = movielens_benchmark(ds, encoder_text_vectors(te), extractor.extract, n_users=n_users, k=k,
+                                         seed=seed, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        except ValueError as e:
+            _fail(str(e))
+    result["models"] = {"llm": model_id(llm), "text_encoder": str(getattr(te, "name", type(te).__name__))}
+    result["preset"] = p.name
+    result["credit"] = ds.meta.get("license", "")
+    js, md = write_movielens_outputs(result, out)
+    header, rows = movielens_table(result)
+    _print_table(f"MovieLens-100k, {result['n_users']} test users (mean [95% CI])", header, rows)
+    t = result["timing_s"]
+    console.print(f"keywords: {t['keywords_per_user']:.2f} s per user ({result['counts']['keywords_cached']} cached, "
+                  f"{result['counts']['keyword_fallbacks']} with a fallback); movie vectors {t['item_vectors']:.1f} s",
+                  highlight=False)
+    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
+
+
+@app.command("evaluate-stability")
+def evaluate_stability(
+    n_users: Annotated[int, typer.Option(help="Test users (seeded subset).", min=1)] = 30,
+    out: Annotated[Path, typer.Option(help="Output folder (stability.json, stability.md).")] = Path("runs/eval"),
+    dataset: Annotated[str, typer.Option(help="sticker-users or movielens.")] = "sticker-users",
+    seed: Annotated[int, typer.Option(help="Seed of the user subset, the perturbations and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Are preference keywords stable when the history is reordered or loses one event? (Jaccard per user)."""
+    from rich.progress import Progress
+
+    from pmgen.preference_eval import evaluation_users, keyword_stability, stability_table, write_stability_outputs
+    from pmgen.preferences import KeywordCache, PreferenceExtractor, model_id
+
+    if dataset not in ("sticker-users", "movielens"):
+        _fail(f"unknown dataset {dataset!r} for the stability benchmark; choose sticker-users or movielens", 2)
+    try:
+        ds = datasets.load(dataset, data_dir_)
+        users = evaluation_users(ds, n_users, "test", seed)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    p, llm, _ = _load_keyword_models(preset, text_encoder=False)
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    with Progress(console=console) as bar:
+        task = bar.add_task("keywords (3 histories per user)", total=len(users))
+        try:
+            result = keyword_stability(users, ds.items, extractor.extract, seed=seed,
+                                       progress=lambda i, n: bar.update(task, completed=i))
+        except ValueError as e:
+            _fail(str(e))
+    result = {"dataset": dataset, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
+    js, md = write_stability_outputs(result, out)
+    header, rows = stability_table(result)
+    _print_table(f"Keyword stability, {result['n_users']} {dataset} test users (mean [95% CI])", header, rows)
+    console.print(f"{result['timing_s']['per_user']:.2f} s per user (3 extractions, cached ones are free); "
+                  f"{result['counts']['keyword_fallbacks']} extractions used a fallback", highlight=False)
+    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
 
 
 @models_app.command("list")
@@ -470,6 +590,14 @@ def train_generator(ctx: typer.Context) -> None:
     from pmgen.train.generator import main as generator_main
 
     raise typer.Exit(generator_main(ctx.args) or 0)
+
+
+@train_app.command("soft-prompt", context_settings=PASSTHROUGH)
+def train_soft_prompt(ctx: typer.Context) -> None:
+    """Train the soft preference embeddings (options: see `pmgen train soft-prompt --help`)."""
+    from pmgen.train.soft_prompt import main as soft_main
+
+    raise typer.Exit(soft_main(ctx.args) or 0)
 
 
 def main() -> None:  # pragma: no cover

@@ -85,6 +85,11 @@ class ConditionBuilder:
             self._cache[key] = (states[0].float(), n_real, truncated)
         return self._cache[key]
 
+    @property
+    def width(self) -> int:
+        """The text encoder's state width D."""
+        return int(self.unconditional(self.max_length).shape[-1])
+
     def unconditional(self, length: int) -> torch.Tensor:
         """The empty string's states ``[length, D]``."""
         return self.encode("", length)[0]
@@ -101,12 +106,12 @@ class ConditionBuilder:
                                 f"truncated to the first {n_real} tokens")
             parts.append(states[:n_real])
         if soft is not None:
-            if soft.dim() != 2 or soft.shape[-1] != self.unconditional(1).shape[-1]:
-                raise ValueError(f"soft embeddings must be [n_img, {self.unconditional(1).shape[-1]}], "
+            if soft.dim() != 2 or soft.shape[-1] != self.width:
+                raise ValueError(f"soft embeddings must be [n_img, {self.width}], "
                                  f"got {tuple(soft.shape)}")
             parts.append(soft.float())
         if not parts:
-            return torch.zeros(0, self.unconditional(1).shape[-1])
+            return torch.zeros(0, self.width)
         return torch.cat(parts)
 
     def build(self, target_keywords: Sequence[str], preference_keywords: Sequence[str], weight: float,

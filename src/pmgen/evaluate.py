@@ -1,43 +1,83 @@
 """Evaluation on held-out sticker users, graded by the **evaluator** scorer (never the selector).
 
-Per sample, for the chosen image of each method (same users, same seeds):
+Every method generates the same samples with the same seeds and the same weight grid, and **every
+candidate** is graded, so three views come from one run:
 
-* accuracy — ``acc_text``: evaluator similarity to the target item's name; ``lpips_target``:
-  ST-LPIPS (AlexNet) to the target item's image (lower = closer);
+* **selected** — the candidate PMG's selection keeps (``z = α·log d_p + (1−α)·log d_t`` with the
+  selector's scores): the method as a user gets it;
+* **fixed weight** — the candidate at one preference weight (``w = 1``, ``w = 2``), no selection:
+  the ablation view, isolating what the conditioning itself does;
+* **α sweep** — the selection recomputed for α in [0, 1] from the recorded d_t / d_p: the
+  accuracy-vs-personalization trade-off curve.
+
+Metrics of an image (the evaluator is trained independently of the selector; catalog images 64×64):
+
+* accuracy — ``acc_text``: evaluator similarity to the target item's name; ``acc_image``: evaluator
+  image similarity to the target item's image; ``lpips_target`` (ST-LPIPS AlexNet, ↓) and
+  ``ssim_target`` to the target image;
 * personalization — ``pers_image``: mean evaluator image similarity to the user's history images;
-  ``lpips_history``: mean ST-LPIPS to them; ``pers_taste``: evaluator similarity to the user's
-  hidden taste description (never shown to any model); ``gt_hit``: whether the generated image's
-  nearest catalog item (evaluator image embedding) is the recorded personalized ground truth
-  (samples that have one).
+  ``lpips_history`` (↓), ``ssim_history``, ``ms_ssim_history``: means over the history images;
+  ``pers_taste``: evaluator similarity to the user's hidden taste description (never shown to any
+  model); ``gt_hit``: the image's nearest catalog item (evaluator embedding) is the sample's
+  recorded personalized ground truth (samples that have one).
 
-Aggregates are means with 95% bootstrap confidence intervals over users.
+Aggregates are means with 95% bootstrap confidence intervals over users, and the relative gain over
+the ``none`` method (no personalization).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
-from dataclasses import dataclass
-import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from pmgen.data import Dataset, Sample
 from pmgen.pipeline import _load_image
 from pmgen.requests import from_dataset
+from pmgen.select import z_score
 
-HIGHER_IS_BETTER = {"acc_text": True, "lpips_target": False, "pers_image": True, "lpips_history": False,
+HIGHER_IS_BETTER = {"acc_text": True, "acc_image": True, "lpips_target": False, "ssim_target": True,
+                    "pers_image": True, "lpips_history": False, "ssim_history": True, "ms_ssim_history": True,
                     "pers_taste": True, "gt_hit": True}
+ACCURACY = ("acc_text", "acc_image", "lpips_target", "ssim_target")
+PERSONALIZATION = ("pers_image", "lpips_history", "ssim_history", "ms_ssim_history", "pers_taste", "gt_hit")
 
 
 @dataclass
 class Method:
-    """A named way of generating: settings overrides passed to :meth:`pmgen.PMG.generate`."""
+    """A named way of generating: settings overrides for :meth:`pmgen.PMG.generate`, and optionally
+    another soft-prompt folder (the ablations' weights)."""
 
     name: str
     overrides: dict[str, Any]
+    soft_prompt: str | None = None
+    description: str = ""
+
+
+def default_methods(soft_available: bool, ablations: dict[str, Path] | None = None) -> dict[str, Method]:
+    """The methods ``pmgen evaluate`` knows; soft-embedding methods only when trained weights exist."""
+    out = {
+        "none": Method("none", {"weights": (0.0,)}, description="no personalization (the w = 0 baseline)"),
+        "keywords": Method("keywords", {"use_soft": False, "mode": "concat"},
+                           description="preference keywords only, paper weighting (repetition)"),
+        "keywords-guidance": Method("keywords-guidance", {"use_soft": False, "mode": "guidance"},
+                                    description="preference keywords only, composed-guidance weighting"),
+    }
+    if soft_available:
+        out["soft"] = Method("soft", {"use_soft": True, "use_keywords": False, "history_weight": 1.0},
+                             description="soft embeddings only (d_p from history images)")
+        out["pmg"] = Method("pmg", {"use_soft": True, "mode": "concat"},
+                            description="keywords + soft embeddings (the preset's default)")
+    for name, folder in (ablations or {}).items():
+        out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0},
+                           soft_prompt=str(folder), description=f"soft embeddings only, {name} weights")
+    return out
 
 
 def bootstrap_ci(values: Sequence[float], groups: Sequence[str] | None = None, n: int = 1000, seed: int = 0
@@ -62,43 +102,71 @@ def bootstrap_ci(values: Sequence[float], groups: Sequence[str] | None = None, n
 
 
 class Grader:
-    """Evaluator-based metrics for generated images (catalog embeddings computed once)."""
+    """Evaluator-based and perceptual metrics for generated images (catalog embeddings computed once)."""
 
-    def __init__(self, evaluator: Any, catalog: Dataset, lpips: Any = None):
+    def __init__(self, evaluator: Any, catalog: Dataset, lpips: Any = None, perceptual: bool = True):
         self.evaluator = evaluator
         self.catalog = catalog
         self.lpips = lpips
+        self.perceptual = perceptual
         self.ids = list(catalog.items)
         imgs = torch.cat([_load_image(catalog.image_path(i), 64) for i in self.ids])
-        self.catalog_emb = torch.cat([evaluator.image_embeddings(imgs[i:i + 512]) for i in range(0, len(imgs), 512)])
+        self.images = imgs
+        with torch.no_grad():
+            self.catalog_emb = torch.cat([evaluator.image_embeddings(imgs[i:i + 512])
+                                          for i in range(0, len(imgs), 512)])
         self.index = {iid: k for k, iid in enumerate(self.ids)}
+        self._text: dict[str, torch.Tensor] = {}
 
     def image(self, item_id: str) -> torch.Tensor:
-        return _load_image(self.catalog.image_path(item_id), 64)
+        return self.images[self.index[item_id]].unsqueeze(0)
 
-    def grade(self, image: torch.Tensor, sample: Sample, user_taste: str | None, history_ids: list[str]) -> dict[str, float]:
-        """Metrics of one generated image ``[1, 3, 64, 64]`` in [0, 1]."""
-        ev = self.evaluator
-        emb = ev.image_embeddings(image)
+    def text(self, text: str) -> torch.Tensor:
+        if text not in self._text:
+            self._text[text] = self.evaluator.text_embeddings([text])[0]
+        return self._text[text]
+
+    @torch.no_grad()
+    def grade(self, images: torch.Tensor, sample: Sample, user_taste: str | None, history_ids: list[str]
+              ) -> list[dict[str, float]]:
+        """Metrics of each generated image ``[N, 3, 64, 64]`` in [0, 1] (one dict per image)."""
+        from pmgen.metrics import ms_ssim, ssim
+
+        n = images.shape[0]
+        emb = self.evaluator.image_embeddings(images)
         target = self.catalog.items[sample.target_id]
-        out = {"acc_text": float(emb @ ev.text_embeddings([target.title]).T)}
-        if history_ids:
-            h = self.catalog_emb[[self.index[i] for i in history_ids]]
-            out["pers_image"] = float((emb @ h.T).mean())
+        t_img = self.index[sample.target_id]
+        cols: dict[str, torch.Tensor] = {
+            "acc_text": emb @ self.text(target.title),
+            "acc_image": emb @ self.catalog_emb[t_img],
+        }
+        hist = [self.index[i] for i in history_ids if i in self.index]
+        if hist:
+            cols["pers_image"] = (emb @ self.catalog_emb[hist].T).mean(1)
         if user_taste:
-            out["pers_taste"] = float(emb @ ev.text_embeddings([user_taste]).T)
+            cols["pers_taste"] = emb @ self.text(user_taste)
         if sample.ground_truth_personalized:
-            nearest = self.ids[int((emb @ self.catalog_emb.T).argmax())]
-            out["gt_hit"] = float(nearest == sample.ground_truth_personalized)
+            nearest = (emb @ self.catalog_emb.T).argmax(1)
+            cols["gt_hit"] = (nearest == self.index[sample.ground_truth_personalized]).float()
+        t_image = self.images[t_img].unsqueeze(0)
+        if self.perceptual:
+            cols["ssim_target"] = ssim(images, t_image)
         if self.lpips is not None:
-            out["lpips_target"] = float(self.lpips(image, self.image(sample.target_id)))
-            if history_ids:
-                hist = torch.cat([self.image(i) for i in history_ids])
-                out["lpips_history"] = float(self.lpips(image, hist).mean())
-        return out
+            cols["lpips_target"] = self.lpips(images, t_image)
+        if hist:
+            h = self.images[hist]
+            rep = images.repeat_interleave(len(hist), 0)
+            hh = h.repeat(n, 1, 1, 1)
+            if self.perceptual:
+                cols["ssim_history"] = ssim(rep, hh).view(n, -1).mean(1)
+                cols["ms_ssim_history"] = ms_ssim(rep, hh).view(n, -1).mean(1)
+            if self.lpips is not None:
+                cols["lpips_history"] = self.lpips(rep, hh).view(n, -1).mean(1)
+        return [{k: float(v[i]) for k, v in cols.items()} for i in range(n)]
 
 
 def history_item_ids(user: Any, limit: int = 12) -> list[str]:
+    """The user's most recent distinct history items (the personalization reference images)."""
     from pmgen.verbalize import newest_first
 
     out: list[str] = []
@@ -111,25 +179,81 @@ def history_item_ids(user: Any, limit: int = 12) -> list[str]:
 
 
 def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample], methods: Sequence[Method],
-                log: Callable[[str], None] = print, progress: Any = None) -> list[dict[str, Any]]:
-    """Generate every sample with every method and grade the chosen images; one row per (sample, method)."""
-    rows = []
+                progress: Callable[[int, int], None] | None = None, keep_images: int = 0,
+                soft_loader: Callable[[str], Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate every sample with every method and grade **every candidate**.
+
+    Returns one row per (sample, method, candidate) — weight, the selector's d_t / d_p / z, whether
+    it was chosen, and the metrics — and, for the first ``keep_images`` samples, the images
+    (``{sample_id: {"target": ..., "ground_truth": ..., method: chosen image}}``) for the grid.
+    ``soft_loader(folder)`` loads an ablation's soft-prompt weights (methods with ``soft_prompt``).
+    """
+    rows: list[dict[str, Any]] = []
+    kept: dict[str, Any] = {}
+    own_soft = pmg.soft_prompt
+    softs: dict[str, Any] = {}
     for n, s in enumerate(samples):
         req = from_dataset(ds, sample_id=s.sample_id)
         user = ds.users[s.user_id]
         hist = history_item_ids(user)
+        taste = user.attributes.get("taste_description")
+        if n < keep_images:
+            kept[s.sample_id] = {"target": grader.image(s.target_id)[0], "title": req.target.title,
+                                 "taste": user.attributes.get("taste", ""),
+                                 "ground_truth": (grader.image(s.ground_truth_personalized)[0]
+                                                  if s.ground_truth_personalized else None)}
         for m in methods:
-            res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                               **m.overrides)
-            metrics = grader.grade(res.chosen_image.unsqueeze(0), s, user.attributes.get("taste_description"), hist)
-            rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": m.name,
-                         "chosen_weight": res.record["candidates"][res.chosen]["weight"], **metrics})
+            if m.soft_prompt:
+                if m.soft_prompt not in softs:
+                    if soft_loader is None:
+                        raise ValueError(f"method {m.name} needs a soft_loader for {m.soft_prompt}")
+                    softs[m.soft_prompt] = soft_loader(m.soft_prompt)
+                pmg.soft_prompt = softs[m.soft_prompt]
+            try:
+                res = pmg.generate(req.user, req.target, req.items, context=req.context,
+                                   target_image=req.target_image, history_images=[ds.image_path(i) for i in hist],
+                                   **m.overrides)
+            finally:
+                pmg.soft_prompt = own_soft
+            metrics = grader.grade(res.images, s, taste, hist)
+            for i, (cand, mt) in enumerate(zip(res.record["candidates"], metrics)):
+                rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": m.name,
+                             "weight": cand["weight"], "d_t": cand["d_t"], "d_p": cand["d_p"],
+                             "chosen": i == res.chosen, **mt})
+            if n < keep_images:
+                kept[s.sample_id][m.name] = res.chosen_image
+                kept[s.sample_id][m.name + ":keywords"] = ", ".join(res.record["preference_keywords"][:4])
         if progress is not None:
             progress(n + 1, len(samples))
-    return rows
+    return rows, kept
 
 
-def summarize(rows: list[dict[str, Any]], baseline: str | None = None) -> dict[str, dict[str, Any]]:
+# ------------------------------------------------------------------ views of the candidate rows
+def selected(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidate each method's selection kept."""
+    return [r for r in rows if r["chosen"]]
+
+
+def at_weight(rows: list[dict[str, Any]], weight: float) -> list[dict[str, Any]]:
+    """The candidates at one preference weight (no selection)."""
+    return [r for r in rows if abs(r["weight"] - weight) < 1e-9]
+
+
+def reselect(rows: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+    """The candidate argmax ``z(α)`` would keep, recomputed from the recorded d_t and d_p (ties → smaller w)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["sample_id"], r["method"]), []).append(r)
+    out = []
+    for cands in groups.values():
+        cands = sorted(cands, key=lambda r: r["weight"])
+        z = z_score(torch.tensor([c["d_t"] for c in cands]), torch.tensor([c["d_p"] for c in cands]), alpha)
+        best = max(range(len(cands)), key=lambda i: (round(float(z[i]), 9), -i))
+        out.append(cands[best])
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], baseline: str | None = "none") -> dict[str, dict[str, Any]]:
     """Per method and metric: mean, 95% CI over users, n, and relative gain over ``baseline``."""
     out: dict[str, dict[str, Any]] = {}
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -142,9 +266,13 @@ def summarize(rows: list[dict[str, Any]], baseline: str | None = None) -> dict[s
                 continue
             mean, lo, hi = bootstrap_ci([v for v, _ in vals], [u for _, u in vals])
             out[m][metric] = {"mean": mean, "ci95": [lo, hi], "n": len(vals)}
+        if "weight" in mr[0]:
+            out[m]["mean_weight"] = statistics.fmean(r["weight"] for r in mr)
     if baseline and baseline in out:
         for m in methods:
             for metric, st in out[m].items():
+                if not isinstance(st, dict):
+                    continue
                 b = out[baseline].get(metric, {}).get("mean")
                 if b not in (None, 0):
                     st["gain_vs_" + baseline] = (st["mean"] - b) / abs(b)
@@ -162,11 +290,21 @@ def paired_margin(rows: list[dict[str, Any]], a: str, b: str, metric: str) -> tu
     return bootstrap_ci(diffs, users)
 
 
-DEFAULT_METHODS = {
-    "none": {"weights": (0.0,)},
-    "pmg-concat": {"mode": "concat"},
-    "pmg-guidance": {"mode": "guidance"},
-}
+def alpha_sweep(rows: list[dict[str, Any]], method: str, alphas: Sequence[float] | None = None
+                ) -> list[dict[str, Any]]:
+    """For each α: the selected candidates' mean accuracy and personalization metrics (one method)."""
+    alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
+    mr = [r for r in rows if r["method"] == method]
+    curve = []
+    for a in alphas:
+        pick = reselect(mr, a)
+        point: dict[str, Any] = {"alpha": a, "mean_weight": statistics.fmean(r["weight"] for r in pick)}
+        for metric in HIGHER_IS_BETTER:
+            vals = [r[metric] for r in pick if metric in r]
+            if vals:
+                point[metric] = statistics.fmean(vals)
+        curve.append(point)
+    return curve
 
 
 def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0) -> list[Sample]:
@@ -185,11 +323,10 @@ def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0) 
     return picked[:n]
 
 
-def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """``metrics.json`` (rows, summary, settings) and ``report.md`` (the table with intervals)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
-    metrics = [m for m in HIGHER_IS_BETTER if any(m in st for st in summary.values())]
+# ------------------------------------------------------------------ outputs
+def markdown_table(summary: dict[str, dict[str, Any]], metrics: Sequence[str], baseline: str | None) -> str:
+    """A Markdown table: one row per method, ``mean [lo, hi] (gain)`` per metric."""
+    metrics = [m for m in metrics if any(m in st for st in summary.values())]
     lines = ["| method | " + " | ".join(f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for name, st in summary.items():
@@ -197,14 +334,151 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
         for m in metrics:
             if m in st:
                 v = st[m]
-                gain = next((g for k, g in v.items() if k.startswith("gain_vs_")), None)
-                cells.append(f"{v['mean']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
-                             + (f" ({gain:+.1%})" if gain is not None and name != meta.get("baseline") else ""))
+                gain = v.get(f"gain_vs_{baseline}") if baseline else None
+                cells.append(f"{v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                             + (f" ({gain:+.1%})" if gain is not None and name != baseline else ""))
             else:
                 cells.append("-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (out / "report.md").write_text(
-        f"# pmgen evaluation\n\n{meta.get('n_samples')} held-out samples ({meta.get('n_users')} users), "
-        f"evaluator `{meta.get('evaluator')}`; means with 95% bootstrap intervals over users; "
-        f"gain relative to `{meta.get('baseline')}`.\n\n" + "\n".join(lines) + "\n")
-    return out / "report.md"
+    return "\n".join(lines)
+
+
+def plot_tradeoff(summary: dict[str, dict[str, Any]], curve: list[dict[str, Any]] | None, path: Path,
+                  x: str = "pers_image", y: str = "acc_text", default_alpha: float | None = None,
+                  title: str = "") -> Path:
+    """Accuracy (y) vs personalization (x): each method with its 95% intervals, and the α curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for k, (name, st) in enumerate(summary.items()):
+        if x not in st or y not in st:
+            continue
+        sx, sy = st[x], st[y]
+        ax.errorbar(sx["mean"], sy["mean"], xerr=[[sx["mean"] - sx["ci95"][0]], [sx["ci95"][1] - sx["mean"]]],
+                    yerr=[[sy["mean"] - sy["ci95"][0]], [sy["ci95"][1] - sy["mean"]]], fmt="o", capsize=3,
+                    color=f"C{k}", label=name)
+    if curve:
+        ax.plot([p[x] for p in curve], [p[y] for p in curve], "-", color="0.5", lw=1, zorder=0,
+                label="α sweep (0 → 1)")
+        for p in curve:
+            if default_alpha is not None and abs(p["alpha"] - default_alpha) < 0.051:
+                ax.annotate(f"α={p['alpha']:.1f}", (p[x], p[y]), fontsize=7, textcoords="offset points",
+                            xytext=(4, -10))
+        ax.annotate("α=0", (curve[0][x], curve[0][y]), fontsize=7, textcoords="offset points", xytext=(4, 4))
+        ax.annotate("α=1", (curve[-1][x], curve[-1][y]), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel(f"personalization: {x} (evaluator)")
+    ax.set_ylabel(f"accuracy: {y} (evaluator)")
+    ax.set_title(title or "accuracy vs personalization (held-out users, 95% CIs)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_alpha(curve: list[dict[str, Any]], path: Path, default_alpha: float,
+               metrics: Sequence[str] = ("acc_text", "pers_image", "pers_taste")) -> Path:
+    """Metrics of the selected candidates as α goes from 0 (all accuracy) to 1 (all personalization)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.0 * (len(metrics) + 1), 2.8))
+    a = [p["alpha"] for p in curve]
+    for ax, m in zip(axes, [*metrics, "mean_weight"]):
+        ax.plot(a, [p.get(m, float("nan")) for p in curve], "o-", ms=3)
+        ax.axvline(default_alpha, color="0.6", ls=":", lw=1)
+        ax.set_xlabel("α")
+        ax.set_title(m, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def image_grid(kept: dict[str, Any], methods: Sequence[str], path: Path) -> Path:
+    """Rows = samples; columns = target, ground truth (if any), then each method's chosen image."""
+    from PIL import Image, ImageDraw
+
+    from pmgen.models.generator import StickerGenerator
+
+    cell, pad, head, label_w = 64, 4, 16, 150
+    cols = ["target", "ground_truth", *methods]
+    w = label_w + len(cols) * (cell + pad)
+    h = head + len(kept) * (cell + pad + 12)
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, c in enumerate(cols):
+        draw.text((label_w + j * (cell + pad), 2), c[:11], fill="black")
+    for i, (sid, row) in enumerate(kept.items()):
+        y = head + i * (cell + pad + 12)
+        draw.text((2, y + 4), f"{row['title'][:24]}", fill="black")
+        draw.text((2, y + 20), f"taste: {row['taste']}", fill="gray")
+        for j, c in enumerate(cols):
+            img = row.get(c)
+            if img is None:
+                continue
+            canvas.paste(StickerGenerator.to_pil(img.unsqueeze(0))[0].resize((cell, cell)),
+                         (label_w + j * (cell + pad), y))
+            kw = row.get(c + ":keywords")
+            if kw:
+                draw.text((label_w + j * (cell + pad), y + cell), kw[:11], fill="gray")
+    canvas.save(path)
+    return path
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kept: dict[str, Any] | None = None,
+                  main_method: str | None = None, ablation_weights: Sequence[float] = (1.0, 2.0)) -> Path:
+    """``metrics.json``, ``report.md`` (tables with intervals), ``tradeoff.png``, ``alpha_sweep.png``,
+    ``samples.png``. Returns the report path."""
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = "none" if any(r["method"] == "none" for r in rows) else None
+    sel = summarize(selected(rows), baseline)
+    base_rows = [r for r in rows if r["method"] == baseline and r["chosen"]] if baseline else []
+    fixed = {}
+    for w in ablation_weights:
+        fw = [r for r in at_weight(rows, w) if r["method"] != baseline]
+        if fw:
+            fixed[w] = summarize(base_rows + fw, baseline)
+    alpha = float(meta.get("alpha", 2 / 3))
+    curve = alpha_sweep(rows, main_method) if main_method else []
+    margins = {}
+    if baseline:
+        for m in sel:
+            if m != baseline:
+                margins[m] = {k: list(paired_margin(selected(rows), m, baseline, k)) for k in HIGHER_IS_BETTER}
+    (out / "metrics.json").write_text(json.dumps(
+        {"meta": meta, "selected": sel, "fixed_weight": {str(k): v for k, v in fixed.items()},
+         "alpha_sweep": {"method": main_method, "default_alpha": alpha, "curve": curve},
+         "paired_margins_vs_baseline": margins, "rows": rows}, indent=2) + "\n")
+    plot_tradeoff(sel, curve, out / "tradeoff.png", default_alpha=alpha,
+                  title=f"held-out users (n={meta.get('n_samples')}), evaluator scores, 95% CIs")
+    if curve:
+        plot_alpha(curve, out / "alpha_sweep.png", alpha)
+    if kept:
+        image_grid(kept, [m for m in sel], out / "samples.png")
+    parts = [f"# pmgen evaluation\n\n{meta.get('n_samples')} held-out samples ({meta.get('n_users')} users) of "
+             f"`sticker-users`, graded by the evaluator `{meta.get('evaluator')}` (never used for selection); "
+             f"means with 95% bootstrap intervals over users; in parentheses the change relative to `{baseline}`.\n",
+             "## Methods\n", *[f"- `{k}`: {v}" for k, v in meta.get("method_descriptions", {}).items()],
+             "\n## Selected candidate (what a user gets)\n", "Accuracy:\n", markdown_table(sel, ACCURACY, baseline),
+             "\nPersonalization:\n", markdown_table(sel, PERSONALIZATION, baseline)]
+    for w, summ in fixed.items():
+        parts += [f"\n## Fixed preference weight w = {w:g} (no selection; the ablation view)\n",
+                  markdown_table(summ, ("acc_text", "lpips_target", *PERSONALIZATION), baseline)]
+    if curve:
+        parts += [f"\n## α sweep (`{main_method}`; default α = {alpha:.2f})\n",
+                  "| α | mean weight | acc_text | pers_image | pers_taste | gt_hit |", "|---|---|---|---|---|---|"]
+        for p in curve:
+            parts.append(f"| {p['alpha']:.1f} | {p['mean_weight']:.2f} | {p.get('acc_text', float('nan')):.3f} | "
+                         f"{p.get('pers_image', float('nan')):.3f} | {p.get('pers_taste', float('nan')):.3f} | "
+                         f"{p.get('gt_hit', float('nan')):.3f} |")
+        parts.append("\n![α sweep](alpha_sweep.png)")
+    parts.append("\n![trade-off](tradeoff.png)\n\n![samples](samples.png)\n")
+    report = out / "report.md"
+    report.write_text("\n".join(parts))
+    return report

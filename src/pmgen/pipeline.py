@@ -50,6 +50,8 @@ class Settings:
         history_weight: share of history-image similarity in d_p (0 = text only).
         budget_tokens: token budget of the verbalized history given to the LLM.
         use_soft: use soft preference embeddings (needs trained weights in the preset).
+        use_keywords: use the preference keywords in the condition and in d_p (``False`` = the
+            soft-embeddings-only ablation; then d_p comes from ``history_weight`` alone).
     """
 
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
@@ -64,6 +66,7 @@ class Settings:
     history_weight: float = 0.0
     budget_tokens: int = 192
     use_soft: bool = False
+    use_keywords: bool = True
 
     def __post_init__(self) -> None:
         self.weights = tuple(weight_grid(self.weights))
@@ -244,9 +247,10 @@ class PMG:
         kwargs = {"count_tokens": count} if callable(count) else {}
         return verbalize_history(events, items, budget_tokens or self.settings.budget_tokens, **kwargs).text
 
-    def soft_embeddings(self, history_text: str) -> torch.Tensor | None:
-        """``[n_img, D]`` soft preference embeddings, or ``None`` when soft embeddings are off."""
-        if self.soft_prompt is None or not self.settings.use_soft:
+    def soft_embeddings(self, history_text: str, use_soft: bool | None = None) -> torch.Tensor | None:
+        """``[n_img, D]`` soft preference embeddings, or ``None`` when soft embeddings are off
+        (no trained soft prompt, or ``use_soft`` — default: the settings' — is false)."""
+        if self.soft_prompt is None or not (self.settings.use_soft if use_soft is None else use_soft):
             return None
         with torch.no_grad():
             return self.soft_prompt([history_text])[0]
@@ -276,20 +280,24 @@ class PMG:
         personalized, reason = True, ""
         pref_record: dict[str, Any] = {}
         pref_kw: list[str] = []
+        use_soft = s.use_soft and self.soft_prompt is not None
         if not events:
             personalized, reason = False, "empty history: no behaviors to personalize from"
-        else:
+        elif not s.use_keywords and not use_soft:
+            personalized, reason = False, "neither preference keywords nor soft embeddings are in use"
+        elif s.use_keywords:
             t = time.perf_counter()
             kw = self.extractor(s.k, s.budget_tokens).extract(events, items)
             timings["preference_keywords"] = time.perf_counter() - t
             pref_kw = list(kw.keywords)
             pref_record = kw.to_json()
-            if not pref_kw and not (self.soft_prompt is not None and s.use_soft):
+            if not pref_kw and not use_soft:
                 personalized, reason = False, "no usable preference keywords"
         soft = None
-        if personalized and s.use_soft and self.soft_prompt is not None:
+        if personalized and use_soft:
             t = time.perf_counter()
-            soft = self.soft_embeddings(self.history_text(events, items, s.budget_tokens))
+            budget = int(getattr(getattr(self.soft_prompt, "cfg", None), "budget_tokens", s.budget_tokens))
+            soft = self.soft_embeddings(self.history_text(events, items, budget), True)
             timings["soft_embeddings"] = time.perf_counter() - t
         weights = list(s.weights) if personalized else [0.0]
 
@@ -339,6 +347,7 @@ class PMG:
             "personalized": personalized,
             **({"reason": reason} if reason else {}),
             "preference_keywords": pref_kw,
+            "keywords_used": bool(s.use_keywords and pref_kw),
             "target_keywords": tkw,
             "preference": pref_record,
             "soft_embeddings": ("on" if soft is not None else

@@ -208,6 +208,19 @@ def load_soft_prompt(preset: Preset, llm: Any) -> Any:
     return SoftPromptEncoder.load(path, llm)
 
 
+def soft_prompt_ablations(preset: Preset) -> dict[str, Path]:
+    """Trained ablation weights beside the preset's soft prompt (``<soft prompt>-ablations/<name>/``)."""
+    if not preset.soft_prompt:
+        return {}
+    path = resolve(preset.soft_prompt)
+    if not isinstance(path, Path):
+        return {}
+    root = path.with_name(path.name + "-ablations")
+    if not root.is_dir():
+        return {}
+    return {f"soft-{d.name}": d for d in sorted(root.iterdir()) if (d / "soft_prompt.safetensors").is_file()}
+
+
 @dataclass
 class ModelStatus:
     """What ``pmgen models check`` reports for one role."""

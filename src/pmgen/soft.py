@@ -39,6 +39,7 @@ class SoftPromptConfig:
         prefix_length: P-Tuning-v2 prefix positions per layer (0 disables the prefix).
         n_img: number of [IMG] tokens = number of soft embeddings per user.
         use_img_tokens: False → pooled prompt states instead of [IMG] positions (ablation).
+        budget_tokens: token budget of the verbalized history it was trained on (used at inference too).
         prompt_version: version of the prompt text the weights were trained with.
         info: free-form training record.
     """
@@ -49,6 +50,7 @@ class SoftPromptConfig:
     prefix_length: int = 4
     n_img: int = 4
     use_img_tokens: bool = True
+    budget_tokens: int = 96
     prompt_version: str = PROMPT_VERSION
     info: dict[str, Any] = field(default_factory=dict)
 

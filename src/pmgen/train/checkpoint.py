@@ -7,7 +7,9 @@ destroys the previous checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,40 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])
     return state
+
+
+# ------------------------------------------------------------------ --set KEY=VALUE overrides
+def _parse_value(field_: dataclasses.Field, text: str) -> Any:
+    default = field_.default
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else float
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if text.lower() == "none" and (default is None or "None" in str(field_.type)):
+        return None
+    if isinstance(default, int) or "int" in str(field_.type):
+        return int(text)
+    if isinstance(default, float) or "float" in str(field_.type):
+        return float(text)
+    return text
+
+
+def parse_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]:
+    """``["lr=1e-4", "unet_channels=64,128,192"]`` → values typed like ``config_class``'s fields
+    (a dataclass); unknown keys and unparsable values exit with a message naming the field."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        if key not in fields:
+            raise SystemExit(f"--set: unknown config field {key!r}; known: {', '.join(sorted(fields))}")
+        try:
+            out[key] = _parse_value(fields[key], value)
+        except ValueError as e:
+            raise SystemExit(f"--set {key}: {e}") from None
+    return out

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pmgen.train.checkpoint import parse_overrides as _parse_overrides
 from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae, count_parameters
 
 CHECKPOINT_FORMAT = "pmgen-generator-train"
@@ -944,39 +945,9 @@ class GeneratorTrainer:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _parse_value(field_: dataclasses.Field, text: str) -> Any:
-    default = field_.default
-    if isinstance(default, tuple):
-        kind = type(default[0]) if default else float
-        return tuple(kind(x) for x in text.split(",") if x.strip())
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if text.lower() == "none" and (default is None or "None" in str(field_.type)):
-        return None
-    if isinstance(default, int) or "int" in str(field_.type):
-        return int(text)
-    if isinstance(default, float) or "float" in str(field_.type):
-        return float(text)
-    return text
-
-
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "unet_channels=64,128,192"]`` → typed values; unknown keys raise."""
-    fields = {f.name: f for f in dataclasses.fields(GeneratorTrainConfig)}
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        if key not in fields:
-            raise SystemExit(f"--set: unknown config field {key!r}; known: {', '.join(sorted(fields))}")
-        try:
-            out[key] = _parse_value(fields[key], value)
-        except ValueError as e:
-            raise SystemExit(f"--set {key}: {e}") from None
-    return out
+    """``["lr=1e-4", "unet_channels=64,128,192"]`` → typed :class:`GeneratorTrainConfig` values."""
+    return _parse_overrides(pairs, GeneratorTrainConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,159 @@
+"""Soft-prompt training on tiny random models: what trains, exact resume, export, examples, the hinge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import write_tiny_bert, write_tiny_llama
+
+L = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae
+    from pmgen.models.llm import LLM
+    from pmgen.models.text_encoder import TextEncoder
+
+    root = tmp_path_factory.mktemp("tiny-soft")
+    torch.manual_seed(0)
+    te = TextEncoder(write_tiny_bert(root / "bert"))
+    gen = StickerGenerator(build_vae((32, 32, 32)), build_unet((32, 32), attention_levels=1, cross_attention_dim=32,
+                                                              head_dim=16), build_scheduler(), text_max_length=L)
+    llm = LLM.from_pretrained(write_tiny_llama(root / "llama"))
+    latents = torch.randn(6, 4, 16, 16)
+    return llm, te, gen, latents
+
+
+def examples(n: int = 3):
+    from pmgen.train.soft_prompt import SoftExamples
+
+    return SoftExamples(sample_ids=[f"s{i}" for i in range(n)], user_ids=[f"u{i}" for i in range(n)],
+                        history_texts=[f"- Sent \"cat {i}\"." for i in range(n)],
+                        target_texts=["grinning face, happy"] * n, positives=[i % 3 for i in range(n)],
+                        negatives=[[3, 4, 5]] * n, positive_kind=["ground truth"] * n)
+
+
+def make(tiny, tmp: Path, **overrides):
+    from pmgen.train.soft_prompt import SoftPromptTrainConfig, SoftPromptTrainer
+
+    llm, te, gen, latents = tiny
+    values = {"out": str(tmp / "out"), "train_dir": str(tmp / "train"), "batch_size": 2, "max_steps": 2,
+              "val_users": 2, "val_every": 100, "prefix_length": 2, "n_img": 2, "lr": 1e-2}
+    cfg = SoftPromptTrainConfig(**{**values, **overrides})
+    return SoftPromptTrainer(cfg, llm, te, gen, latents, examples(3), examples(2), text_max_length=L,
+                             log=lambda m: None, llm_name="tiny-llama")
+
+
+def test_only_the_soft_prompt_trains(tiny, tmp_path) -> None:
+    llm, _, gen, _ = tiny
+    trainer = make(tiny, tmp_path)
+    frozen = {**{f"llm.{k}": v.clone() for k, v in llm.model.state_dict().items()},
+              **{f"unet.{k}": v.clone() for k, v in gen.unet.state_dict().items()}}
+    before = {k: v.clone() for k, v in trainer.encoder.trainable_state().items()}
+    losses = trainer.train_step()
+    assert set(losses) == {"loss", "pos", "neg"} and all(v == v and v > 0 for v in losses.values())
+    after = trainer.encoder.trainable_state()
+    assert set(before) == {"prefix", "img", "proj.weight", "proj.bias"}
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    now = {**{f"llm.{k}": v for k, v in llm.model.state_dict().items()},
+           **{f"unet.{k}": v for k, v in gen.unet.state_dict().items()}}
+    assert all(torch.equal(frozen[k], now[k]) for k in frozen)
+
+
+def test_resume_matches_uninterrupted_training(tiny, tmp_path) -> None:
+    straight = make(tiny, tmp_path / "a", max_steps=3)
+    straight.run()
+    first = make(tiny, tmp_path / "b", max_steps=1)
+    first.run()
+    resumed = make(tiny, tmp_path / "b", max_steps=3)
+    assert resumed.load_checkpoint() and resumed.step == 1
+    resumed.run()
+    a, b = straight.encoder.trainable_state(), resumed.encoder.trainable_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed.step, resumed.epoch, resumed.pos) == (straight.step, straight.epoch, straight.pos)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path) -> None:
+    make(tiny, tmp_path, max_steps=1).run()
+    other = make(tiny, tmp_path, max_steps=1, n_img=3)
+    with pytest.raises(ValueError, match="n_img"):
+        other.load_checkpoint()
+
+
+def test_export_loads_back_and_writes_a_model_card(tiny, tmp_path) -> None:
+    from pmgen.soft import SoftPromptEncoder
+
+    llm = tiny[0]
+    trainer = make(tiny, tmp_path)
+    trainer.run()
+    out = tmp_path / "out"
+    assert {"config.json", "soft_prompt.safetensors", "README.md", "loss.png"} <= {p.name for p in out.iterdir()}
+    loaded = SoftPromptEncoder.load(out, llm)
+    text = ["- Sent \"dog\"."]
+    with torch.no_grad():
+        assert torch.allclose(loaded(text), trainer.encoder.eval()(text), atol=1e-6)
+    info = json.loads((out / "config.json").read_text())["info"]
+    assert info["steps"] == 2 and info["last_validation"]["step"] == 2
+    assert "val_gain" in info["last_validation"]
+    lines = [json.loads(x) for x in (tmp_path / "train" / "progress.log").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "val_pos" in lines[0]  # validation before training: the starting point
+
+
+def test_ablation_shapes_train(tiny, tmp_path) -> None:
+    for i, kw in enumerate(({"prefix_length": 0}, {"use_img_tokens": False}, {"neg_weight": 0.0})):
+        trainer = make(tiny, tmp_path / str(i), max_steps=1, **kw)
+        losses = trainer.train_step()
+        assert losses["pos"] > 0
+        assert trainer.encoder.cfg.prefix_length == kw.get("prefix_length", 2)
+
+
+def test_hinge_is_bounded_below_by_the_positive_loss() -> None:
+    from pmgen.train.soft_prompt import objective
+
+    pos = torch.tensor([0.10, 0.20])
+    assert objective(pos, torch.tensor([5.0, 9.0]), 0.5, 0.02) == pytest.approx(0.15)  # far negatives: no push
+    assert objective(pos, torch.tensor([0.10, 0.20]), 0.5, 0.02) == pytest.approx(0.15 + 0.5 * 0.02)
+    assert objective(pos, torch.tensor([0.0, 0.0]), 1.0, 0.0) == pytest.approx(0.15 + 0.15)
+
+
+def test_config_rejects_bad_values_and_parses_overrides() -> None:
+    from pmgen.train.checkpoint import parse_overrides
+    from pmgen.train.soft_prompt import SoftPromptTrainConfig
+
+    with pytest.raises(ValueError, match="t_max"):
+        SoftPromptTrainConfig(out="x", t_max=0)
+    assert parse_overrides(["prefix_length=0", "use_img_tokens=false", "lr=1e-4"], SoftPromptTrainConfig) == {
+        "prefix_length": 0, "use_img_tokens": False, "lr": 1e-4}
+    with pytest.raises(SystemExit, match="unknown config field"):
+        parse_overrides(["nope=1"], SoftPromptTrainConfig)
+
+
+def test_examples_from_sticker_users(data_root) -> None:
+    from pmgen import datasets
+    from pmgen.datasets.sticker_users import taste_by_name
+    from pmgen.train.soft_prompt import build_examples, one_per_user
+
+    ds = datasets.load("sticker-users", data_root)
+    rows = {iid: k for k, iid in enumerate(ds.items)}
+    ex = build_examples(ds, "val", lambda t: len(t.split()), 96, 0, rows)
+    assert len(ex) > 0 and len(set(ex.user_ids)) > 50
+    ids = list(ds.items)
+    by_sample = {s.sample_id: s for s in ds.split("val")}
+    for i in range(len(ex)):
+        s = by_sample[ex.sample_ids[i]]
+        user = ds.users[s.user_id]
+        pos = ds.items[ids[ex.positives[i]]]
+        taste = taste_by_name(user.attributes["taste"])
+        if ex.positive_kind[i] == "ground truth":
+            assert pos.id == s.ground_truth_personalized
+        else:
+            assert taste.matches(pos) and f'"{pos.title}"' not in ex.history_texts[i]  # held out of the history
+        assert not any(taste.matches(ds.items[ids[j]]) for j in ex.negatives[i][:50])
+        assert ex.target_texts[i]
+    val = one_per_user(ex, 10, 0)
+    assert len(val) == 10 and len(set(val.user_ids)) == 10
