@@ -263,6 +263,9 @@ def test_trainer_resume_matches_uninterrupted_training(tiny_encoder, tmp_path: P
     # The export is a loadable fp16 pipeline with a sample grid and a latent scaling factor.
     out = Path(resumed.cfg.out)
     assert (out / "samples.png").is_file()
+    card = (out / "README.md").read_text()  # the model card is rewritten at every milestone
+    assert "| UNet steps × batch | **2** × 3" in card and (out / "loss.png").is_file()
+    assert (out / "samples" / "step_0000002.png").is_file()
     meta = json.loads((out / "pmgen_generator.json").read_text())
     assert meta["saved_dtype"] == "float16" and meta["info"]["trained_steps"] == 2
     loaded = StickerGenerator.from_pretrained(out)

@@ -157,3 +157,19 @@ def test_examples_from_sticker_users(data_root) -> None:
         assert ex.target_texts[i]
     val = one_per_user(ex, 10, 0)
     assert len(val) == 10 and len(set(val.user_ids)) == 10
+
+
+def test_ablation_weights_are_found_beside_the_presets_soft_prompt(tmp_path) -> None:
+    from pmgen.presets import get_preset, soft_prompt_ablations
+
+    main = tmp_path / "soft-prompt"
+    main.mkdir()
+    for name, complete in (("no-prefix", True), ("no-img", True), ("half-written", False)):
+        d = tmp_path / "soft-prompt-ablations" / name
+        d.mkdir(parents=True)
+        if complete:
+            (d / "soft_prompt.safetensors").write_bytes(b"")
+    assert soft_prompt_ablations(get_preset("sticker-tiny", soft_prompt=str(main))) == {
+        "soft-no-img": tmp_path / "soft-prompt-ablations" / "no-img",
+        "soft-no-prefix": tmp_path / "soft-prompt-ablations" / "no-prefix"}
+    assert soft_prompt_ablations(get_preset("sticker-tiny", soft_prompt="")) == {}

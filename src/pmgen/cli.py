@@ -192,14 +192,14 @@ def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Op
     return out
 
 
-def _load_pmg(preset: str, overrides: dict, no_cache: bool = False):
+def _load_pmg(preset: str, overrides: dict, no_cache: bool = False, **preset_overrides):
     import dataclasses
 
     from pmgen.models.llm import ModelNotAvailable
     from pmgen.pipeline import PMG
 
     try:
-        pmg = PMG.from_preset(preset, keyword_cache=None if no_cache else "default")
+        pmg = PMG.from_preset(preset, keyword_cache=None if no_cache else "default", **preset_overrides)
     except KeyError as e:
         _fail(str(e.args[0]), 2)
     except (FileNotFoundError, ModelNotAvailable) as e:
@@ -352,6 +352,8 @@ def evaluate(
              "soft, pmg, and the soft-prompt ablations found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
+    soft_prompt: Annotated[Optional[str], typer.Option(
+        help="Soft-prompt weights to evaluate (folder or zoo:...; default: the preset's, if any).")] = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None,
     data_dir_: DataDirOpt = None,
@@ -364,7 +366,7 @@ def evaluate(
     from pmgen.soft import SoftPromptEncoder
 
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, None, None, None, None)
-    pmg = _load_pmg(preset, overrides)
+    pmg = _load_pmg(preset, overrides, **({"soft_prompt": soft_prompt} if soft_prompt else {}))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
@@ -433,6 +435,8 @@ def evaluate_movielens(
     out: Annotated[Path, typer.Option(help="Output folder (movielens.json, movielens.md).")] = Path("runs/eval"),
     k: Annotated[int, typer.Option("--k", help="Cut-off of HR@k and NDCG@k.", min=1)] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the user subset, the random ranking and the bootstrap.")] = 0,
+    budget_tokens: Annotated[int, typer.Option(help="Token budget of the history the LLM reads (newest first; "
+                                                     "MovieLens histories are long).", min=16)] = 512,
     preset: PresetOpt = "sticker-tiny",
     data_dir_: DataDirOpt = None,
 ) -> None:
@@ -448,7 +452,7 @@ def evaluate_movielens(
     except (DataError, FileNotFoundError) as e:
         _fail(str(e))
     p, llm, te = _load_keyword_models(preset)
-    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache(), budget_tokens=budget_tokens)
     with Progress(console=console) as bar:
         task = bar.add_task("preference keywords", total=n_users)
         try:
@@ -458,6 +462,7 @@ def evaluate_movielens(
             _fail(str(e))
     result["models"] = {"llm": model_id(llm), "text_encoder": str(getattr(te, "name", type(te).__name__))}
     result["preset"] = p.name
+    result["budget_tokens"] = budget_tokens
     result["credit"] = ds.meta.get("license", "")
     js, md = write_movielens_outputs(result, out)
     header, rows = movielens_table(result)

@@ -82,8 +82,9 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
         gt = ds.items[s.ground_truth_personalized].title if s.ground_truth_personalized else "-"
         columns.append({"image": out / req.request_id / "chosen.png", "caption": f"{s.user_id}",
                         "history": req.history_images[:8], "highlight": True,
-                        "lines": [f"hidden taste: {taste}", f"chosen w = {w:g}", *res.record["preference_keywords"][:4],
-                                  f"gt: {gt}"]})
+                        "lines": [f"hidden taste: {taste}",
+                                  f"chosen w = {w:g}" + (" + soft" if res.record["soft_embeddings"] == "on" else ""),
+                                  *res.record["preference_keywords"][:4], f"gt: {gt}"]})
     picture = side_by_side(columns, out / "demo.png",
                            title=f"Same conversation, different users: \"{context[-1].text if context else ''}\"")
     rows = "".join(

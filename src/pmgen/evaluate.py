@@ -343,35 +343,50 @@ def markdown_table(summary: dict[str, dict[str, Any]], metrics: Sequence[str], b
     return "\n".join(lines)
 
 
-def plot_tradeoff(summary: dict[str, dict[str, Any]], curve: list[dict[str, Any]] | None, path: Path,
-                  x: str = "pers_image", y: str = "acc_text", default_alpha: float | None = None,
-                  title: str = "") -> Path:
-    """Accuracy (y) vs personalization (x): each method with its 95% intervals, and the α curve."""
+MARGIN_METRICS = ("acc_text", "lpips_target", "pers_image", "lpips_history", "pers_taste", "gt_hit")
+
+
+def margin_table(rows: list[dict[str, Any]], baseline: str, metrics: Sequence[str] = MARGIN_METRICS) -> str:
+    """Markdown: per method, the paired mean difference to ``baseline`` (same samples) with a 95% CI."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != baseline]
+    lines = ["| method − " + baseline + " | " + " | ".join(f"Δ {m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})"
+                                                          for m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for m in methods:
+        cells = []
+        for metric in metrics:
+            mean, lo, hi = paired_margin(rows, m, baseline, metric)
+            cells.append("-" if mean != mean else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(points: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]],
+                  curve: list[tuple[float, float, float]] | None, path: Path, x: str = "pers_image",
+                  y: str = "acc_text", default_alpha: float | None = None, title: str = "") -> Path:
+    """Accuracy change (y) vs personalization change (x) relative to the baseline: each method's
+    paired mean with its 95% interval (``points[name] = ((x, lo, hi), (y, lo, hi))``) and the α
+    sweep (``curve = [(alpha, x, y), ...]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for k, (name, st) in enumerate(summary.items()):
-        if x not in st or y not in st:
-            continue
-        sx, sy = st[x], st[y]
-        ax.errorbar(sx["mean"], sy["mean"], xerr=[[sx["mean"] - sx["ci95"][0]], [sx["ci95"][1] - sx["mean"]]],
-                    yerr=[[sy["mean"] - sy["ci95"][0]], [sy["ci95"][1] - sy["mean"]]], fmt="o", capsize=3,
+    ax.axhline(0, color="0.8", lw=0.8)
+    ax.axvline(0, color="0.8", lw=0.8)
+    for k, (name, ((mx, xlo, xhi), (my, ylo, yhi))) in enumerate(points.items()):
+        ax.errorbar(mx, my, xerr=[[mx - xlo], [xhi - mx]], yerr=[[my - ylo], [yhi - my]], fmt="o", capsize=3,
                     color=f"C{k}", label=name)
     if curve:
-        ax.plot([p[x] for p in curve], [p[y] for p in curve], "-", color="0.5", lw=1, zorder=0,
+        ax.plot([c[1] for c in curve], [c[2] for c in curve], "-", color="0.5", lw=1, zorder=0,
                 label="α sweep (0 → 1)")
-        for p in curve:
-            if default_alpha is not None and abs(p["alpha"] - default_alpha) < 0.051:
-                ax.annotate(f"α={p['alpha']:.1f}", (p[x], p[y]), fontsize=7, textcoords="offset points",
-                            xytext=(4, -10))
-        ax.annotate("α=0", (curve[0][x], curve[0][y]), fontsize=7, textcoords="offset points", xytext=(4, 4))
-        ax.annotate("α=1", (curve[-1][x], curve[-1][y]), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel(f"personalization: {x} (evaluator)")
-    ax.set_ylabel(f"accuracy: {y} (evaluator)")
-    ax.set_title(title or "accuracy vs personalization (held-out users, 95% CIs)", fontsize=9)
+        for a, cx, cy in curve:
+            if a in (curve[0][0], curve[-1][0]) or (default_alpha is not None and abs(a - default_alpha) < 0.051):
+                ax.annotate(f"α={a:.1f}", (cx, cy), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel(f"personalization: change in {x} vs. no personalization")
+    ax.set_ylabel(f"accuracy: change in {y} vs. no personalization")
+    ax.set_title(title or "paired change vs. no personalization (95% CIs over users)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -451,12 +466,26 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
         for m in sel:
             if m != baseline:
                 margins[m] = {k: list(paired_margin(selected(rows), m, baseline, k)) for k in HIGHER_IS_BETTER}
+    fixed_margins: dict[str, Any] = {}
+    if baseline:
+        for w in fixed:
+            fw = base_rows + [r for r in at_weight(rows, w) if r["method"] != baseline]
+            fixed_margins[str(w)] = {m: {k: list(paired_margin(fw, m, baseline, k)) for k in HIGHER_IS_BETTER}
+                                     for m in dict.fromkeys(r["method"] for r in fw) if m != baseline}
     (out / "metrics.json").write_text(json.dumps(
         {"meta": meta, "selected": sel, "fixed_weight": {str(k): v for k, v in fixed.items()},
+         "paired_margins_fixed_weight_vs_baseline": fixed_margins,
          "alpha_sweep": {"method": main_method, "default_alpha": alpha, "curve": curve},
          "paired_margins_vs_baseline": margins, "rows": rows}, indent=2) + "\n")
-    plot_tradeoff(sel, curve, out / "tradeoff.png", default_alpha=alpha,
-                  title=f"held-out users (n={meta.get('n_samples')}), evaluator scores, 95% CIs")
+    if baseline:
+        points = {m: (tuple(v["pers_image"]), tuple(v["acc_text"])) for m, v in margins.items()
+                  if "pers_image" in sel.get(m, {})}
+        b = sel[baseline]
+        deltas = [(p["alpha"], p["pers_image"] - b["pers_image"]["mean"], p["acc_text"] - b["acc_text"]["mean"])
+                  for p in curve if "pers_image" in p and "pers_image" in b]
+        plot_tradeoff(points, deltas, out / "tradeoff.png", default_alpha=alpha,
+                      title=f"{meta.get('n_samples')} held-out users, evaluator scores: change vs. {baseline} "
+                            "(95% CIs)")
     if curve:
         plot_alpha(curve, out / "alpha_sweep.png", alpha)
     if kept:
@@ -467,9 +496,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
              "## Methods\n", *[f"- `{k}`: {v}" for k, v in meta.get("method_descriptions", {}).items()],
              "\n## Selected candidate (what a user gets)\n", "Accuracy:\n", markdown_table(sel, ACCURACY, baseline),
              "\nPersonalization:\n", markdown_table(sel, PERSONALIZATION, baseline)]
+    if baseline:
+        parts += ["\nPaired differences to the baseline (same samples and seeds; 95% CIs over users):\n",
+                  margin_table(selected(rows), baseline)]
     for w, summ in fixed.items():
         parts += [f"\n## Fixed preference weight w = {w:g} (no selection; the ablation view)\n",
                   markdown_table(summ, ("acc_text", "lpips_target", *PERSONALIZATION), baseline)]
+        if baseline:
+            parts += ["\nPaired differences to the baseline:\n",
+                      margin_table(base_rows + [r for r in at_weight(rows, w) if r["method"] != baseline], baseline)]
     if curve:
         parts += [f"\n## α sweep (`{main_method}`; default α = {alpha:.2f})\n",
                   "| α | mean weight | acc_text | pers_image | pers_taste | gt_hit |", "|---|---|---|---|---|---|"]

@@ -942,6 +942,116 @@ class GeneratorTrainer:
                 **{k: round(v, 5) for k, v in metrics.items()}, "seconds": round(time.monotonic() - t0, 1)}
         self._record(line)
         self.log(f"milestone at step {self.step}: {metrics} -> {self.cfg.out}")
+        try:
+            write_model_card(Path(self.cfg.out), self.train_dir)
+        except Exception as e:  # noqa: BLE001 - a card problem must never stop training
+            self.log(f"model card not written: {e}")
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def _read_progress(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_model_card(out: Path, train_dir: Path, keep_grids: int = 4) -> Path:
+    """``loss.png``, ``samples/step_*.png`` (the last ``keep_grids`` milestones) and ``README.md`` in ``out``.
+
+    Reads the exported pipeline's ``pmgen_generator.json`` and the run's ``progress.log`` (plus the
+    VAE stage's log when the VAE came from another run through ``vae_init``).
+    """
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, train_dir = Path(out), Path(train_dir)
+    meta = json.loads((out / "pmgen_generator.json").read_text())
+    info, cfg = meta["info"], meta["info"]["config"]
+    lines = _read_progress(train_dir / "progress.log")
+    vae_lines = [x for x in lines if x["stage"] in ("vae", "vae_done")]
+    vae_source = "this run"
+    if not vae_lines and cfg.get("vae_init"):
+        other = Path(cfg["vae_init"]).parent / "progress.log"
+        vae_lines = [x for x in _read_progress(other) if x["stage"] in ("vae", "vae_done")]
+        vae_source = f"run `{Path(cfg['vae_init']).parent.name}` (vae_init)"
+    dec = [x for x in lines if x["stage"] == "decoder"]
+    unet = [x for x in lines if x["stage"] == "unet"]
+    miles = [x for x in lines if x["stage"] == "milestone"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, rows, title in ((axes[0], [x for x in vae_lines if x["stage"] == "vae"], "VAE (L1 + KL)"),
+                            (axes[1], dec, "decoder (saturation-weighted L1)")):
+        ax.plot([x["step"] for x in rows], [x["loss"] for x in rows], lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    axes[2].plot([x["step"] for x in unet], [x["loss"] for x in unet], lw=0.6, alpha=0.7, label="train (min-SNR)")
+    axes[2].plot([x["step"] for x in miles], [x["val_loss"] for x in miles], "o-", ms=3, label="held-out")
+    axes[2].set_title("UNet (v-prediction)", fontsize=9)
+    axes[2].set_xlabel("step")
+    axes[2].set_yscale("log")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    grids = sorted((train_dir / "samples").glob("step_*.png"))[-keep_grids:]
+    shutil.rmtree(out / "samples", ignore_errors=True)
+    if grids:
+        (out / "samples").mkdir()
+        for g in grids:
+            shutil.copy2(g, out / "samples" / g.name)
+    vae_done = next((x for x in vae_lines if x["stage"] == "vae_done"), {})
+    dec_done = next((x for x in lines if x["stage"] == "decoder_done"), {})
+    vae_steps = vae_done.get("step", info.get("vae_steps", 0))
+    sec = {name: sum(x["s_per_step"] * cfg["log_every"] for x in rows if "s_per_step" in x)
+           for name, rows in (("vae", [x for x in vae_lines if x["stage"] == "vae"]), ("decoder", dec),
+                              ("unet", unet))}
+    cpu_h = sum(sec.values()) / 3600
+    last_val = miles[-1] if miles else {}
+    grid_list = "\n".join(f"- [`samples/{g.name}`](samples/{g.name})" for g in grids)
+    # one run with the same recipe (the shipped weights may have come from chained runs via vae_init)
+    overrides = f"--set vae_steps={vae_steps} --set decoder_steps={info.get('decoder_steps', 0)}"
+    card = f"""# sticker-tiny generator
+
+A small latent diffusion model trained by pmgen on this 2-core CPU, from scratch, on the OpenMoji
+catalog (CC BY-SA 4.0): 64×64 stickers, text condition = all-MiniLM-L6-v2 token states (384-d,
+{meta['text_max_length']} tokens). PMG uses it mainly for **image-to-image**: the target item's
+sticker is the init and the preference condition edits it (see `pmgen models report` for the
+faithful / editable / from-noise figures).
+
+| | |
+|---|---|
+| VAE | AutoencoderKL, {meta['parameters']['vae'] / 1e6:.2f} M parameters, 64×64×3 ↔ 16×16×4; {vae_steps} steps × {cfg['vae_batch_size']} ({vae_source}); held-out PSNR {vae_done.get('heldout_psnr', float('nan')):.1f} dB |
+| decoder fine-tune | {info.get('decoder_steps', 0)} steps, encoder frozen, L1 weighted ×(1 + {cfg['decoder_saturation_weight']:g}·saturation); held-out PSNR {dec_done.get('heldout_psnr', float('nan')):.1f} dB, saturated-pixel L1 {dec_done.get('heldout_saturated_l1', float('nan')):.4f} |
+| UNet | UNet2DConditionModel, {meta['parameters']['unet'] / 1e6:.2f} M parameters, channels {cfg['unet_channels']}, cross-attention at the {cfg['unet_attention_levels']} lowest resolutions; {cfg['prediction_type']}, min-SNR-{cfg['snr_gamma']:g}, EMA {cfg['ema_decay']}, text dropped {cfg['cond_drop']:.0%} of the time |
+| UNet steps × batch | **{info['trained_steps']}** × {cfg['batch_size']} (AdamW, lr {cfg['lr']:g} {cfg['lr_schedule']}) |
+| held-out loss at the last milestone | {last_val.get('val_loss', float('nan')):.4f} (v-MSE {last_val.get('val_mse', float('nan')):.4f}) |
+| compute | ≈ {cpu_h:.1f} CPU-hours of wall clock on 2 cores (VAE {sec['vae'] / 3600:.1f} h, decoder {sec['decoder'] / 3600:.1f} h, UNet {sec['unet'] / 3600:.1f} h) |
+| data | {info.get('data', 'OpenMoji')} — every catalog sticker except {cfg['holdout']} held-out items; skin-tone variants thinned to {cfg['skintone_keep']:.0%} |
+| weights | fp16 safetensors, {sum(f.stat().st_size for f in out.rglob('*.safetensors')) / 2**20:.1f} MB |
+
+Samples at the latest milestone (`samples.png`; columns: init | same name at strength
+{cfg['sample_strengths'][0]} | another name at {', '.join(map(str, cfg['sample_strengths']))} | text-to-image):
+
+![samples](samples.png)
+
+Loss curves: ![loss](loss.png)
+
+Sample grids at earlier milestones:
+
+{grid_list or '(none yet)'}
+
+Reproduce (resumable; each run continues the last checkpoint in `~/.cache/pmgen/train/generator/`):
+
+    pmgen train generator --out src/pmgen/zoo/sticker-tiny/generator {overrides}
+    pmgen train generator --out src/pmgen/zoo/sticker-tiny/generator --resume    # continue
+
+Rewrite this card from the training logs: `pmgen train generator --out <folder> --write-card`.
+"""
+    (out / "README.md").write_text(card)
+    return out / "README.md"
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -960,8 +1070,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="dataset folder root (default: pmgen's data dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a GeneratorTrainConfig field (repeatable), e.g. --set lr=1e-4")
+    parser.add_argument("--write-card", action="store_true",
+                        help="only (re)write the model card of --out from the training logs, then exit")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.write_card:
+        from pmgen.paths import cache_dir
+
+        card = write_model_card(Path(args.out), Path(args.train_dir) if args.train_dir
+                                else cache_dir() / "train" / "generator")
+        print(f"written: {card}")
+        return 0
 
     values = {"out": args.out, "minutes": args.minutes, "train_dir": args.train_dir, "data_dir": args.data_dir,
               **parse_overrides(args.overrides)}
