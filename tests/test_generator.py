@@ -296,7 +296,9 @@ def test_trainer_data_order_skips_heldout_and_thins_skintones(tiny_encoder, tmp_
 def test_cli_starts_refuses_to_overwrite_and_resumes(tiny_encoder, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(train, "load_catalog", lambda cfg: synthetic_data())
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test session's setting
-    monkeypatch.setattr(train.signal, "signal", lambda *a: None)
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave the test session's handlers alone
     common = ["--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "train"), "--minutes", "5"]
     model = [f"text_encoder={tiny_encoder.path}", "vae_channels=8,16,16", "vae_norm_groups=8", "vae_steps=1",
              "vae_batch_size=4", "unet_channels=32,64", "unet_attention_levels=1", "unet_head_dim=16",

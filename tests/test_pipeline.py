@@ -9,12 +9,11 @@ import torch
 from PIL import Image
 
 from pmgen.data import Event, Item, User
-from tiny_models import write_tiny_bert, write_tiny_llama
+from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_pmg(tmp_path_factory):
-    from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae
     from pmgen.models.llm import LLM
     from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig
     from pmgen.models.text_encoder import TextEncoder
@@ -25,8 +24,7 @@ def tiny_pmg(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-pmg")
     torch.manual_seed(0)
     te = TextEncoder(write_tiny_bert(root / "bert"))
-    gen = StickerGenerator(build_vae((32, 32, 32)), build_unet((32, 32), attention_levels=1, cross_attention_dim=32,
-                                                              head_dim=16), build_scheduler(), text_max_length=16)
+    gen = tiny_sticker_generator(text_max_length=16)
     sel_model = DualEncoder(ScorerConfig(widths=(8, 16), embed_dim=16, text_dim=32))
     selector = Scorer(sel_model, te, name="tiny-selector")
     llm = LLM.from_pretrained(write_tiny_llama(root / "llama"))

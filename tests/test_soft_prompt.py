@@ -8,22 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import write_tiny_bert, write_tiny_llama
+from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
 
 L = 8
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae
     from pmgen.models.llm import LLM
     from pmgen.models.text_encoder import TextEncoder
 
     root = tmp_path_factory.mktemp("tiny-soft")
     torch.manual_seed(0)
     te = TextEncoder(write_tiny_bert(root / "bert"))
-    gen = StickerGenerator(build_vae((32, 32, 32)), build_unet((32, 32), attention_levels=1, cross_attention_dim=32,
-                                                              head_dim=16), build_scheduler(), text_max_length=L)
+    gen = tiny_sticker_generator(text_max_length=L)
     llm = LLM.from_pretrained(write_tiny_llama(root / "llama"))
     latents = torch.randn(6, 4, 16, 16)
     return llm, te, gen, latents

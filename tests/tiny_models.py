@@ -110,3 +110,12 @@ def write_tiny_llama(folder: Path) -> Path:
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                  bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
     return folder
+
+
+def tiny_sticker_generator(text_max_length: int = 16, cross_attention_dim: int = 32):
+    """A random pmgen sticker generator (tiny VAE + UNet) conditioned on ``cross_attention_dim`` states."""
+    from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae
+
+    return StickerGenerator(build_vae((32, 32, 32)), build_unet((32, 32), attention_levels=1,
+                                                                cross_attention_dim=cross_attention_dim, head_dim=16),
+                            build_scheduler(), text_max_length=text_max_length)

@@ -355,7 +355,8 @@ def evaluate(
     soft_prompt: Annotated[Optional[str], typer.Option(
         help="Soft-prompt weights to evaluate (folder or zoo:...; default: the preset's, if any).")] = None,
     preset: PresetOpt = "sticker-tiny",
-    weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None,
+    weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
+    history_weight: HistOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """PMG vs. no personalization (and the ablations) on held-out sticker users, graded by the evaluator."""
@@ -365,7 +366,8 @@ def evaluate(
     from pmgen.presets import load_scorer, soft_prompt_ablations
     from pmgen.soft import SoftPromptEncoder
 
-    overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, None, None, None, None)
+    overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
+                                    history_weight)
     pmg = _load_pmg(preset, overrides, **({"soft_prompt": soft_prompt} if soft_prompt else {}))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations)
@@ -524,6 +526,8 @@ def models_list() -> None:
         console.print(p.description, highlight=False)
         for role in ROLES:
             console.print(f"  {role:13s} {getattr(p, role)}", highlight=False)
+        console.print(f"  soft_prompt   {p.soft_prompt or '(off: no trained soft prompt in this preset)'}",
+                      highlight=False)
         console.print(f"  settings      {p.image_size}px, strength {p.strength}, {p.num_inference_steps} steps, "
                       f"guidance {p.guidance_scale}", highlight=False)
 

@@ -248,6 +248,8 @@ def _disk_size(path: Path | str) -> int:
 def _param_count(obj: Any) -> int:
     import torch
 
+    if isinstance(obj, torch.nn.Module):  # e.g. the soft prompt: its own (trained) parameters only
+        return sum(p.numel() for p in obj.parameters())
     seen: set[int] = set()
     total = 0
     for attr in ("model", "vae", "unet", "text_encoder", "tower"):
@@ -266,7 +268,8 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
 
     out: list[ModelStatus] = []
     loaded: dict[str, Any] = {}
-    for role in ROLES:
+    roles = [*ROLES, *(("soft_prompt",) if preset.soft_prompt else ())]
+    for role in roles:
         ref = getattr(preset, role)
         st = ModelStatus(role=role, ref=ref, ok=False)
         t0 = time.perf_counter()
@@ -277,6 +280,10 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
                 obj = load_text_encoder(preset, loaded.get("generator"))
             elif role == "generator":
                 obj = load_generator(preset)
+            elif role == "soft_prompt":
+                if "llm" not in loaded:
+                    raise FileNotFoundError("the soft prompt needs the LLM, which did not load")
+                obj = load_soft_prompt(preset, loaded["llm"])
             else:
                 obj = load_scorer(preset, role, loaded.get("text_encoder") if preset.text_encoder == "minilm" else None)
             st.load_seconds = time.perf_counter() - t0

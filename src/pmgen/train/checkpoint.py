@@ -7,9 +7,12 @@ destroys the previous checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import random
-from collections.abc import Sequence
+import signal
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,35 @@ def parse_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]:
         except ValueError as e:
             raise SystemExit(f"--set {key}: {e}") from None
     return out
+
+
+# ------------------------------------------------------------------ what every trainer's CLI shares
+def add_run_arguments(parser: argparse.ArgumentParser, out_help: str, default_minutes: float,
+                      train_dir_help: str, config_name: str) -> None:
+    """``--out``, ``--minutes``, ``--resume``, ``--train-dir``, ``--data-dir`` and ``--set KEY=VALUE``."""
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--minutes", type=float, default=default_minutes,
+                        help=f"wall-clock budget of this run (default {default_minutes:g})")
+    parser.add_argument("--resume", action="store_true", help="continue from <train dir>/last.pt")
+    parser.add_argument("--train-dir", default=None, help=train_dir_help)
+    parser.add_argument("--data-dir", default=None, help="dataset folder root (default: pmgen's data dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a {config_name} field (repeatable), e.g. --set lr=1e-4")
+
+
+def stamped_log(msg: str) -> None:
+    """Print a progress line with the wall-clock time (what the trainers' logs look like)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stop_on_signals(log: Callable[[str], None]) -> Callable[[], bool]:
+    """Turn SIGTERM / SIGINT into a flag the training loop polls (it then checkpoints and stops)."""
+    flag = {"stop": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log(f"signal {signum}: checkpointing and stopping")
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return lambda: flag["stop"]

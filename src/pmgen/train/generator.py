@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pmgen.train.checkpoint import add_run_arguments, stamped_log, stop_on_signals
 from pmgen.train.checkpoint import parse_overrides as _parse_overrides
 from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae, count_parameters
 
@@ -1063,13 +1063,8 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pmgen.train.generator", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the exported pipeline (EMA, fp16) and samples.png")
-    parser.add_argument("--minutes", type=float, default=600.0, help="wall-clock budget of this run (default 600)")
-    parser.add_argument("--resume", action="store_true", help="continue from <train dir>/last.pt")
-    parser.add_argument("--train-dir", default=None, help="checkpoints/caches/logs (default <cache dir>/train/generator)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder root (default: pmgen's data dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a GeneratorTrainConfig field (repeatable), e.g. --set lr=1e-4")
+    add_run_arguments(parser, "folder for the exported pipeline (EMA, fp16) and samples.png", 600.0,
+                      "checkpoints/caches/logs (default <cache dir>/train/generator)", "GeneratorTrainConfig")
     parser.add_argument("--write-card", action="store_true",
                         help="only (re)write the model card of --out from the training logs, then exit")
     args = parser.parse_args(argv)
@@ -1091,9 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     torch.set_num_threads(cfg.threads)
 
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
+    log = stamped_log
     from pmgen.paths import cache_dir
 
     train_dir = Path(cfg.train_dir) if cfg.train_dir else cache_dir() / "train" / "generator"
@@ -1128,16 +1121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"resumed at stage {trainer.stage}, VAE step {trainer.vae_step}, decoder step {trainer.dec_step}, "
             f"UNet step {trainer.step}")
 
-    stopping = {"flag": False}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log(f"signal {signum}: checkpointing and stopping")
-        stopping["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(log)
     remaining = cfg.minutes - (time.monotonic() - t0) / 60
-    trainer.run(minutes=max(remaining, 0.01), stop=lambda: stopping["flag"])
+    trainer.run(minutes=max(remaining, 0.01), stop=stop)
     return 0
 
 

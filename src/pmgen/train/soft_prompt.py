@@ -17,8 +17,8 @@ Objective, for soft embeddings ``S`` of the history and target token states ``T`
 The hinge is the released code's "minus 0.5 × the negative loss", bounded: once the user's sticker
 is reconstructed better than a random one by the margin ``m`` it stops pushing, so the soft
 embeddings carry the user's taste rather than growing without bound. Timesteps are drawn from the
-first ``t_max`` of the schedule: at inference the generator edits the target's image at strength
-0.6, so only those noise levels are ever used.
+first ``t_max`` (default 80%) of the schedule: at inference the generator edits the target's image
+at the preset's strength (0.6 by default), so only those noise levels are ever used.
 
 Validation (held-out users of the val split, fixed noise and timesteps): ``val_pos`` (L_pos),
 ``val_neg``, and ``val_gain`` = L_pos with the target alone − L_pos with ``[T ; S]`` — how much
@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
-from pmgen.train.checkpoint import load_checkpoint, parse_overrides, save_checkpoint
+from pmgen.train.checkpoint import (add_run_arguments, load_checkpoint, parse_overrides, save_checkpoint,
+                                    stamped_log, stop_on_signals)
 
 CHECKPOINT_FORMAT = "pmgen-soft-prompt-train"
 
@@ -93,7 +93,7 @@ class SoftPromptTrainConfig:
     proj_lr: float = 1e-3
     neg_weight: float = 0.5
     margin: float = 0.02
-    t_max: float = 0.7
+    t_max: float = 0.8
     val_users: int = 48
     val_every: int = 200
     seed: int = 0
@@ -522,14 +522,10 @@ def prepare(cfg: SoftPromptTrainConfig, preset: str = "sticker-tiny", log: Calla
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pmgen train soft-prompt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the trained weights (config.json, safetensors, card)")
-    parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock budget of this run (default 90)")
-    parser.add_argument("--resume", action="store_true", help="continue from <train dir>/last.pt")
-    parser.add_argument("--train-dir", default=None, help="checkpoints and logs (default <cache dir>/train/...)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder root (default: pmgen's data dir)")
+    add_run_arguments(parser, "folder for the trained weights (config.json, safetensors, card)", 90.0,
+                      "checkpoints and logs (default <cache dir>/train/soft-prompt-<name of --out>)",
+                      "SoftPromptTrainConfig")
     parser.add_argument("--preset", default="sticker-tiny", help="preset whose LLM, text encoder and generator to use")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a SoftPromptTrainConfig field (repeatable), e.g. --set prefix_length=0")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -548,9 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--resume: no checkpoint at {ckpt}", file=sys.stderr)
         return 2
 
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
+    log = stamped_log
     log(f"config: {json.dumps(cfg.to_json())}")
     trainer = prepare(cfg, args.preset, log)
     if args.resume:
@@ -560,14 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return 2
         log(f"resumed at step {trainer.step} (epoch {trainer.epoch})")
-    stopping = {"flag": False}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log(f"signal {signum}: checkpointing and stopping")
-        stopping["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(log)
     from tqdm import tqdm
 
     with tqdm(total=cfg.max_steps, initial=trainer.step, desc="soft prompt", unit="step",
@@ -576,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", pos=f"{losses['pos']:.4f}", refresh=False)
 
-        trainer.run(stop=lambda: stopping["flag"], progress=progress)
+        trainer.run(stop=stop, progress=progress)
     return 0
 
 
