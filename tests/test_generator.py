@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,30 @@ def test_vae_init_from_checkpoint_or_pipeline_folder(tiny_encoder, tmp_path: Pat
     with pytest.raises(FileNotFoundError, match="vae_init"):
         train.GeneratorTrainer(tiny_config(tmp_path / "c", vae_init=str(tmp_path / "missing")), data, tiny_encoder,
                                log=quiet)
+
+
+def test_warm_start_from_an_export_when_the_cache_is_gone(tiny_encoder, tmp_path: Path) -> None:
+    data = synthetic_data()
+    quiet = lambda msg: None  # noqa: E731
+    first = train.GeneratorTrainer(tiny_config(tmp_path / "a", max_steps=2), data, tiny_encoder, log=quiet)
+    first.run()
+    out = Path(first.cfg.out)
+    # the export carries its training log, so the card survives a lost cache directory
+    assert (out / train.TRAINING_LOG).read_text() == first.progress_path.read_text()
+    shutil.rmtree(first.train_dir)
+    card = train.write_model_card(out, first.train_dir).read_text()
+    assert "**2**" in card
+    ema = first.ema_unet().state_dict()
+    second = train.GeneratorTrainer(tiny_config(tmp_path / "b", init_from=str(out), max_steps=3), data,
+                                    tiny_encoder, log=quiet)
+    assert (second.stage, second.step, second.scaling_factor) == ("unet", 2, first.scaling_factor)
+    for k, v in second.unet.state_dict().items():
+        torch.testing.assert_close(v, ema[k].half().float(), rtol=0, atol=0)
+    second.run()
+    meta = json.loads((Path(second.cfg.out) / "pmgen_generator.json").read_text())
+    assert meta["info"]["trained_steps"] == 3
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train.GeneratorTrainer(tiny_config(tmp_path / "c", init_from=str(tmp_path)), data, tiny_encoder, log=quiet)
 
 
 def test_decoder_stage_keeps_the_encoder_and_so_the_latents(tiny_encoder, tmp_path: Path) -> None:

@@ -136,7 +136,8 @@ def test_movielens_benchmark_structure_and_ranges(ml):
             lo, hi = st[name]["ci95"]
             assert 0.0 <= lo <= st[name]["mean"] <= hi <= 1.0 and st[name]["n"] == 12
     assert set(res["paired"]) == {"keywords - history-embedding", "keywords+history - history-embedding",
-                                  "keywords - popularity"}
+                                  "keywords - popularity", "popularity+keywords - popularity",
+                                  "popularity+keywords - popularity+history"}
     # deterministic: same seed, same users and numbers
     again = movielens_benchmark(ml, hashing_vectors, top_genres, n_users=12, k=10, seed=3)
     assert [r["user_id"] for r in again["users"]] == [r["user_id"] for r in res["users"]]
@@ -336,3 +337,14 @@ def test_cli_commands_with_fake_models(ml_root, tmp_path, monkeypatch):
     assert st["summary"]["jaccard_shuffled"]["mean"] == 1.0  # the fake LLM ignores the history
     r = runner.invoke(app, ["evaluate-stability", "--dataset", "imagenet", "--data-dir", str(ml_root)])
     assert r.exit_code == 2 and "choose sticker-users or movielens" in r.output
+
+
+def test_popularity_blend_reranks_the_popular_by_the_profile():
+    from pmgen.preference_eval import _standardize
+
+    pop = _standardize(torch.log1p(torch.tensor([100.0, 90.0, 1.0, 0.0])))
+    cos = torch.tensor([0.5, 0.9, 0.95, 0.1])
+    blend = pop + _standardize(cos)
+    # the two popular movies stay on top; the profile decides their order
+    assert torch.argsort(blend, descending=True)[:2].tolist() == [1, 0]
+    assert torch.equal(_standardize(torch.ones(3)), torch.zeros(3))

@@ -171,3 +171,33 @@ def test_ablation_weights_are_found_beside_the_presets_soft_prompt(tmp_path) -> 
         "soft-no-img": tmp_path / "soft-prompt-ablations" / "no-img",
         "soft-no-prefix": tmp_path / "soft-prompt-ablations" / "no-prefix"}
     assert soft_prompt_ablations(get_preset("sticker-tiny", soft_prompt="")) == {}
+
+
+def test_cli_resume_keeps_the_runs_settings_and_refuses_changes(tiny, tmp_path, monkeypatch, capsys) -> None:
+    """`pmgen train soft-prompt --resume` needs only the run control again (the run's settings come from
+    its checkpoint); changing a training setting on resume is refused with its name."""
+    import signal
+
+    from pmgen.train import soft_prompt
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    seen = []
+
+    def fake_prepare(cfg, preset, log):
+        seen.append(cfg)
+        llm, te, gen, latents = tiny
+        return soft_prompt.SoftPromptTrainer(cfg, llm, te, gen, latents, examples(3), examples(2),
+                                             text_max_length=L, log=lambda m: None, llm_name="tiny-llama")
+
+    monkeypatch.setattr(soft_prompt, "prepare", fake_prepare)
+    common = ["--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "train")]
+    first = ["--set", "batch_size=2", "--set", "val_users=2", "--set", "prefix_length=2", "--set", "n_img=2",
+             "--set", "val_every=100", "--set", "max_steps=1"]
+    assert soft_prompt.main([*common, *first]) == 0
+    assert soft_prompt.main([*common, *first]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert soft_prompt.main([*common, "--resume", "--set", "max_steps=2"]) == 0
+    assert (seen[-1].prefix_length, seen[-1].n_img, seen[-1].val_every, seen[-1].max_steps) == (2, 2, 100, 2)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["info"]["steps"] == 2
+    assert soft_prompt.main([*common, "--resume", "--set", "n_img=3", "--set", "max_steps=3"]) == 2
+    assert "n_img" in capsys.readouterr().err

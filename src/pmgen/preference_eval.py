@@ -19,7 +19,10 @@ HR@k (a held-out like in the top k) and NDCG@k (binary relevance; ideal DCG has
 * ``history-embedding`` — mean text vector of the history movies rated ≥ 4 (all history movies
   when there are none);
 * ``keywords`` — the LLM's preference keywords joined by ``", "`` and embedded as one text;
-* ``keywords+history`` — the normalized sum of the two (unit) vectors above.
+* ``keywords+history`` — the normalized sum of the two (unit) vectors above;
+* ``popularity+keywords`` / ``popularity+history`` — the personalized score re-ranking the
+  popular: ``z(log(1 + popularity)) + z(cosine)``, each standardized over the catalog, equal weights
+  (fixed, not tuned on these users).
 
 Ties in cosine similarity keep catalog order (a stable sort). The held-out likes never reach any
 method: histories come from ``users.jsonl`` only.
@@ -85,9 +88,11 @@ KeywordsFn = Callable[[Sequence[Event], Mapping[str, Item]], Any]
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each user."""
 
-MOVIELENS_METHODS = ("random", "popularity", "history-embedding", "keywords", "keywords+history")
+MOVIELENS_METHODS = ("random", "popularity", "history-embedding", "keywords", "keywords+history",
+                     "popularity+history", "popularity+keywords")
 LIKED_MIN_RATING = 4.0
-PAIRED = (("keywords", "history-embedding"), ("keywords+history", "history-embedding"), ("keywords", "popularity"))
+PAIRED = (("keywords", "history-embedding"), ("keywords+history", "history-embedding"), ("keywords", "popularity"),
+          ("popularity+keywords", "popularity"), ("popularity+keywords", "popularity+history"))
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -165,6 +170,11 @@ def _vectors(fn: TextVectorsFn, texts: Sequence[str]) -> torch.Tensor:
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(v, dim=-1)
+
+
+def _standardize(v: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit standard deviation (a constant vector stays zero)."""
+    return (v - v.mean()) / v.std().clamp(min=1e-8)
 
 
 def _keywords_of(result: Any) -> tuple[list[str], dict[str, Any]]:
@@ -255,6 +265,7 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
 
     pop = popularity_counts(ds.users.values())  # histories of every split; samples are never read
     pop_scores = torch.tensor([float(pop.get(i, 0)) for i in ids])
+    pop_z = _standardize(torch.log1p(pop_scores))
 
     # keywords first (the slow part, cached by the extractor), then one batched encoder call
     keywords: list[list[str]] = []
@@ -294,6 +305,8 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
             "history-embedding": item_vecs @ hist_vec,
             "keywords": item_vecs @ kw_vec,
             "keywords+history": item_vecs @ _unit(kw_vec + hist_vec),
+            "popularity+history": pop_z + _standardize(item_vecs @ hist_vec),
+            "popularity+keywords": pop_z + _standardize(item_vecs @ kw_vec),
         }
         metrics: dict[str, dict[str, float]] = {}
         for method in MOVIELENS_METHODS:

@@ -20,6 +20,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -27,6 +28,10 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from pmgen.paths import cache_dir, package_dir
+
+# transformers deprecates passing a cache as `past_key_values` (pmgen's prompt cache and the soft
+# prompt's prefix do); the argument still works, and the notice would print on every generation
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"

@@ -184,8 +184,8 @@ def quality_report(generator: Any, text_encoder: Any, evaluator: Any, out: Path,
     for r, (a, b) in enumerate(rows):
         pil = StickerGenerator.to_pil(torch.stack([img([a])[0], same[r], other[r], t2i_b[r]]))
         strip = _hstack(pil)
-        cols.append({"image": strip, "caption": f"{titles[a][:18]} → {titles[b][:18]}"})
-    _grid(cols, out / "samples.png", f"init | same name | → other name | text-to-image (strength {default_strength})")
+        cols.append({"image": strip, "caption": f"{titles[a][:18]} -> {titles[b][:18]}"})
+    _grid(cols, out / "samples.png", f"init | same name | other name | text-to-image (strength {default_strength})")
     (out / "quality.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +107,12 @@ class GeneratorTrainConfig:
         vae_norm_groups: GroupNorm groups (must divide every channel count).
         vae_init: start the VAE from these weights instead of random: a trainer checkpoint
             (``last.pt``) or an exported pipeline folder (``None``: random init).
+        init_from: warm start from an exported pipeline folder (e.g. the committed zoo export) when
+            the resume checkpoint is gone, e.g. on a new machine: VAE, scaling factor and UNet (its
+            EMA weights, which also seed the new EMA) are loaded, the VAE and decoder stages are
+            skipped, and the step count and training hours continue from the export's. Not an exact
+            resume: the optimizer state and data order start afresh (the lr warms up again).
+            Ignored when ``train_dir`` holds a checkpoint.
         vae_steps: optimizer steps (>= 0; with 0 the VAE stays as initialized).
         vae_batch_size: images per step.
         vae_lr: peak AdamW learning rate (cosine decay to 10% over ``vae_steps``).
@@ -161,6 +168,7 @@ class GeneratorTrainConfig:
     vae_channels: tuple[int, ...] = (32, 64, 64)
     vae_norm_groups: int = 32
     vae_init: str | None = None
+    init_from: str | None = None
     vae_steps: int = 1000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
@@ -445,6 +453,22 @@ def load_vae_weights(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"vae_init={path}: expected a trainer checkpoint file or a pipeline folder with vae/")
 
 
+def load_export(folder: Path) -> dict[str, Any]:
+    """Weights (float32) and counters of an exported pipeline folder, for ``init_from``."""
+    from diffusers import UNet2DConditionModel
+
+    meta_path = folder / "pmgen_generator.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"init_from={folder}: not an exported sticker generator (no pmgen_generator.json)")
+    meta = json.loads(meta_path.read_text())
+    info = meta.get("info", {})
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    return {"vae": load_vae_weights(folder), "unet": unet.state_dict(), "scaling_factor": float(meta["scaling_factor"]),
+            "step": int(info.get("trained_steps", 0)), "vae_steps": int(info.get("vae_steps", 0)),
+            "decoder_steps": int(info.get("decoder_steps", 0)),
+            "train_seconds": 3600.0 * float(info.get("train_hours", 0.0))}
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -496,7 +520,10 @@ class GeneratorTrainer:
         torch.manual_seed(cfg.seed)  # model init only; every later draw uses self.gen
         self.vae = build_vae(cfg.vae_channels, norm_num_groups=cfg.vae_norm_groups,
                              image_size=int(data.images.shape[-1]))
-        if cfg.vae_init and (Path(cfg.vae_init).exists() or not self.checkpoint_path.is_file()):
+        warm = load_export(Path(cfg.init_from)) if cfg.init_from and not self.checkpoint_path.is_file() else None
+        if warm is not None:
+            self.vae.load_state_dict(warm["vae"])
+        elif cfg.vae_init and (Path(cfg.vae_init).exists() or not self.checkpoint_path.is_file()):
             # (when resuming, the checkpoint carries the VAE: vae_init may be gone by then)
             self.vae.load_state_dict(load_vae_weights(Path(cfg.vae_init)))
         down = 2 ** (len(cfg.vae_channels) - 1)
@@ -510,6 +537,8 @@ class GeneratorTrainer:
                                attention_levels=cfg.unet_attention_levels, cross_attention_dim=self.text_dim,
                                head_dim=cfg.unet_head_dim, latent_size=int(data.images.shape[-1]) // down,
                                norm_num_groups=cfg.unet_norm_groups)
+        if warm is not None:
+            self.unet.load_state_dict(warm["unet"])
         self.sampler_scheduler = build_scheduler(cfg.prediction_type)
         self.noise_scheduler = DDPMScheduler.from_config(self.sampler_scheduler.config)
         export_mb = (count_parameters(self.vae) + count_parameters(self.unet)) * 2 / 2**20
@@ -541,6 +570,13 @@ class GeneratorTrainer:
         self.scaling_factor: float | None = None
         self.train_seconds = 0.0
         self.last_export_step = -1
+        if warm is not None:
+            self.stage, self.step, self.scaling_factor = "unet", warm["step"], warm["scaling_factor"]
+            self.vae_step, self.dec_step = warm["vae_steps"], warm["decoder_steps"]
+            self.train_seconds = warm["train_seconds"]
+            self.last_export_step = self.step
+            log(f"warm start from {cfg.init_from}: UNet step {self.step}, {self.train_seconds / 3600:.2f} h "
+                "(fresh optimizer state and data order)")
         self._order: np.ndarray | None = None
         self.lat_mean: torch.Tensor | None = None
         self.lat_std: torch.Tensor | None = None
@@ -942,6 +978,9 @@ class GeneratorTrainer:
                 **{k: round(v, 5) for k, v in metrics.items()}, "seconds": round(time.monotonic() - t0, 1)}
         self._record(line)
         self.log(f"milestone at step {self.step}: {metrics} -> {self.cfg.out}")
+        # the committed export keeps its own copy of the training log, so the model card (loss curve,
+        # compute) can be rebuilt on a machine where the cache directory is gone
+        shutil.copy2(self.progress_path, Path(self.cfg.out) / TRAINING_LOG)
         try:
             write_model_card(Path(self.cfg.out), self.train_dir)
         except Exception as e:  # noqa: BLE001 - a card problem must never stop training
@@ -949,6 +988,9 @@ class GeneratorTrainer:
 
 
 # ---------------------------------------------------------------------------------------------- model card
+TRAINING_LOG = "training_log.jsonl"  # copy of the run's progress.log inside the exported folder
+
+
 def _read_progress(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -961,8 +1003,6 @@ def write_model_card(out: Path, train_dir: Path, keep_grids: int = 4) -> Path:
     Reads the exported pipeline's ``pmgen_generator.json`` and the run's ``progress.log`` (plus the
     VAE stage's log when the VAE came from another run through ``vae_init``).
     """
-    import shutil
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -971,7 +1011,10 @@ def write_model_card(out: Path, train_dir: Path, keep_grids: int = 4) -> Path:
     out, train_dir = Path(out), Path(train_dir)
     meta = json.loads((out / "pmgen_generator.json").read_text())
     info, cfg = meta["info"], meta["info"]["config"]
-    lines = _read_progress(train_dir / "progress.log")
+    lines = _read_progress(train_dir / "progress.log") or _read_progress(out / TRAINING_LOG)
+    if not lines:
+        raise FileNotFoundError(f"no training log in {train_dir / 'progress.log'} or {out / TRAINING_LOG}: "
+                                "the model card is written from it")
     vae_lines = [x for x in lines if x["stage"] in ("vae", "vae_done")]
     vae_source = "this run"
     if not vae_lines and cfg.get("vae_init"):

@@ -464,8 +464,8 @@ def write_model_card(trainer: SoftPromptTrainer) -> None:
     first = va[0] if va else {}
     info = trainer.encoder.cfg.info
     overrides = " ".join(f"--set {k}={v}" for k, v in cfg.to_json().items()
-                         if k not in SoftPromptTrainConfig.RUN_FIELDS
-                         and v != SoftPromptTrainConfig.__dataclass_fields__[k].default)
+                         if k == "max_steps" or (k not in SoftPromptTrainConfig.RUN_FIELDS
+                                                 and v != SoftPromptTrainConfig.__dataclass_fields__[k].default))
     card = f"""# sticker-tiny soft prompt{'' if cfg.prefix_length and cfg.use_img_tokens else ' (ablation)'}
 
 The bias-correction LLM's trained parts: a P-Tuning-v2 prefix ({cfg.prefix_length} positions per
@@ -528,14 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default="sticker-tiny", help="preset whose LLM, text encoder and generator to use")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cfg = SoftPromptTrainConfig(out=args.out, minutes=args.minutes, train_dir=args.train_dir,
-                                    data_dir=args.data_dir, **parse_overrides(args.overrides, SoftPromptTrainConfig))
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
-    torch.set_num_threads(cfg.threads)
-    ckpt = (Path(cfg.train_dir) if cfg.train_dir else default_train_dir(cfg.out)) / "last.pt"
+    ckpt = (Path(args.train_dir) if args.train_dir else default_train_dir(args.out)) / "last.pt"
     if ckpt.is_file() and not args.resume:
         print(f"a checkpoint already exists at {ckpt}: pass --resume to continue it, or --train-dir for a new run",
               file=sys.stderr)
@@ -543,6 +536,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and not ckpt.is_file():
         print(f"--resume: no checkpoint at {ckpt}", file=sys.stderr)
         return 2
+    # on --resume the run's own settings are the base: only run control (and nothing else) may be --set again
+    base = {}
+    if args.resume:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
+        names = {f.name for f in dataclasses.fields(SoftPromptTrainConfig)}
+        base = {k: v for k, v in saved.items() if k in names and k not in SoftPromptTrainConfig.RUN_FIELDS}
+    try:
+        cfg = SoftPromptTrainConfig(out=args.out, minutes=args.minutes, train_dir=args.train_dir,
+                                    data_dir=args.data_dir,
+                                    **{**base, **parse_overrides(args.overrides, SoftPromptTrainConfig)})
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    torch.set_num_threads(cfg.threads)
 
     log = stamped_log
     log(f"config: {json.dumps(cfg.to_json())}")
