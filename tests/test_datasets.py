@@ -156,3 +156,21 @@ def test_build_is_skipped_when_present(data_root):
     mtime = (folder / "dataset.json").stat().st_mtime_ns
     datasets.build("movielens", data_root)
     assert (folder / "dataset.json").stat().st_mtime_ns == mtime
+
+
+def test_demo_picks_users_of_different_tastes_for_one_target(data_root):
+    import pytest as _pytest
+
+    from pmgen import datasets
+    from pmgen.demo import pick_samples
+
+    ds = datasets.load("sticker-users", data_root)
+    picked = pick_samples(ds, 4, target_key="love")
+    assert len(picked) == 4
+    assert len({ds.users[s.user_id].attributes["taste"] for s in picked}) == 4
+    assert {s.attributes["target_key"] for s in picked} == {"love"}
+    assert all(s.split == "test" for s in picked)
+    auto = pick_samples(ds, 3)
+    assert len({s.attributes["target_key"] for s in auto}) == 1
+    with _pytest.raises(KeyError, match="no test sample with target"):
+        pick_samples(ds, 2, target_key="nonexistent")

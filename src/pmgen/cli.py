@@ -220,6 +220,13 @@ StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image stren
 StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]
 KOpt = Annotated[Optional[int], typer.Option("--keywords", help="Number of preference keywords (default 8).")]
 HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image similarity in d_p (default 0).")]
+SoftOpt = Annotated[Optional[str], typer.Option(
+    help="Soft-prompt weights (folder or zoo:..., e.g. zoo:sticker-tiny/soft-prompt) to turn soft preference "
+         "embeddings on (default: the preset's; off in sticker-tiny).")]
+
+
+def _soft(soft_prompt: Optional[str]) -> dict:
+    return {"soft_prompt": soft_prompt} if soft_prompt else {}
 PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models list`).")]
 
 
@@ -238,6 +245,7 @@ def generate(
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
+    soft_prompt: SoftOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
@@ -247,7 +255,7 @@ def generate(
     if batch is not None:
         if not batch.is_file():
             _fail(f"batch file not found: {batch}", 2)
-        pmg = _load_pmg(preset, overrides)
+        pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
         from pmgen.requests import run_batch
 
         done, failed = run_batch(pmg, batch, out or Path("runs") / batch.stem, data_dir_, console, err)
@@ -269,7 +277,7 @@ def generate(
         _fail(str(e))
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
-    pmg = _load_pmg(preset, overrides)
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
     res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
                        history_images=req.history_images, user_id=req.user.user_id,
                        **({"seed": req.seed} if req.seed is not None else {}))
@@ -289,20 +297,23 @@ def generate(
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
     users: Annotated[int, typer.Option(help="How many users (different hidden tastes).")] = 4,
-    target_key: Annotated[Optional[str], typer.Option(help="Conversational target (e.g. laughing, sad, celebrate); "
-                                                      "default: the one with the most personalized ground truths.")] = None,
+    target_key: Annotated[Optional[str], typer.Option(help="Conversational target (e.g. love, laughing, sad, celebrate); "
+                                                      "'auto': the one with the most personalized ground truths.")] = "love",
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
+    soft_prompt: SoftOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """The main job (what `make demo` runs): different users, same target, one side-by-side picture."""
     from pmgen.demo import run_demo
 
     data_build("all", data_dir_)
-    pmg = _load_pmg(preset, _settings_overrides(weights, alpha, mode, seed, None, None, None, None))
+    pmg = _load_pmg(preset, _settings_overrides(weights, alpha, mode, seed, None, None, None, None),
+                    **_soft(soft_prompt))
     ds = datasets.load("sticker-users", data_dir_)
     try:
-        picture = run_demo(pmg, ds, out, users, target_key, log=lambda m: console.print(m, highlight=False))
+        picture = run_demo(pmg, ds, out, users, None if target_key == "auto" else target_key,
+                           log=lambda m: console.print(m, highlight=False))
     except KeyError as e:
         _fail(str(e.args[0]), 2)
     console.print(f"[green]✓[/] picture: {picture}\n  pages: {out / 'index.html'}", highlight=False)
@@ -352,8 +363,7 @@ def evaluate(
              "soft, pmg, and the soft-prompt ablations found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
-    soft_prompt: Annotated[Optional[str], typer.Option(
-        help="Soft-prompt weights to evaluate (folder or zoo:...; default: the preset's, if any).")] = None,
+    soft_prompt: SoftOpt = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
     history_weight: HistOpt = None,
@@ -368,7 +378,7 @@ def evaluate(
 
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
                                     history_weight)
-    pmg = _load_pmg(preset, overrides, **({"soft_prompt": soft_prompt} if soft_prompt else {}))
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
