@@ -223,11 +223,12 @@ HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image s
 SoftOpt = Annotated[Optional[str], typer.Option(
     help="Soft-prompt weights (folder or zoo:..., e.g. zoo:sticker-tiny/soft-prompt) to turn soft preference "
          "embeddings on (default: the preset's; off in sticker-tiny).")]
+PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models list`).")]
 
 
 def _soft(soft_prompt: Optional[str]) -> dict:
+    """Preset override turning soft embeddings on (none when not given)."""
     return {"soft_prompt": soft_prompt} if soft_prompt else {}
-PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models list`).")]
 
 
 @app.command()

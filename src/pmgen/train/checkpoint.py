@@ -49,6 +49,22 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return state
 
 
+def resume_config(path: Path, values: dict[str, Any], run_fields: Sequence[str]) -> dict[str, Any]:
+    """Settings of the run whose checkpoint is ``path``, with the run control (``run_fields``) of ``values``.
+
+    The checkpoint's own settings are the base, so ``--resume`` needs only the run control again.
+
+    Raises:
+        ValueError: naming every other setting in ``values`` that differs from the run's.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
+    clash = [k for k, v in values.items() if k not in run_fields and saved.get(k) != v
+             and not (isinstance(v, tuple) and list(v) == saved.get(k))]
+    if clash:
+        raise ValueError(f"--resume: cannot change {', '.join(clash)} of a run in progress")
+    return {**saved, **{k: v for k, v in values.items() if k in run_fields}}
+
+
 # ------------------------------------------------------------------ --set KEY=VALUE overrides
 def _parse_value(field_: dataclasses.Field, text: str) -> Any:
     default = field_.default

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pmgen.train.checkpoint import add_run_arguments, stamped_log, stop_on_signals
+from pmgen.train.checkpoint import add_run_arguments, resume_config, stamped_log, stop_on_signals
 from pmgen.train.checkpoint import parse_overrides as _parse_overrides
 from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae, count_parameters
 
@@ -455,15 +455,12 @@ def load_vae_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_export(folder: Path) -> dict[str, Any]:
     """Weights (float32) and counters of an exported pipeline folder, for ``init_from``."""
-    from diffusers import UNet2DConditionModel
-
-    meta_path = folder / "pmgen_generator.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"init_from={folder}: not an exported sticker generator (no pmgen_generator.json)")
-    meta = json.loads(meta_path.read_text())
-    info = meta.get("info", {})
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
-    return {"vae": load_vae_weights(folder), "unet": unet.state_dict(), "scaling_factor": float(meta["scaling_factor"]),
+    try:
+        gen = StickerGenerator.from_pretrained(folder)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"init_from={folder}: {e}") from e
+    info = gen.info
+    return {"vae": gen.vae.state_dict(), "unet": gen.unet.state_dict(), "scaling_factor": gen.scaling_factor,
             "step": int(info.get("trained_steps", 0)), "vae_steps": int(info.get("vae_steps", 0)),
             "decoder_steps": int(info.get("decoder_steps", 0)),
             "train_seconds": 3600.0 * float(info.get("train_hours", 0.0))}
@@ -1138,14 +1135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ckpt.is_file():
             print(f"--resume: no checkpoint at {ckpt}", file=sys.stderr)
             return 2
-        saved = torch.load(ckpt, weights_only=False, mmap=True)["config"]
-        merged = {**saved, **{k: v for k, v in values.items() if k in GeneratorTrainConfig.RUN_FIELDS}}
-        clash = [k for k, v in values.items() if k not in GeneratorTrainConfig.RUN_FIELDS and saved.get(k) != v
-                 and not (isinstance(v, tuple) and list(v) == saved.get(k))]
-        if clash:
-            print(f"--resume: cannot change {', '.join(clash)} of a run in progress", file=sys.stderr)
+        try:
+            cfg = GeneratorTrainConfig(**resume_config(ckpt, values, GeneratorTrainConfig.RUN_FIELDS))
+        except ValueError as e:
+            print(e, file=sys.stderr)
             return 2
-        cfg = GeneratorTrainConfig(**merged)
     elif ckpt.is_file():
         print(f"a checkpoint already exists at {ckpt}: pass --resume to continue it, or --train-dir for a new run",
               file=sys.stderr)

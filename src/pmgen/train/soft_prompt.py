@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
-from pmgen.train.checkpoint import (add_run_arguments, load_checkpoint, parse_overrides, save_checkpoint,
-                                    stamped_log, stop_on_signals)
+from pmgen.train.checkpoint import (add_run_arguments, load_checkpoint, parse_overrides, resume_config,
+                                    save_checkpoint, stamped_log, stop_on_signals)
 
 CHECKPOINT_FORMAT = "pmgen-soft-prompt-train"
 
@@ -536,16 +536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and not ckpt.is_file():
         print(f"--resume: no checkpoint at {ckpt}", file=sys.stderr)
         return 2
-    # on --resume the run's own settings are the base: only run control (and nothing else) may be --set again
-    base = {}
-    if args.resume:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
-        names = {f.name for f in dataclasses.fields(SoftPromptTrainConfig)}
-        base = {k: v for k, v in saved.items() if k in names and k not in SoftPromptTrainConfig.RUN_FIELDS}
+    values = {"out": args.out, "minutes": args.minutes, "train_dir": args.train_dir, "data_dir": args.data_dir,
+              **parse_overrides(args.overrides, SoftPromptTrainConfig)}
     try:
-        cfg = SoftPromptTrainConfig(out=args.out, minutes=args.minutes, train_dir=args.train_dir,
-                                    data_dir=args.data_dir,
-                                    **{**base, **parse_overrides(args.overrides, SoftPromptTrainConfig)})
+        if args.resume:  # the run's own settings are the base: only run control may be --set again
+            values = resume_config(ckpt, values, SoftPromptTrainConfig.RUN_FIELDS)
+        cfg = SoftPromptTrainConfig(**values)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
