@@ -88,10 +88,11 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
 
     out = tmp_path / "eval"
     r = runner.invoke(app, ["evaluate", "--quick", "--out", str(out), "--data-dir", str(data_root),
-                            "--keep-images", "2"])
+                            "--keep-images", "2", "--methods", "none,keywords,soft,pmg"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
-    assert m["meta"]["n_samples"] == 8 and "none" in m["selected"] and "keywords" in m["selected"]
+    assert m["meta"]["n_samples"] == 8 and {"none", "keywords", "soft", "pmg"} <= set(m["selected"])
+    assert m["meta"]["models"]["soft_prompt"]  # the preset's trained soft prompt is on
     none = m["selected"]["none"]
     assert -1 <= none["acc_text"]["mean"] <= 1 and none["acc_text"]["n"] == 8
     assert none["acc_text"]["ci95"][0] <= none["acc_text"]["mean"] <= none["acc_text"]["ci95"][1]
@@ -100,3 +101,11 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
     assert all(x["weight"] == 0.0 for x in rows) and len(rows) == 8
     for name in ("report.md", "tradeoff.png", "alpha_sweep.png", "samples.png"):
         assert (out / name).is_file(), name
+
+
+def test_soft_prompt_option_names_weights_or_turns_them_off() -> None:
+    from pmgen.cli import _soft
+
+    assert _soft(None) == {}  # the preset's own setting
+    assert _soft("off") == _soft("None") == {"soft_prompt": ""}
+    assert _soft("zoo:sticker-tiny/soft-prompt") == {"soft_prompt": "zoo:sticker-tiny/soft-prompt"}

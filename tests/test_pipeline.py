@@ -229,3 +229,31 @@ def test_soft_embeddings_enter_the_condition_and_keep_the_w0_baseline(tiny_pmg, 
     n_kw = plain.record["candidates"][1]["preference_tokens"]
     assert soft.record["candidates"][1]["preference_tokens"] == n_kw + 3  # [P ; S] at w = 1
     assert not torch.equal(soft.images[1], plain.images[1])
+
+
+def test_demo_shows_each_user_with_and_without_soft_embeddings(tiny_pmg, data_root, tmp_path):
+    from PIL import Image as PILImage
+
+    from pmgen import datasets
+    from pmgen.demo import run_demo
+    from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
+
+    ds = datasets.load("sticker-users", data_root)
+    enc = SoftPromptEncoder(SoftPromptConfig(llm_name="tiny", llm_hidden=tiny_pmg.llm.hidden_size, text_width=32,
+                                             prefix_length=2, n_img=3), tiny_pmg.llm).eval()
+    tiny_pmg.soft_prompt, tiny_pmg.settings.use_soft = enc, True
+    try:
+        pic = run_demo(tiny_pmg, ds, tmp_path / "demo", n_users=2, target_key="love", log=lambda m: None)
+        tiny_pmg.soft_prompt = None
+        plain_pic = run_demo(tiny_pmg, ds, tmp_path / "plain", n_users=2, target_key="love", log=lambda m: None)
+    finally:
+        tiny_pmg.soft_prompt, tiny_pmg.settings.use_soft = None, False
+    demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    records = demo["records"]
+    assert len(records) == 2 and all(r["soft_embeddings"] == "on" for r in records)
+    for sid, r in zip(demo["samples"], records):  # each request was also made without the soft embeddings
+        plain = json.loads((tmp_path / "demo" / sid / "keywords-only" / "record.json").read_text())
+        assert plain["soft_embeddings"].startswith("off") and plain["preference_keywords"] == r["preference_keywords"]
+    with PILImage.open(pic) as a, PILImage.open(plain_pic) as b:
+        assert a.width == b.width and a.height > b.height + 128  # a second row of images
+    assert not any(p.name == "keywords-only" for p in (tmp_path / "plain").rglob("*"))

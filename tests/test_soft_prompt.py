@@ -33,7 +33,8 @@ def examples(n: int = 3):
     return SoftExamples(sample_ids=[f"s{i}" for i in range(n)], user_ids=[f"u{i}" for i in range(n)],
                         history_texts=[f"- Sent \"cat {i}\"." for i in range(n)],
                         target_texts=["grinning face, happy"] * n, positives=[i % 3 for i in range(n)],
-                        negatives=[[3, 4, 5]] * n, positive_kind=["ground truth"] * n)
+                        negatives=[[3, 4, 5]] * n, positive_kind=["ground truth"] * n,
+                        tastes=[["cats", "food"][i % 2] for i in range(n)])
 
 
 def make(tiny, tmp: Path, **overrides):
@@ -54,7 +55,7 @@ def test_only_the_soft_prompt_trains(tiny, tmp_path) -> None:
               **{f"unet.{k}": v.clone() for k, v in gen.unet.state_dict().items()}}
     before = {k: v.clone() for k, v in trainer.encoder.trainable_state().items()}
     losses = trainer.train_step()
-    assert set(losses) == {"loss", "pos", "neg"} and all(v == v and v > 0 for v in losses.values())
+    assert set(losses) == {"loss", "pos", "neg", "other"} and all(v > 0 for v in losses.values())
     after = trainer.encoder.trainable_state()
     assert set(before) == {"prefix", "img", "proj.weight", "proj.bias"}
     assert all(not torch.equal(before[k], after[k]) for k in before)
@@ -98,15 +99,56 @@ def test_export_loads_back_and_writes_a_model_card(tiny, tmp_path) -> None:
     info = json.loads((out / "config.json").read_text())["info"]
     assert info["steps"] == 2 and info["last_validation"]["step"] == 2
     assert "val_gain" in info["last_validation"]
+    last = info["last_validation"]
+    assert last["val_user_gain"] == pytest.approx(last["val_other_user"] - last["val_pos"], abs=2e-5)
     lines = [json.loads(x) for x in (tmp_path / "train" / "progress.log").read_text().splitlines()]
     assert lines[0]["step"] == 0 and "val_pos" in lines[0]  # validation before training: the starting point
 
 
+def test_other_user_is_the_next_user_of_another_taste() -> None:
+    from pmgen.train.soft_prompt import other_user_index
+
+    assert other_user_index(["a", "a", "b", "a", "c"]) == [2, 2, 3, 4, 0]
+    assert other_user_index(["a", "a"]) == [0, 1]  # nobody else: itself (the gain is then 0)
+
+
+def test_warm_start_continues_from_an_export(tiny, tmp_path) -> None:
+    first = make(tiny, tmp_path / "a", max_steps=2)
+    first.run()
+    warm = make(tiny, tmp_path / "b", max_steps=4, init_from=str(tmp_path / "a" / "out"))
+    a, b = first.encoder.trainable_state(), warm.encoder.trainable_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (warm.step, warm.epoch, warm.pos) == (2, 1, 1)  # 3 examples, 2 steps × 2 seen: epoch 1, position 1
+    assert warm.order == first.order  # the same data order the first run would have gone on with
+    warm.run()
+    assert warm.step == 4
+    with pytest.raises(ValueError, match="n_img"):
+        make(tiny, tmp_path / "c", n_img=3, init_from=str(tmp_path / "a" / "out"))
+
+
+def test_norm_matching_and_the_other_user_hinge(tiny, tmp_path) -> None:
+    from pmgen.train.soft_prompt import mean_token_norm
+
+    trainer = make(tiny, tmp_path, match_norm=True, user_weight=1.0, user_margin=10.0, batch_size=3)
+    norm = trainer.encoder.cfg.norm
+    assert norm == pytest.approx(mean_token_norm(trainer.builder, ["grinning face, happy"])) and norm > 0
+    with torch.no_grad():
+        soft = trainer.encoder(["- Sent \"cat\".", "- Sent \"a much longer history line about dogs\"."])
+    assert torch.allclose(soft.norm(dim=-1), torch.full((2, 2), norm), rtol=1e-4)
+    losses = trainer.train_step()
+    assert losses["other"] > 0
+    # a margin of 10 keeps the hinge active for the 3 users (each has one of another taste): ≈ 10 more
+    assert losses["loss"] > losses["pos"] + 9.0
+
+
 def test_ablation_shapes_train(tiny, tmp_path) -> None:
-    for i, kw in enumerate(({"prefix_length": 0}, {"use_img_tokens": False}, {"neg_weight": 0.0})):
+    for i, kw in enumerate(({"prefix_length": 0}, {"use_img_tokens": False}, {"neg_weight": 0.0},
+                            {"user_weight": 0.0, "match_norm": False})):
         trainer = make(tiny, tmp_path / str(i), max_steps=1, **kw)
         losses = trainer.train_step()
         assert losses["pos"] > 0
+        assert (losses["other"] == losses["other"]) == (kw.get("user_weight", 1.0) > 0)  # NaN when off
+        assert (trainer.encoder.cfg.norm > 0) == kw.get("match_norm", True)
         assert trainer.encoder.cfg.prefix_length == kw.get("prefix_length", 2)
 
 
@@ -134,7 +176,7 @@ def test_config_rejects_bad_values_and_parses_overrides() -> None:
 def test_examples_from_sticker_users(data_root) -> None:
     from pmgen import datasets
     from pmgen.datasets.sticker_users import taste_by_name
-    from pmgen.train.soft_prompt import build_examples, one_per_user
+    from pmgen.train.soft_prompt import build_examples, one_per_user, with_positives
 
     ds = datasets.load("sticker-users", data_root)
     rows = {iid: k for k, iid in enumerate(ds.items)}
@@ -153,6 +195,9 @@ def test_examples_from_sticker_users(data_root) -> None:
             assert taste.matches(pos) and f'"{pos.title}"' not in ex.history_texts[i]  # held out of the history
         assert not any(taste.matches(ds.items[ids[j]]) for j in ex.negatives[i][:50])
         assert ex.target_texts[i]
+    gt = with_positives(ex, "ground-truth")
+    assert 0 < len(gt) < len(ex) and set(gt.positive_kind) == {"ground truth"}
+    assert with_positives(ex, "all") is ex
     val = one_per_user(ex, 10, 0)
     assert len(val) == 10 and len(set(val.user_ids)) == 10
 

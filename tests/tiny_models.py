@@ -87,7 +87,7 @@ def write_tiny_bert(folder: Path) -> Path:
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
     BertModel(BertConfig(vocab_size=len(dict.fromkeys(words)), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder)
+                         num_attention_heads=4, intermediate_size=37, max_position_embeddings=128)).save_pretrained(folder)
     return folder
 
 

@@ -221,14 +221,16 @@ StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: t
 KOpt = Annotated[Optional[int], typer.Option("--keywords", help="Number of preference keywords (default 8).")]
 HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image similarity in d_p (default 0).")]
 SoftOpt = Annotated[Optional[str], typer.Option(
-    help="Soft-prompt weights (folder or zoo:..., e.g. zoo:sticker-tiny/soft-prompt) to turn soft preference "
-         "embeddings on (default: the preset's; off in sticker-tiny).")]
+    help="Soft-prompt weights (folder or zoo:..., e.g. zoo:sticker-tiny/soft-prompt) for the soft preference "
+         "embeddings, or 'off' (default: the preset's).")]
 PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models list`).")]
 
 
 def _soft(soft_prompt: Optional[str]) -> dict:
-    """Preset override turning soft embeddings on (none when not given)."""
-    return {"soft_prompt": soft_prompt} if soft_prompt else {}
+    """Preset override for the soft prompt: other weights, ``off`` (none), or nothing when not given."""
+    if soft_prompt is None:
+        return {}
+    return {"soft_prompt": "" if soft_prompt.strip().lower() in ("off", "none", "") else soft_prompt}
 
 
 @app.command()
@@ -364,6 +366,8 @@ def evaluate(
              "soft, pmg, and the soft-prompt ablations found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
+    split: Annotated[str, typer.Option(help="Users to evaluate on: test (report numbers) or val (choose settings "
+                                            "without touching the test users).")] = "test",
     soft_prompt: SoftOpt = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
@@ -389,7 +393,9 @@ def evaluate(
               + ("" if pmg.soft_prompt is not None else " (soft-embedding methods need trained soft-prompt weights)"),
               2)
     ds = datasets.load("sticker-users", data_dir_)
-    samples = evaluation_samples(ds, 8 if quick else n_samples)
+    if split not in ("test", "val"):
+        _fail(f"--split must be test or val, got {split!r}", 2)
+    samples = evaluation_samples(ds, 8 if quick else n_samples, split=split)
     evaluator = load_scorer(pmg.preset, "evaluator", pmg.text_encoder if pmg.preset.text_encoder == "minilm" else None)
     lp = None
     if lpips:
@@ -406,7 +412,7 @@ def evaluate(
                                  progress=lambda i, n: bar.update(task, completed=i), keep_images=keep_images,
                                  soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm))
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
-    meta = {"n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
+    meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {m: known[m].description for m in names},
             "evaluator": evaluator.name, "alpha": pmg.settings.alpha, "weights": list(pmg.settings.weights),
             "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(),

@@ -4,7 +4,8 @@ Picks held-out sticker users whose hidden tastes differ and who share a conversa
 (preferring targets where the catalog holds a personalized ground truth for many tastes), gives
 them all the same conversation, generates each one's sticker, and writes
 
-* ``<out>/demo.png`` — target item | non-personalized baseline | each user's sticker + keywords;
+* ``<out>/demo.png`` — target item | non-personalized baseline | each user's sticker + keywords
+  (when soft embeddings are on, each user's sticker with the keywords alone is shown below it);
 * ``<out>/index.html`` — the picture and a link to each user's full report;
 * ``<out>/<sample>/`` — each request's record, candidates and report.
 """
@@ -59,12 +60,18 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
         raise ValueError(f"no test samples in dataset {ds.name!r}")
     context = samples[0].context  # everyone answers the same conversation
     results = []
+    without: dict[str, Any] = {}
     for s in samples:
         req = from_dataset(ds, sample_id=s.sample_id)
         res = pmg.generate(req.user, req.target, req.items, context=context, target_image=req.target_image,
                            history_images=req.history_images, user_id=req.user.user_id)
         res.save(out / req.request_id)
         results.append((s, req, res))
+        if res.record["soft_embeddings"] == "on":  # the same request without them, to show what they change
+            plain = pmg.generate(req.user, req.target, req.items, context=context, target_image=req.target_image,
+                                 history_images=req.history_images, user_id=req.user.user_id, use_soft=False)
+            plain.save(out / req.request_id / "keywords-only")
+            without[s.sample_id] = plain
         log(f"{s.user_id} ({ds.users[s.user_id].attributes.get('taste')}): "
             f"{', '.join(res.record['preference_keywords'][:6])} → chosen w = "
             f"{res.record['candidates'][res.chosen]['weight']:g}")
@@ -85,6 +92,11 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
                         "lines": [f"hidden taste: {taste}",
                                   f"chosen w = {w:g}" + (" + soft" if res.record["soft_embeddings"] == "on" else ""),
                                   *res.record["preference_keywords"][:4], f"gt: {gt}"]})
+        if s.sample_id in without:
+            plain = without[s.sample_id]
+            columns[-1]["below"] = {"image": out / req.request_id / "keywords-only" / "chosen.png",
+                                    "caption": "keywords only",
+                                    "lines": [f"chosen w = {plain.record['candidates'][plain.chosen]['weight']:g}"]}
     picture = side_by_side(columns, out / "demo.png",
                            title=f"Same conversation, different users: \"{context[-1].text if context else ''}\"")
     rows = "".join(

@@ -74,6 +74,7 @@ PRESETS: dict[str, Preset] = {
         generator="zoo:sticker-tiny/generator",
         selector="zoo:sticker-tiny/selector",
         evaluator="zoo:sticker-tiny/evaluator",
+        soft_prompt="zoo:sticker-tiny/soft-prompt",
     ),
     "sd15": Preset(
         name="sd15",

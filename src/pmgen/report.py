@@ -89,7 +89,9 @@ timings: {timings}</p>
 def side_by_side(columns: Sequence[dict[str, Any]], out: Path, title: str = "", cell: int = 128) -> Path:
     """One picture: a column per entry ``{"image": PIL/Path, "caption": str, "lines": [str], "history": [Path]}``.
 
-    Each column shows an optional strip of history thumbnails, the main image and its caption lines.
+    Each column shows an optional strip of history thumbnails, the main image and its caption lines,
+    and optionally a second image below (``"below": {"image", "caption", "lines"}``, e.g. the same
+    request without one of the conditions).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -101,7 +103,9 @@ def side_by_side(columns: Sequence[dict[str, Any]], out: Path, title: str = "", 
     bold = ImageFont.load_default(size=14)
     col_w = cell + 2 * pad
     top = 34 if title else 8
-    h = top + hist_rows * thumb + (6 if hist_rows else 0) + cell + 22 + 15 * max_lines + 24
+    below_lines = max((len(c["below"].get("lines", [])) for c in columns if c.get("below")), default=-1)
+    below_h = 0 if below_lines < 0 else 8 + cell + 22 + 15 * below_lines
+    h = top + hist_rows * thumb + (6 if hist_rows else 0) + cell + 22 + 15 * max_lines + below_h + 24
     sheet = Image.new("RGB", (col_w * len(columns), h), "white")
     d = ImageDraw.Draw(sheet)
     if title:
@@ -125,6 +129,17 @@ def side_by_side(columns: Sequence[dict[str, Any]], out: Path, title: str = "", 
         for line in c.get("lines", []):
             d.text((x0, y), line[:24], fill=(70, 70, 70), font=font)
             y += 15
+        if c.get("below"):
+            b = c["below"]
+            y = top + hist_rows * thumb + (6 if hist_rows else 0) + cell + 22 + 15 * max_lines + 8
+            im = Image.open(b["image"]) if isinstance(b["image"], (str, Path)) else b["image"]
+            sheet.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x0, y))
+            y += cell + 4
+            d.text((x0, y), b.get("caption", "")[:22], fill="black", font=bold)
+            y += 18
+            for line in b.get("lines", []):
+                d.text((x0, y), line[:24], fill=(70, 70, 70), font=font)
+                y += 15
     d.text((pad, h - 16), CREDIT, fill=(130, 130, 130), font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

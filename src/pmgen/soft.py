@@ -39,6 +39,10 @@ class SoftPromptConfig:
         prefix_length: P-Tuning-v2 prefix positions per layer (0 disables the prefix).
         n_img: number of [IMG] tokens = number of soft embeddings per user.
         use_img_tokens: False → pooled prompt states instead of [IMG] positions (ablation).
+        norm: every soft embedding is rescaled to this L2 norm (the text encoder's typical token-state
+            norm, so a soft vector weighs in the generator's cross-attention like one word); 0 leaves
+            them unconstrained (the first trained weights: their norms grew to 2–7× a word's and they
+            overrode the target at inference).
         budget_tokens: token budget of the verbalized history it was trained on (used at inference too).
         prompt_version: version of the prompt text the weights were trained with.
         info: free-form training record.
@@ -51,12 +55,14 @@ class SoftPromptConfig:
     n_img: int = 4
     use_img_tokens: bool = True
     budget_tokens: int = 96
+    norm: float = 0.0
     prompt_version: str = PROMPT_VERSION
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.prefix_length < 0 or self.n_img < 1 or self.llm_hidden < 1 or self.text_width < 1:
-            raise ValueError("prefix_length >= 0, n_img >= 1, llm_hidden >= 1 and text_width >= 1 are required")
+        if self.prefix_length < 0 or self.n_img < 1 or self.llm_hidden < 1 or self.text_width < 1 or self.norm < 0:
+            raise ValueError("prefix_length >= 0, n_img >= 1, llm_hidden >= 1, text_width >= 1 and norm >= 0 "
+                             "are required")
 
 
 def soft_prompt_messages(history_text: str) -> list[dict[str, str]]:
@@ -124,10 +130,14 @@ class SoftPromptEncoder(nn.Module):
                                    position_ids=positions, use_cache=cache is not None)
         h = out.last_hidden_state
         if self.cfg.use_img_tokens:
-            return self.proj(h[:, -self.cfg.n_img:])
-        real = mask[:, p:].unsqueeze(-1).to(h.dtype)
-        pooled = (h * real).sum(1) / real.sum(1).clamp(min=1)
-        return self.proj(pooled).view(b, self.cfg.n_img, self.cfg.text_width)
+            soft = self.proj(h[:, -self.cfg.n_img:])
+        else:
+            real = mask[:, p:].unsqueeze(-1).to(h.dtype)
+            pooled = (h * real).sum(1) / real.sum(1).clamp(min=1)
+            soft = self.proj(pooled).view(b, self.cfg.n_img, self.cfg.text_width)
+        if self.cfg.norm > 0:
+            soft = self.cfg.norm * torch.nn.functional.normalize(soft, dim=-1)
+        return soft
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items()}

@@ -12,17 +12,25 @@ Objective, for soft embeddings ``S`` of the history and target token states ``T`
     L_pos = ‖v̂(x_pos, t | [T ; S]) − v‖²          (the generator's v-prediction loss)
     L_neg = ‖v̂(x_neg, t | [T ; S]) − v‖²          (a random catalog sticker outside the user's taste,
                                                      same noise and timestep)
-    loss  = L_pos + λ · max(0, m + L_pos − L_neg)
+    L_oth = ‖v̂(x_pos, t | [T ; S_other]) − v‖²  (the same image, another user's soft embeddings: a
+                                                     user of the batch with another taste)
+    loss  = L_pos + λ · max(0, m + L_pos − L_neg) + μ · max(0, m_u + L_pos − L_oth)
 
 The hinge is the released code's "minus 0.5 × the negative loss", bounded: once the user's sticker
 is reconstructed better than a random one by the margin ``m`` it stops pushing, so the soft
-embeddings carry the user's taste rather than growing without bound. Timesteps are drawn from the
+embeddings carry the user's taste rather than growing without bound. The second hinge asks the
+user's own soft embeddings to beat another user's on the user's sticker: without it (μ = 0, the
+first trained weights) most of what was learned was one user-independent vector (soft embeddings
+of different users had cosine 0.93–0.99) that helps any reconstruction and overrides the target at
+inference. With ``match_norm`` every soft vector is rescaled to the text encoder's mean token norm. Timesteps are drawn from the
 first ``t_max`` (default 80%) of the schedule: at inference the generator edits the target's image
 at the preset's strength (0.6 by default), so only those noise levels are ever used.
 
 Validation (held-out users of the val split, fixed noise and timesteps): ``val_pos`` (L_pos),
-``val_neg``, and ``val_gain`` = L_pos with the target alone − L_pos with ``[T ; S]`` — how much
-the soft embeddings tell the generator about the user's sticker that the target text does not.
+``val_neg``, ``val_gain`` = L_pos with the target alone − L_pos with ``[T ; S]``, and
+``val_user_gain`` = L_pos with *another* user's soft embeddings (a validation user of a different
+taste) − L_pos with the user's own. ``val_gain`` also counts what any appended vectors do to the
+generator; ``val_user_gain`` is what the soft embeddings know about *this* user.
 
 Checkpoints (every few minutes and at each validation) hold the trainable weights, the optimizer,
 the step, the data order and every RNG, so ``--resume`` continues exactly. The exported folder
@@ -70,15 +78,25 @@ class SoftPromptTrainConfig:
         batch_size: users per step.
         lr: AdamW learning rate of the prefix and [IMG] embeddings; ``proj_lr`` of the linear map.
         neg_weight, margin: λ and m of the hinge (``neg_weight = 0`` drops the negative term).
+        user_weight, user_margin: μ and m_u of the other-user hinge (``user_weight = 0`` drops it).
+        match_norm: rescale every soft vector to the text encoder's mean token-state norm.
+        positives: ``"all"`` (ground truth where recorded, else a held-out taste item) or
+            ``"ground-truth"`` (only samples with a recorded personalized version of the target: the
+            held-out taste items are unrelated to the target text, and learning to draw them teaches
+            the soft embeddings to override the target).
         t_max: share of the noise schedule timesteps are drawn from.
         val_users: validation examples (one per val-split user, fixed).
         val_every: steps between validations.
         seed: data order, noise and initialization.
+        init_from: warm start from an exported soft-prompt folder of the same shape (e.g. the
+            committed zoo weights, when the resume checkpoint is gone): its weights, step count and
+            minutes carry on, the data order continues where its run left off (same seed), the
+            optimizer starts afresh. Ignored when ``train_dir`` holds a checkpoint.
     """
 
     out: str
     minutes: float = 90.0
-    max_steps: int = 1200
+    max_steps: int = 480
     train_dir: str | None = None
     data_dir: str | None = None
     checkpoint_minutes: float = 5.0
@@ -93,10 +111,15 @@ class SoftPromptTrainConfig:
     proj_lr: float = 1e-3
     neg_weight: float = 0.5
     margin: float = 0.02
+    user_weight: float = 1.0
+    user_margin: float = 0.02
+    match_norm: bool = True
+    positives: str = "ground-truth"
     t_max: float = 0.8
     val_users: int = 48
-    val_every: int = 200
+    val_every: int = 120
     seed: int = 0
+    init_from: str | None = None
 
     RUN_FIELDS = ("out", "minutes", "max_steps", "train_dir", "data_dir", "checkpoint_minutes", "log_every",
                   "threads")
@@ -118,6 +141,9 @@ class SoftPromptTrainConfig:
         need(self.proj_lr > 0, "proj_lr", "> 0")
         need(self.neg_weight >= 0, "neg_weight", ">= 0")
         need(self.margin >= 0, "margin", ">= 0")
+        need(self.user_weight >= 0, "user_weight", ">= 0")
+        need(self.positives in ("all", "ground-truth"), "positives", "'all' or 'ground-truth'")
+        need(self.user_margin >= 0, "user_margin", ">= 0")
         need(0 < self.t_max <= 1, "t_max", "in (0, 1]")
         need(self.val_users >= 1, "val_users", ">= 1")
         need(self.val_every >= 1, "val_every", ">= 1")
@@ -142,6 +168,7 @@ class SoftExamples:
     positives: list[int]  # row of ``latents``
     negatives: list[list[int]]  # rows a negative may be drawn from (outside the user's taste)
     positive_kind: list[str]  # "ground truth" or "held-out taste item"
+    tastes: list[str]  # the user's hidden taste (for the other-user validation baseline)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -164,7 +191,7 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
     rng = random.Random(seed)
     base = [it for it in ds.items.values() if not it.attributes.get("skintone") and it.id in item_rows]
     in_taste = {t.name: {it.id for it in base if t.matches(it)} for t in TASTES}
-    out = SoftExamples([], [], [], [], [], [], [])
+    out = SoftExamples([], [], [], [], [], [], [], [])
     for s in ds.split(split):
         user = ds.users[s.user_id]
         taste = taste_by_name(user.attributes["taste"])
@@ -188,7 +215,23 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
         out.positives.append(item_rows[pos])
         out.negatives.append(negatives)
         out.positive_kind.append(kind)
+        out.tastes.append(taste.name)
     return out
+
+
+def with_positives(ex: SoftExamples, which: str) -> SoftExamples:
+    """All examples (``"all"``) or only those whose positive is the recorded ground truth."""
+    if which == "all":
+        return ex
+    if which != "ground-truth":
+        raise ValueError(f"positives must be 'all' or 'ground-truth', got {which!r}")
+    return ex.subset([i for i, k in enumerate(ex.positive_kind) if k == "ground truth"])
+
+
+def other_user_index(tastes: Sequence[str]) -> list[int]:
+    """For each example, the next example (cyclically) whose user has another taste (itself if none has)."""
+    n = len(tastes)
+    return [next((j % n for j in range(i + 1, i + n) if tastes[j % n] != tastes[i]), i) for i in range(n)]
 
 
 def one_per_user(ex: SoftExamples, n: int, seed: int) -> SoftExamples:
@@ -203,8 +246,19 @@ def one_per_user(ex: SoftExamples, n: int, seed: int) -> SoftExamples:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+def mean_token_norm(builder: Any, texts: Sequence[str]) -> float:
+    """Mean L2 norm of the text encoder's real (non-padding) token states over ``texts``."""
+    norms = []
+    for text in texts:
+        states, n_real, _ = builder.encode(text)
+        norms.append(states[:max(n_real, 1)].norm(dim=-1))
+    return float(torch.cat(norms).mean())
+
+
 def objective(l_pos: torch.Tensor, l_neg: torch.Tensor, neg_weight: float, margin: float) -> torch.Tensor:
     """``mean(L_pos) + λ · mean(max(0, m + L_pos − L_neg))``: bounded below by ``mean(L_pos)``."""
+    if neg_weight == 0:
+        return l_pos.mean()
     return l_pos.mean() + neg_weight * F.relu(margin + l_pos - l_neg).mean()
 
 
@@ -236,11 +290,12 @@ class SoftPromptTrainer:
         self.train_ex, self.val_ex = train, val
         self.builder = ConditionBuilder(text_encoder, text_max_length)
         width = self.builder.width
+        norm = mean_token_norm(self.builder, train.target_texts[:256]) if cfg.match_norm else 0.0
         torch.manual_seed(cfg.seed)
         self.encoder = SoftPromptEncoder(SoftPromptConfig(
             llm_name=llm_name or getattr(llm, "name", "") or "llm", llm_hidden=llm.hidden_size, text_width=width,
             prefix_length=cfg.prefix_length, n_img=cfg.n_img, use_img_tokens=cfg.use_img_tokens,
-            budget_tokens=cfg.budget_tokens), llm)
+            budget_tokens=cfg.budget_tokens, norm=norm), llm)
         llm.model.requires_grad_(False)
         generator.unet.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(generator.scheduler.config)
@@ -259,6 +314,9 @@ class SoftPromptTrainer:
         self.checkpoint_path = self.train_dir / "last.pt"
         self.progress_path = self.train_dir / "progress.log"
         self._val_fixed = self._fixed_noise(len(val), seed=cfg.seed + 1)
+        self.init_step = 0
+        if cfg.init_from and not self.checkpoint_path.is_file():
+            self.warm_start(Path(cfg.init_from))
 
     # ------------------------------------------------------------------ pieces
     def _fixed_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -305,42 +363,84 @@ class SoftPromptTrainer:
         t = torch.randint(0, t_hi, (b,), generator=self.gen)
         noise = torch.randn((b, *self.latents.shape[1:]), generator=self.gen)
         pos = self.latents[[ex.positives[i] for i in idx]]
+        xs, conds, noises, ts = [pos], [cond], [noise], [t]
         if cfg.neg_weight > 0:
             negs = [ex.negatives[i][int(torch.randint(0, len(ex.negatives[i]), (1,), generator=self.gen))]
                     for i in idx]
-            both = self._losses(torch.cat([pos, self.latents[negs]]), noise.repeat(2, 1, 1, 1), t.repeat(2),
-                                cond.repeat(2, 1, 1))
-            l_pos, l_neg = both[:b], both[b:]
-            loss = objective(l_pos, l_neg, cfg.neg_weight, cfg.margin)
-        else:
-            l_pos = self._losses(pos, noise, t, cond)
-            l_neg = torch.full_like(l_pos, float("nan"))
-            loss = l_pos.mean()
+            xs, conds, noises, ts = xs + [self.latents[negs]], conds + [cond], noises + [noise], ts + [t]
+        other = other_user_index([ex.tastes[i] for i in idx])
+        has_other = torch.tensor([o != k for k, o in enumerate(other)])
+        if cfg.user_weight > 0:  # the same image under another user's soft embeddings
+            xs, noises, ts = xs + [pos], noises + [noise], ts + [t]
+            conds.append(torch.cat([cond[:, :cond.shape[1] - soft.shape[1]], soft.float()[other]], dim=1))
+        losses = self._losses(torch.cat(xs), torch.cat(noises), torch.cat(ts), torch.cat(conds)).split(b)
+        l_pos = losses[0]
+        nan = torch.full_like(l_pos, float("nan"))
+        l_neg = losses[1] if cfg.neg_weight > 0 else nan
+        l_oth = losses[-1] if cfg.user_weight > 0 else nan
+        loss = objective(l_pos, l_neg, cfg.neg_weight, cfg.margin)
+        if cfg.user_weight > 0 and bool(has_other.any()):
+            loss = loss + cfg.user_weight * (F.relu(cfg.user_margin + l_pos - l_oth) * has_other).sum() / b
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), 1.0)
         self.opt.step()
         self.step += 1
-        return {"loss": float(loss.detach()), "pos": float(l_pos.detach().mean()), "neg": float(l_neg.detach().mean())}
+        return {"loss": float(loss.detach()), "pos": float(l_pos.detach().mean()),
+                "neg": float(l_neg.detach().mean()), "other": float(l_oth.detach().mean())}
 
     @torch.no_grad()
     def validate(self, batch: int = 8) -> dict[str, float]:
-        """``val_pos``, ``val_neg``, ``val_target_only`` and ``val_gain`` on the fixed validation set."""
+        """``val_pos``, ``val_neg``, ``val_target_only``, ``val_gain``, ``val_other_user`` and
+        ``val_user_gain`` on the fixed validation set."""
         self.encoder.eval()
         ex = self.val_ex
         t, noise, negs = self._val_fixed
-        pos_l, neg_l, base_l = [], [], []
+        softs = torch.cat([self.encoder(ex.history_texts[s:s + batch]).float() for s in range(0, len(ex), batch)])
+        other = other_user_index(ex.tastes)
+        pos_l, neg_l, base_l, other_l = [], [], [], []
         for s in range(0, len(ex), batch):
             idx = list(range(s, min(len(ex), s + batch)))
             tgt = self._targets([ex.target_texts[i] for i in idx])
-            soft = self.encoder([ex.history_texts[i] for i in idx]).float()
-            cond = torch.cat([tgt, soft], dim=1)
+            cond = torch.cat([tgt, softs[idx]], dim=1)
             x_pos = self.latents[[ex.positives[i] for i in idx]]
             pos_l.append(self._losses(x_pos, noise[idx], t[idx], cond))
             neg_l.append(self._losses(self.latents[[negs[i] for i in idx]], noise[idx], t[idx], cond))
             base_l.append(self._losses(x_pos, noise[idx], t[idx], tgt))
-        p, n, base = (torch.cat(v).mean().item() for v in (pos_l, neg_l, base_l))
-        return {"val_pos": p, "val_neg": n, "val_target_only": base, "val_gain": base - p}
+            other_l.append(self._losses(x_pos, noise[idx], t[idx],
+                                        torch.cat([tgt, softs[[other[i] for i in idx]]], dim=1)))
+        p, n, base, o = (torch.cat(v).mean().item() for v in (pos_l, neg_l, base_l, other_l))
+        return {"val_pos": p, "val_neg": n, "val_target_only": base, "val_gain": base - p, "val_other_user": o,
+                "val_user_gain": o - p}
+
+    def warm_start(self, folder: Path) -> None:
+        """Start from an exported soft prompt (``init_from``): its weights, step count and minutes.
+
+        Not an exact resume (fresh optimizer and data order); the shapes must match this run's.
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        path = folder / "soft_prompt.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from={folder}: no soft_prompt.safetensors there")
+        theirs = json.loads((folder / "config.json").read_text())
+        mine = self.encoder.cfg
+        differ = [k for k in ("llm_hidden", "text_width", "prefix_length", "n_img", "use_img_tokens", "budget_tokens")
+                  if theirs.get(k) != getattr(mine, k)]
+        if differ:
+            raise ValueError(f"init_from={folder} has another shape ({', '.join(differ)}) than this run")
+        self.encoder.load_state_dict(load_file(str(path)))
+        info = theirs.get("info", {})
+        self.step = int(info.get("steps", 0))
+        self.train_seconds = 60.0 * float(info.get("train_minutes", 0.0))
+        self.init_step = self.step
+        seen = int(info.get("examples_seen", self.step * self.cfg.batch_size))
+        self.epoch, self.pos = divmod(seen, len(self.train_ex))
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
+        self.order = torch.randperm(len(self.train_ex), generator=g).tolist()
+        self.log(f"warm start from {folder}: step {self.step}, {self.train_seconds / 60:.1f} min "
+                 "(fresh optimizer state and data order)")
 
     # ------------------------------------------------------------------ state
     def _record(self, line: dict[str, Any]) -> None:
@@ -450,8 +550,10 @@ def write_model_card(trainer: SoftPromptTrainer) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     if tr:
         ax.plot([h["step"] for h in tr], [h["pos"] for h in tr], lw=0.7, alpha=0.6, label="train L_pos")
-    for key, style in (("val_pos", "o-"), ("val_neg", "s--"), ("val_target_only", ":")):
-        ax.plot([h["step"] for h in va], [h[key] for h in va], style, label=key.replace("val_", "val "))
+    for key, style in (("val_pos", "o-"), ("val_neg", "s--"), ("val_target_only", ":"), ("val_other_user", "^-.")):
+        pts = [(h["step"], h[key]) for h in va if key in h]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key.replace("val_", "val ").replace("_", " "))
     ax.set_xlabel("step")
     ax.set_ylabel("generator loss")
     ax.legend(fontsize=7)
@@ -478,11 +580,14 @@ UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users
 |---|---|
 | training examples / validation users | {len(trainer.train_ex)} / {len(trainer.val_ex)} |
 | steps × batch | {trainer.step} × {cfg.batch_size} (epoch {trainer.epoch}) |
+| objective | L_pos + {cfg.neg_weight:g}·hinge(negative image, m = {cfg.margin:g}) + {cfg.user_weight:g}·hinge(other user's soft, m = {cfg.user_margin:g}) |
+| soft vector norm | {f"{trainer.encoder.cfg.norm:.2f} (the text encoder's mean token norm)" if trainer.encoder.cfg.norm else "unconstrained"} |
 | training time | {info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} threads) |
 | validation L_pos at start → end | {first.get('val_pos', float('nan')):.5f} → {last.get('val_pos', float('nan')):.5f} |
 | validation L_neg at end | {last.get('val_neg', float('nan')):.5f} |
 | validation target-only loss | {last.get('val_target_only', float('nan')):.5f} |
 | val_gain (target-only − with soft) | {last.get('val_gain', float('nan')):+.5f} |
+| val_user_gain (another user's soft − own) | {last.get('val_user_gain', float('nan')):+.5f} |
 
 Reproduce: `pmgen train soft-prompt --out {out.as_posix()} {overrides}`.
 
@@ -510,6 +615,7 @@ def prepare(cfg: SoftPromptTrainConfig, preset: str = "sticker-tiny", log: Calla
     with torch.no_grad():
         latents = torch.cat([gen.encode(images[i:i + 256].float() / 255) for i in range(0, len(items), 256)])
     train = build_examples(ds, "train", llm.count_tokens, cfg.budget_tokens, cfg.seed, rows)
+    train = with_positives(train, cfg.positives)
     val = one_per_user(build_examples(ds, "val", llm.count_tokens, cfg.budget_tokens, cfg.seed, rows),
                        cfg.val_users, cfg.seed)
     n_gt = sum(k == "ground truth" for k in train.positive_kind)
