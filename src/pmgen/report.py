@@ -117,27 +117,19 @@ def side_by_side(columns: Sequence[dict[str, Any]], out: Path, title: str = "", 
             with Image.open(hp) as im:
                 sheet.paste(im.convert("RGB").resize((thumb, thumb)), (x0 + (k % 4) * thumb, y + (k // 4) * thumb))
         y += hist_rows * thumb + (6 if hist_rows else 0)
-        im = c["image"]
-        if isinstance(im, (str, Path)):
-            im = Image.open(im)
-        sheet.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x0, y))
-        if c.get("highlight"):
-            d.rectangle((x0 - 2, y - 2, x0 + cell + 1, y + cell + 1), outline=(42, 157, 75), width=2)
-        y += cell + 4
-        d.text((x0, y), c.get("caption", "")[:22], fill="black", font=bold)
-        y += 18
-        for line in c.get("lines", []):
-            d.text((x0, y), line[:24], fill=(70, 70, 70), font=font)
-            y += 15
-        if c.get("below"):
-            b = c["below"]
-            y = top + hist_rows * thumb + (6 if hist_rows else 0) + cell + 22 + 15 * max_lines + 8
-            im = Image.open(b["image"]) if isinstance(b["image"], (str, Path)) else b["image"]
+        for k, entry in enumerate((c, c.get("below"))):
+            if not entry:
+                continue
+            if k == 1:  # the second image starts below every column's caption lines
+                y = top + hist_rows * thumb + (6 if hist_rows else 0) + cell + 22 + 15 * max_lines + 8
+            im = Image.open(entry["image"]) if isinstance(entry["image"], (str, Path)) else entry["image"]
             sheet.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x0, y))
+            if entry.get("highlight"):
+                d.rectangle((x0 - 2, y - 2, x0 + cell + 1, y + cell + 1), outline=(42, 157, 75), width=2)
             y += cell + 4
-            d.text((x0, y), b.get("caption", "")[:22], fill="black", font=bold)
+            d.text((x0, y), entry.get("caption", "")[:22], fill="black", font=bold)
             y += 18
-            for line in b.get("lines", []):
+            for line in entry.get("lines", []):
                 d.text((x0, y), line[:24], fill=(70, 70, 70), font=font)
                 y += 15
     d.text((pad, h - 16), CREDIT, fill=(130, 130, 130), font=font)
