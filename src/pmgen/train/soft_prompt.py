@@ -3,9 +3,10 @@
 Everything else is frozen: the LLM, the text encoder and the generator. One training example is a
 sticker user of the train split, their verbalized history (what the soft prompt reads), the
 target's keywords (what the generator is told to draw) and a **positive image** that reflects the
-user's taste: the recorded ground-truth personalized sticker where the sample has one (laughing +
-cats → *cat with tears of joy*), otherwise one of the user's own taste stickers, held out of the
-history it is paired with.
+user's taste: the recorded ground-truth personalized sticker (laughing + cats → *cat with tears of
+joy*). By default only samples that have one are used (``positives="ground-truth"``); with
+``positives="all"`` the others contribute one of the user's own taste stickers, held out of the
+history it is paired with (an ablation: those images are unrelated to the target text).
 
 Objective, for soft embeddings ``S`` of the history and target token states ``T``:
 
@@ -22,9 +23,10 @@ embeddings carry the user's taste rather than growing without bound. The second 
 user's own soft embeddings to beat another user's on the user's sticker: without it (μ = 0, the
 first trained weights) most of what was learned was one user-independent vector (soft embeddings
 of different users had cosine 0.93–0.99) that helps any reconstruction and overrides the target at
-inference. With ``match_norm`` every soft vector is rescaled to the text encoder's mean token norm. Timesteps are drawn from the
-first ``t_max`` (default 80%) of the schedule: at inference the generator edits the target's image
-at the preset's strength (0.6 by default), so only those noise levels are ever used.
+inference. With ``match_norm`` every soft vector is rescaled to the text encoder's mean token norm.
+Timesteps are drawn from the first ``t_max`` (default 80%) of the schedule: at inference the
+generator edits the target's image at the preset's strength (0.6 by default), so only those noise
+levels are ever used.
 
 Validation (held-out users of the val split, fixed noise and timesteps): ``val_pos`` (L_pos),
 ``val_neg``, ``val_gain`` = L_pos with the target alone − L_pos with ``[T ; S]``, and
@@ -314,7 +316,6 @@ class SoftPromptTrainer:
         self.checkpoint_path = self.train_dir / "last.pt"
         self.progress_path = self.train_dir / "progress.log"
         self._val_fixed = self._fixed_noise(len(val), seed=cfg.seed + 1)
-        self.init_step = 0
         if cfg.init_from and not self.checkpoint_path.is_file():
             self.warm_start(Path(cfg.init_from))
 
@@ -416,7 +417,8 @@ class SoftPromptTrainer:
     def warm_start(self, folder: Path) -> None:
         """Start from an exported soft prompt (``init_from``): its weights, step count and minutes.
 
-        Not an exact resume (fresh optimizer and data order); the shapes must match this run's.
+        Not an exact resume: the optimizer starts afresh (the data order continues where the exported
+        run left off, for the same seed and batch size); the shapes must match this run's.
         """
         from safetensors.torch import load_file
 
@@ -434,13 +436,12 @@ class SoftPromptTrainer:
         info = theirs.get("info", {})
         self.step = int(info.get("steps", 0))
         self.train_seconds = 60.0 * float(info.get("train_minutes", 0.0))
-        self.init_step = self.step
         seen = int(info.get("examples_seen", self.step * self.cfg.batch_size))
         self.epoch, self.pos = divmod(seen, len(self.train_ex))
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
         self.order = torch.randperm(len(self.train_ex), generator=g).tolist()
         self.log(f"warm start from {folder}: step {self.step}, {self.train_seconds / 60:.1f} min "
-                 "(fresh optimizer state and data order)")
+                 "(fresh optimizer state; data order continued)")
 
     # ------------------------------------------------------------------ state
     def _record(self, line: dict[str, Any]) -> None:
