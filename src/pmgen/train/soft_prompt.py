@@ -420,20 +420,18 @@ class SoftPromptTrainer:
         Not an exact resume: the optimizer starts afresh (the data order continues where the exported
         run left off, for the same seed and batch size); the shapes must match this run's.
         """
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        path = folder / "soft_prompt.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from={folder}: no soft_prompt.safetensors there")
-        theirs = json.loads((folder / "config.json").read_text())
+        try:
+            theirs = SoftPromptEncoder.load(Path(folder), self.llm)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"init_from={folder}: {e}") from e
+        cfg = theirs.cfg
         mine = self.encoder.cfg
         differ = [k for k in ("llm_hidden", "text_width", "prefix_length", "n_img", "use_img_tokens", "budget_tokens")
-                  if theirs.get(k) != getattr(mine, k)]
+                  if getattr(cfg, k) != getattr(mine, k)]
         if differ:
             raise ValueError(f"init_from={folder} has another shape ({', '.join(differ)}) than this run")
-        self.encoder.load_state_dict(load_file(str(path)))
-        info = theirs.get("info", {})
+        self.encoder.load_state_dict(theirs.trainable_state())
+        info = cfg.info
         self.step = int(info.get("steps", 0))
         self.train_seconds = 60.0 * float(info.get("train_minutes", 0.0))
         seen = int(info.get("examples_seen", self.step * self.cfg.batch_size))
