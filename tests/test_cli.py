@@ -70,7 +70,7 @@ def test_generate_own_files_are_validated(tmp_path):
     beh.write_text(json.dumps({"user_id": "alice", "events": [{"type": "rating", "item_id": "a", "value": 11}]}))
     r = runner.invoke(app, ["generate", "--behaviors", str(beh), "--items", str(tmp_path / "items.jsonl"),
                             "--target", "a"])
-    assert r.exit_code == 1 and "rating 11 out of range" in r.output
+    assert r.exit_code == 2 and "rating 11 out of range" in r.output
     r = runner.invoke(app, ["generate", "--behaviors", str(beh)])
     assert r.exit_code == 2 and "--behaviors needs --items and --target" in r.output
 

@@ -6,52 +6,8 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from pmgen.data import Event, Item, User
-from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_pmg(tmp_path_factory):
-    from pmgen.models.llm import LLM
-    from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig
-    from pmgen.models.text_encoder import TextEncoder
-    from pmgen.pipeline import PMG, Settings
-    from pmgen.preferences import KeywordCache
-    from pmgen.presets import get_preset
-
-    root = tmp_path_factory.mktemp("tiny-pmg")
-    torch.manual_seed(0)
-    te = TextEncoder(write_tiny_bert(root / "bert"))
-    gen = tiny_sticker_generator(text_max_length=16)
-    sel_model = DualEncoder(ScorerConfig(widths=(8, 16), embed_dim=16, text_dim=32))
-    selector = Scorer(sel_model, te, name="tiny-selector")
-    llm = LLM.from_pretrained(write_tiny_llama(root / "llama"))
-    preset = get_preset("sticker-tiny", text_max_length=16)
-    settings = Settings(weights=(0.0, 1.0, 2.0), num_inference_steps=3, strength=0.6, guidance_scale=3.0, k=4)
-    return PMG(preset, llm, te, gen, selector, settings=settings, keyword_cache=KeywordCache(root / "kw.sqlite"))
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    """A tiny dataset folder: 4 items with images, one user."""
-    root = tmp_path_factory.mktemp("toy-data")
-    (root / "img").mkdir()
-    colors = {"a": (250, 200, 0), "b": (200, 80, 0), "c": (0, 120, 255), "d": (230, 30, 60)}
-    items = {}
-    for iid, col in colors.items():
-        im = Image.new("RGB", (64, 64), "white")
-        im.paste(Image.new("RGB", (30, 30), col), (17, 17))
-        im.save(root / "img" / f"{iid}.png")
-        items[iid] = Item(iid, {"a": "grinning face", "b": "cat face", "c": "blue heart", "d": "red heart"}[iid],
-                          "tags: test", image=f"img/{iid}.png")
-    with open(root / "items.jsonl", "w") as f:
-        for it in items.values():
-            f.write(json.dumps(it.to_json()) + "\n")
-    user = User("u1", [Event("social", item_id="b", value="send", time=1), Event("search", text="cat stickers", time=2),
-                       Event("social", item_id="b", value="send", time=3)])
-    return root, items, user
 
 
 def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
@@ -71,9 +27,9 @@ def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
     assert res.images.shape == (3, 3, 64, 64)
     # w = 0 is the non-personalized baseline, bit for bit: same seed, same init, target-only condition
     b = tiny_pmg.builder("concat").build(rec["target_keywords"], [], 0.0)
-    from pmgen.pipeline import _load_image
+    from pmgen.images import load_image
 
-    base = tiny_pmg.generator.image_to_image(_load_image(root / "img" / "a.png", 64), b.prompt_embeds,
+    base = tiny_pmg.generator.image_to_image(load_image(root / "img" / "a.png", 64), b.prompt_embeds,
                                              b.negative_prompt_embeds, strength=0.6, seed=0, num_inference_steps=3,
                                              guidance_scale=3.0)
     assert torch.equal(res.images[0], base[0])

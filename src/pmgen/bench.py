@@ -95,9 +95,9 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
         tkw = pmg.target_keywords(r0.target, r0.context)
         pkw = list(pmg.extract(r0.user, r0.items).keywords)
         cond = pmg.builder(pmg.settings.mode).build(tkw, pkw, 1.0)
-        from pmgen.pipeline import _load_image
+        from pmgen.images import load_image
 
-        init = _load_image(r0.target_image, int(getattr(pmg.generator, "image_size", 64)))
+        init = load_image(r0.target_image, int(getattr(pmg.generator, "image_size", 64)))
         s = pmg.settings
         med, _ = _median_time(lambda: pmg.generator.image_to_image(
             init, cond.prompt_embeds, cond.negative_prompt_embeds, strength=s.strength, seed=0,

@@ -42,7 +42,9 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Dataset 
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -177,18 +179,33 @@ def data_validate(
     console.print(f"[green]OK[/] {path}: {counts}, no problems")
 
 
+_OPTION_OF = {"weights": "--weights", "alpha": "--alpha", "mode": "--mode", "seed": "--seed",
+              "strength": "--strength", "num_inference_steps": "--steps", "k": "--keywords",
+              "history_weight": "--history-weight"}
+
+
 def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
                         strength: Optional[float], steps: Optional[int], k: Optional[int],
                         history_weight: Optional[float]) -> dict:
+    """The generation settings given as options, checked before any model loads (exit 2 naming the option)."""
+    from pmgen.pipeline import Settings
     from pmgen.select import weight_grid
 
     out: dict = {}
     if weights is not None:
-        out["weights"] = tuple(weight_grid(weights))
+        try:
+            out["weights"] = tuple(weight_grid(weights))
+        except ValueError as e:
+            _fail(f"--weights: {e}", 2)
     for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
                      ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight)):
         if val is not None:
             out[key] = val
+    for key, val in out.items():
+        try:
+            Settings(**{key: val})
+        except (ValueError, TypeError) as e:
+            _fail(f"{_OPTION_OF[key]}: {e}", 2)
     return out
 
 
@@ -254,14 +271,21 @@ def generate(
     """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
     from pmgen import requests as rq
 
+    from pmgen.paths import UnsafePathError, check_batch_root, check_result_dir
+
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight)
     if batch is not None:
-        if not batch.is_file():
-            _fail(f"batch file not found: {batch}", 2)
+        batch_out = out or Path("runs") / batch.stem
+        try:
+            check_batch_root(batch_out)
+            parsed = list(rq.read_batch(batch, data_dir_))
+        except (DataError, UnsafePathError) as e:
+            _fail(str(e), 2)
         pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
-        from pmgen.requests import run_batch
-
-        done, failed = run_batch(pmg, batch, out or Path("runs") / batch.stem, data_dir_, console, err)
+        try:
+            done, failed = rq.run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed)
+        except UnsafePathError as e:
+            _fail(str(e), 2)
         if failed:
             _fail(f"{failed} request(s) failed; the {done} others are done (re-run to retry only the failed ones)")
         return
@@ -276,15 +300,19 @@ def generate(
         else:
             _fail("say what to generate: --dataset with --sample (or --user and --target), --behaviors with --items "
                   "and --target, or --batch", 2)
-    except DataError as e:
-        _fail(str(e))
+        folder = check_result_dir(out or Path("runs") / req.request_id)
+    except (DataError, UnsafePathError) as e:
+        _fail(str(e), 2)
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
     pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
-    res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                       history_images=req.history_images, user_id=req.user.user_id,
-                       **({"seed": req.seed} if req.seed is not None else {}))
-    folder = res.save(out or Path("runs") / req.request_id)
+    try:
+        res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
+                           history_images=req.history_images, user_id=req.user.user_id,
+                           **({"seed": req.seed} if req.seed is not None else {}))
+        folder = res.save(folder)
+    except ValueError as e:  # an image over the limits, an output folder that became foreign meanwhile
+        _fail(str(e), 2)
     if as_json:
         print(json.dumps(res.record, indent=2, ensure_ascii=False))
     else:
@@ -309,16 +337,23 @@ def demo(
 ) -> None:
     """The main job (what `make demo` runs): different users, same target, one side-by-side picture."""
     from pmgen.demo import run_demo
+    from pmgen.paths import UnsafePathError, check_batch_root
 
+    overrides = _settings_overrides(weights, alpha, mode, seed, None, None, None, None)
+    try:
+        check_batch_root(out)
+    except UnsafePathError as e:
+        _fail(str(e), 2)
     data_build("all", data_dir_)
-    pmg = _load_pmg(preset, _settings_overrides(weights, alpha, mode, seed, None, None, None, None),
-                    **_soft(soft_prompt))
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
     ds = datasets.load("sticker-users", data_dir_)
     try:
         picture = run_demo(pmg, ds, out, users, None if target_key == "auto" else target_key,
                            log=lambda m: console.print(m, highlight=False))
     except KeyError as e:
         _fail(str(e.args[0]), 2)
+    except (UnsafePathError, ValueError) as e:
+        _fail(str(e), 2)
     console.print(f"[green]✓[/] picture: {picture}\n  pages: {out / 'index.html'}", highlight=False)
 
 

@@ -53,10 +53,12 @@ class DataError(ValueError):
 
     def __init__(self, problems: list["Problem"]):
         self.problems = problems
-        head = f"{len(problems)} problem(s) in the data:" if len(problems) != 1 else "1 problem in the data:"
+        if len(problems) == 1:  # one line: file:line [field]: what was expected
+            super().__init__(str(problems[0]))
+            return
         shown = "\n".join(f"  {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"{head}\n{shown}{more}")
+        super().__init__(f"{len(problems)} problems in the data:\n{shown}{more}")
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,9 @@ def pick_samples(ds: Dataset, n_users: int = 4, split: str = "test", target_key:
 def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str | None = None,
              log: Any = print) -> Path:
     """Generate the demo picture and pages into ``out``; returns the picture's path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from pmgen.paths import prepare_batch_root
+
+    out = prepare_batch_root(out)  # new, empty, or a folder pmgen made: never someone else's files
     samples = pick_samples(ds, n_users, target_key=target_key)
     if not samples:
         raise ValueError(f"no test samples in dataset {ds.name!r}")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from pmgen.data import Dataset, Sample
-from pmgen.pipeline import _load_image
+from pmgen.images import load_image
 from pmgen.requests import from_dataset
 from pmgen.select import z_score
 
@@ -110,7 +110,7 @@ class Grader:
         self.lpips = lpips
         self.perceptual = perceptual
         self.ids = list(catalog.items)
-        imgs = torch.cat([_load_image(catalog.image_path(i), 64) for i in self.ids])
+        imgs = torch.cat([load_image(catalog.image_path(i), 64) for i in self.ids])
         self.images = imgs
         with torch.no_grad():
             self.catalog_emb = torch.cat([evaluator.image_embeddings(imgs[i:i + 512])

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,10 @@ import torch
 
 from pmgen.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
 from pmgen.data import Event, Item, User
+from pmgen.images import load_image
 from pmgen.presets import Preset, get_preset
 from pmgen.select import DEFAULT_ALPHA, select, weight_grid
+from pmgen.verbalize import TEXT_CHARS, shortened_texts
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -78,6 +79,16 @@ class Settings:
             raise ValueError("k >= 1, n_target_keywords >= 1 and budget_tokens >= 16 are required")
         if not 0 <= self.strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if not 1 <= self.num_inference_steps <= 1000:
+            raise ValueError(f"steps (num_inference_steps) must be in [1, 1000], got {self.num_inference_steps}")
+        if not 0 <= self.guidance_scale <= 100:
+            raise ValueError(f"guidance_scale must be in [0, 100], got {self.guidance_scale}")
+        if not 0 <= self.history_weight <= 1:
+            raise ValueError(f"history_weight must be in [0, 1], got {self.history_weight}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.k > 64 or self.n_target_keywords > 64 or self.budget_tokens > 8192:
+            raise ValueError("k and n_target_keywords must be <= 64 and budget_tokens <= 8192")
 
 
 @dataclass
@@ -100,52 +111,32 @@ class GenerationResult:
     def save(self, out_dir: str | Path) -> Path:
         """Write ``chosen.png``, ``candidates/w_*.png``, ``record.json`` and ``report.html``.
 
-        Written to a temporary folder that replaces ``out_dir`` at the end, so an interrupted save
-        never leaves a half-written result behind.
+        Written to a temporary folder renamed into place at the end (:func:`pmgen.paths.write_result_dir`),
+        so an interrupted save never leaves a half-written result behind. ``out_dir`` must be new,
+        empty, or an earlier pmgen result; a folder holding anything else raises
+        :class:`pmgen.paths.UnsafePathError` and nothing is written.
         """
-        from pmgen.report import write_request_report
         from pmgen.models.generator import StickerGenerator
+        from pmgen.paths import write_result_dir
+        from pmgen.report import write_request_report
 
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "candidates").mkdir(parents=True)
         pils = StickerGenerator.to_pil(self.images)
         record = json.loads(json.dumps(self.record))
-        for cand, im in zip(record["candidates"], pils):
-            name = f"candidates/w_{cand['weight']:.2f}.png"
-            im.save(tmp / name)
-            cand["image"] = name
-        pils[self.chosen].save(tmp / "chosen.png")
-        record["image"] = "chosen.png"
-        (tmp / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        write_request_report(tmp, record, self.history_images, self.target_image)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+
+        def write(tmp: Path) -> None:
+            (tmp / "candidates").mkdir()
+            for cand, im in zip(record["candidates"], pils):
+                name = f"candidates/w_{cand['weight']:.2f}.png"
+                im.save(tmp / name)
+                cand["image"] = name
+            pils[self.chosen].save(tmp / "chosen.png")
+            record["image"] = "chosen.png"
+            (tmp / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            write_request_report(tmp, record, self.history_images, self.target_image)
+
+        out = write_result_dir(out_dir, write)
         self.record = record
-        return out_dir
-
-
-def _load_image(image: Any, size: int) -> torch.Tensor | None:
-    """Path / PIL image / tensor → float ``[1, 3, size, size]`` in [0, 1] (white behind transparency)."""
-    if image is None:
-        return None
-    if torch.is_tensor(image):
-        x = image if image.dim() == 4 else image.unsqueeze(0)
-        return torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear",
-                                               antialias=True, align_corners=False) if x.shape[-1] != size else x.float()
-    from PIL import Image
-
-    im = Image.open(image) if isinstance(image, (str, Path)) else image
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    im = im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
+        return out
 
 
 def _hash_text(text: str) -> str:
@@ -291,6 +282,14 @@ class PMG:
             timings["preference_keywords"] = time.perf_counter() - t
             pref_kw = list(kw.keywords)
             pref_record = kw.to_json()
+            if kw.fallback:
+                warnings.append(f"preference keywords: {kw.fallback}")
+            if kw.n_kept is not None and kw.n_events is not None and kw.n_kept < kw.n_events:
+                warnings.append(f"history truncated: the LLM read the newest {kw.n_kept} of {kw.n_events} events "
+                                f"(token budget {s.budget_tokens})")
+        n_short = shortened_texts(events) if personalized else 0
+        if n_short:
+            warnings.append(f"{n_short} event text(s) longer than {TEXT_CHARS} characters were shortened for the LLM")
             if not pref_kw and not use_soft:
                 personalized, reason = False, "no usable preference keywords"
         soft = None
@@ -302,8 +301,8 @@ class PMG:
         weights = list(s.weights) if personalized else [0.0]
 
         size = int(getattr(self.generator, "image_size", self.preset.image_size))
-        init = _load_image(target_image, size)
-        hist = [_load_image(p, size) for p in history_images]
+        init = load_image(target_image, size)
+        hist = [load_image(p, size) for p in history_images]
         builder = self.builder(s.mode)
         t = time.perf_counter()
         conds = [builder.build(tkw, pref_kw, w, soft) for w in weights]

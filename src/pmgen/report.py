@@ -6,7 +6,6 @@ Every report and picture built from sticker images carries the OpenMoji credit (
 from __future__ import annotations
 
 import html
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,18 +30,21 @@ def _kw(words: Sequence[str]) -> str:
 
 def write_request_report(folder: Path, record: dict[str, Any], history_images: Sequence[Path] = (),
                          target_image: Path | None = None, max_history: int = 12) -> Path:
-    """Write ``folder/report.html`` for one generation record (copies the images it shows)."""
+    """Write ``folder/report.html`` for one generation record, with small PNG copies (at most 256 px a side)
+    of the history and target images it shows (inputs are never copied whole)."""
+    from pmgen.images import save_thumbnail
+
     folder = Path(folder)
     hist_html = []
     if history_images:
         (folder / "history").mkdir(exist_ok=True)
         for i, p in enumerate(list(history_images)[:max_history]):
-            name = f"history/{i:02d}{Path(p).suffix or '.png'}"
-            shutil.copyfile(p, folder / name)
+            name = f"history/{i:02d}.png"
+            save_thumbnail(p, folder / name)
             hist_html.append(f'<div class="card"><img src="{name}"></div>')
     target_html = ""
     if target_image is not None and Path(target_image).is_file():
-        shutil.copyfile(target_image, folder / "target.png")
+        save_thumbnail(target_image, folder / "target.png")
         target_html = '<div class="card"><img src="target.png"><br>target item</div>'
     cands = []
     rows = []

@@ -6,21 +6,24 @@ A batch file is JSONL, one request per line, in one of these forms::
     {"dataset": "sticker-users", "user_id": "su0003", "target_id": "1F602"}
     {"user": {"user_id": "alice", "events": [...]}, "target_id": "p3", "items": "my_data/items.jsonl"}
 
-Optional per line: ``"request_id"`` (default: derived from the request), ``"seed"``. Each finished
-request is a folder ``<out>/<request_id>/`` with ``record.json``; a re-run skips finished requests,
-and a request interrupted mid-write leaves no folder behind (see :meth:`GenerationResult.save`).
+Optional per line: ``"request_id"`` (default: derived from the request; a given one must be a safe
+id, see :func:`pmgen.paths.check_id`), ``"seed"`` (an integer >= 0). Each finished request is a
+folder ``<out>/<request_id>/`` with ``record.json``; a re-run skips finished requests, and a request
+interrupted mid-write leaves no folder behind (see :func:`pmgen.paths.write_result_dir`). Sizes are
+bounded by :mod:`pmgen.limits` (file bytes, lines, events per user, text lengths, images).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pmgen.data import DataError, Dataset, Event, Item, Problem, User
-from pmgen.validate import _Ctx, parse_event, parse_items
+from pmgen.limits import LIMITS, Limits, check_file_size
+from pmgen.paths import UnsafePathError, check_id, inside, prepare_batch_root, safe_id
+from pmgen.validate import _Ctx, _id, parse_event, parse_items
 
 
 @dataclass
@@ -36,10 +39,6 @@ class Request:
     history_images: list[Path] = field(default_factory=list)
     seed: int | None = None
     ground_truth: str | None = None
-
-
-def _safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "request"
 
 
 def history_image_paths(ds_or_root: Dataset | Path, user: User, items: Mapping[str, Item], limit: int = 12) -> list[Path]:
@@ -74,117 +73,221 @@ def from_dataset(ds: Dataset, sample_id: str | None = None, user_id: str | None 
         raise KeyError(f"unknown user id {user_id!r} in dataset {ds.name!r} ({len(ds.users)} users)")
     if target_id not in ds.items:
         raise KeyError(f"unknown target item id {target_id!r} in dataset {ds.name!r} ({len(ds.items)} items)")
+    if request_id is not None:
+        check_id(request_id, "request_id")
     user = ds.users[user_id]
-    return Request(request_id=request_id or _safe_id(sample_id or f"{user_id}-{target_id}"), user=user,
+    return Request(request_id=request_id or safe_id(sample_id or f"{user_id}-{target_id}"), user=user,
                    target=ds.items[target_id], items=ds.items, context=list(context),
                    target_image=ds.image_path(target_id), history_images=history_image_paths(ds, user, ds.items),
                    ground_truth=gt)
 
 
-def user_from_json(obj: Any, where: str, items: Mapping[str, Item] | None) -> User:
+def user_from_json(obj: Any, where: str, items: Mapping[str, Item] | None, limits: Limits = LIMITS) -> User:
     """A user object ``{"user_id", "events": [...]}`` checked like a users.jsonl line."""
     problems: list[Problem] = []
-    ctx = _Ctx(Path(where), problems)
+    ctx = _Ctx(Path(where), problems, limits)
     if not isinstance(obj, dict):
         raise DataError([Problem(where, None, "user", "expected an object with 'user_id' and 'events'")])
+    uid = _id(obj, "user_id", ctx, required=False) if "user_id" in obj else "user"
     events = []
     raw = obj.get("events")
     if not isinstance(raw, list):
         problems.append(Problem(where, None, "events", "expected a list of behavior events"))
         raw = []
+    elif len(raw) > limits.max_events_per_user:
+        problems.append(Problem(where, None, "events", f"{len(raw):,} events; the limit is "
+                                f"{limits.max_events_per_user:,} per user (pmgen.limits.Limits)"))
+        raw = []
     for j, ev in enumerate(raw):
         e = parse_event(ev, ctx, f"events[{j}]", items)
         if e is not None:
             events.append(e)
+    attrs = obj.get("attributes") or {}
+    if not isinstance(attrs, dict):
+        problems.append(Problem(where, None, "attributes", f"expected an object, got {type(attrs).__name__}"))
     if problems:
         raise DataError(problems)
-    return User(str(obj.get("user_id", "user")), events, obj.get("attributes") or {})
+    return User(str(uid or "user"), events, attrs)
+
+
+def _read_request_file(path: Path, what: str, limits: Limits) -> str:
+    """The text of a behaviors or batch file, or a :class:`DataError` naming the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError([Problem(str(path), None, None, f"{what} file not found")])
+    if not path.is_file():
+        raise DataError([Problem(str(path), None, None, f"{what} must be a file, not a folder")])
+    too_big = check_file_size(str(path), path.stat().st_size, limits.max_request_file_bytes, f"{what} file")
+    if too_big:
+        raise DataError([Problem(str(path), None, None, too_big)])
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError([Problem(str(path), None, None, f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at "
+                                 f"offset {e.start}); save the file as UTF-8")]) from None
+    except OSError as e:
+        raise DataError([Problem(str(path), None, None, f"cannot read file: {e.strerror or e}")]) from None
+
+
+def _items_for(items_path: Path, limits: Limits) -> dict[str, Item]:
+    problems: list[Problem] = []
+    if not Path(items_path).is_file():
+        raise DataError([Problem(str(items_path), None, None, "items file not found (expected an items JSONL file)")])
+    items = parse_items(Path(items_path), problems, limits=limits)
+    if problems:
+        raise DataError(problems)
+    return items
 
 
 def from_files(behaviors: Path, items_path: Path, target_id: str, request_id: str | None = None,
-               context: list[Event] | None = None) -> Request:
+               context: list[Event] | None = None, limits: Limits = LIMITS) -> Request:
     """A request from the user's own data: a JSON/JSONL file with one user's behaviors + an items file."""
-    problems: list[Problem] = []
-    items = parse_items(items_path, problems)
-    if problems:
-        raise DataError(problems)
-    text = behaviors.read_text(encoding="utf-8")
+    behaviors, items_path = Path(behaviors), Path(items_path)
+    text = _read_request_file(behaviors, "behaviors", limits)
+    items = _items_for(items_path, limits)
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
         lines = [ln for ln in text.splitlines() if ln.strip()]
-        if len(lines) != 1:
-            raise DataError([Problem(str(behaviors), None, None, "expected one JSON object: a user with 'events' "
-                                     "(for several users use a users.jsonl dataset folder or a batch file)")])
-        obj = json.loads(lines[0])
-    user = user_from_json(obj, str(behaviors), items)
+        if len(lines) > 1:
+            try:
+                json.loads(lines[0])
+                msg = ("expected one JSON object: a user with 'events' (for several users use a users.jsonl "
+                       "dataset folder or a batch file)")
+            except json.JSONDecodeError as e1:
+                msg = f"malformed JSON: {e1.msg} at line 1 column {e1.colno}"
+        else:
+            msg = f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        raise DataError([Problem(str(behaviors), None, None, msg + " (expected a JSON object "
+                                 "{\"user_id\": ..., \"events\": [...]})")]) from None
+    user = user_from_json(obj, str(behaviors), items, limits)
     if target_id not in items:
         raise KeyError(f"unknown target item id {target_id!r} (not in {items_path})")
+    if request_id is not None:
+        check_id(request_id, "request_id")
     root = items_path.parent
     target = items[target_id]
-    return Request(request_id=request_id or _safe_id(f"{user.user_id}-{target_id}"), user=user, target=target,
+    return Request(request_id=request_id or safe_id(f"{user.user_id}-{target_id}"), user=user, target=target,
                    items=items, context=context or [],
                    target_image=(root / target.image) if target.image else None,
                    history_images=history_image_paths(root, user, items))
 
 
-def read_batch(path: Path, data_root: Path | None = None) -> Iterator[tuple[int, Request | Exception]]:
-    """Parse a batch JSONL file into requests (a bad line yields its exception, the rest go on)."""
+def _str_field(obj: Mapping[str, Any], key: str, required: bool = False) -> str | None:
+    v = obj.get(key)
+    if v is None:
+        if required:
+            raise ValueError(f"missing required field '{key}'")
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError(f"'{key}' must be a string, got {type(v).__name__}")
+    return str(v)
+
+
+def _seed(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+        raise ValueError(f"'seed' must be an integer in [0, 2^63), got {v!r}")
+    return v
+
+
+def read_batch(path: Path, data_root: Path | None = None,
+               limits: Limits = LIMITS) -> Iterator[tuple[int, Request | Exception]]:
+    """Parse a batch JSONL file into requests (a bad line yields its exception, the rest go on).
+
+    Raises:
+        DataError: when the file itself cannot be used (missing, a folder, too large, not UTF-8,
+            more than ``limits.max_batch_requests`` requests).
+    """
     from pmgen import datasets
 
+    path = Path(path)
+    lines = _read_request_file(path, "batch", limits).splitlines()
+    n_requests = sum(1 for ln in lines if ln.strip())
+    if n_requests > limits.max_batch_requests:
+        raise DataError([Problem(str(path), None, None, f"{n_requests:,} requests; the limit is "
+                                 f"{limits.max_batch_requests:,} per batch file (split it)")])
     loaded: dict[str, Dataset] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    item_files: dict[Path, dict[str, Item] | DataError] = {}
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"malformed JSON: {e.msg} at column {e.colno} (expected one JSON object per line)"
+                                 ) from None
             if not isinstance(obj, dict):
-                raise ValueError("expected a JSON object")
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             rid = obj.get("request_id")
+            if rid is not None:
+                check_id(rid, "request_id")
             if "dataset" in obj:
-                name = obj["dataset"]
+                name = _str_field(obj, "dataset", required=True)
+                if name not in datasets.NAMES:
+                    raise KeyError(f"unknown dataset {name!r} (known: {', '.join(datasets.NAMES)})")
                 if name not in loaded:
                     loaded[name] = datasets.load(name, data_root)
-                req = from_dataset(loaded[name], obj.get("sample_id"), obj.get("user_id"), obj.get("target_id"), rid)
+                req = from_dataset(loaded[name], _str_field(obj, "sample_id"), _str_field(obj, "user_id"),
+                                   _str_field(obj, "target_id"), rid)
             elif "user" in obj:
-                if "items" not in obj or "target_id" not in obj:
+                items_ref = _str_field(obj, "items")
+                target_id = _str_field(obj, "target_id")
+                if items_ref is None or target_id is None:
                     raise ValueError("a request with 'user' needs 'items' (path) and 'target_id'")
-                items_path = (path.parent / obj["items"]) if not Path(obj["items"]).is_absolute() else Path(obj["items"])
-                problems: list[Problem] = []
-                items = parse_items(items_path, problems)
-                if problems:
-                    raise DataError(problems)
-                user = user_from_json(obj["user"], f"{path}:{lineno}", items)
-                if obj["target_id"] not in items:
-                    raise KeyError(f"unknown target item id {obj['target_id']!r} (not in {items_path})")
-                target = items[obj["target_id"]]
-                req = Request(request_id=rid or _safe_id(f"{user.user_id}-{target.id}"), user=user, target=target,
+                items_path = (path.parent / items_ref).resolve()
+                if items_path not in item_files:
+                    try:
+                        item_files[items_path] = _items_for(items_path, limits)
+                    except DataError as e:
+                        item_files[items_path] = e
+                items_or_error = item_files[items_path]
+                if isinstance(items_or_error, DataError):
+                    raise items_or_error
+                items = items_or_error
+                user = user_from_json(obj["user"], f"{path}:{lineno}", items, limits)
+                if target_id not in items:
+                    raise KeyError(f"unknown target item id {target_id!r} (not in {items_path})")
+                target = items[target_id]
+                req = Request(request_id=rid or safe_id(f"{user.user_id}-{target.id}"), user=user, target=target,
                               items=items, target_image=(items_path.parent / target.image) if target.image else None,
                               history_images=history_image_paths(items_path.parent, user, items))
             else:
                 raise ValueError("expected 'dataset' (+ 'sample_id' or 'user_id'/'target_id') or 'user' + 'items' + "
                                  "'target_id'")
             if "seed" in obj:
-                req.seed = int(obj["seed"])
+                req.seed = _seed(obj["seed"])
+            if req.request_id in seen:
+                raise ValueError(f"request_id {req.request_id!r} already used on line {seen[req.request_id]} "
+                                 "(give each request its own 'request_id')")
+            seen[req.request_id] = lineno
             yield lineno, req
-        except (ValueError, KeyError, DataError, json.JSONDecodeError, OSError) as e:
+        except (ValueError, KeyError, DataError, OSError) as e:
             yield lineno, e
 
 
+def _message(e: Exception) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
-              err: Any = None) -> tuple[int, int]:
+              err: Any = None, requests: list[tuple[int, Request | Exception]] | None = None) -> tuple[int, int]:
     """Run every request of a batch file into ``out/<request_id>/``; skip finished ones.
 
     Returns ``(done, failed)``. Failures (bad lines, unknown ids) are reported with their line number
     and do not stop the batch; ``out/index.jsonl`` lists every finished request's record path.
+    ``requests`` (from :func:`read_batch`) skips re-reading the file. ``out`` must be new, empty, or
+    a batch folder pmgen made (:func:`pmgen.paths.prepare_batch_root`); every request folder is
+    verified to stay inside it, and a folder pmgen did not write is never replaced.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = console or Console()
     err = err or Console(stderr=True)
-    out.mkdir(parents=True, exist_ok=True)
-    parsed = list(read_batch(batch, data_root))
+    parsed = list(read_batch(batch, data_root)) if requests is None else requests
+    out = prepare_batch_root(out)
     done = failed = skipped = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as bar:
@@ -192,19 +295,31 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
         for lineno, req in parsed:
             if isinstance(req, Exception):
                 failed += 1
-                msg = req.args[0] if isinstance(req, KeyError) and req.args else str(req)
-                err.print(f"[red]{batch}:{lineno}[/]: {msg}", highlight=False)
-            elif (out / req.request_id / "record.json").is_file():
+                err.print(f"[red]{batch}:{lineno}[/]: {_message(req)}", highlight=False, markup=False)
+                bar.advance(task)
+                continue
+            try:
+                folder = inside(out, check_id(req.request_id, "request_id"))
+            except UnsafePathError as e:
+                failed += 1
+                err.print(f"[red]{batch}:{lineno}[/]: {e}", highlight=False, markup=False)
+                bar.advance(task)
+                continue
+            if (folder / "record.json").is_file():
                 skipped += 1
                 done += 1
             else:
-                res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                                   history_images=req.history_images, user_id=req.user.user_id,
-                                   **({"seed": req.seed} if req.seed is not None else {}))
-                if req.ground_truth:
-                    res.record["ground_truth_personalized"] = req.ground_truth
-                res.save(out / req.request_id)
-                done += 1
+                try:
+                    res = pmg.generate(req.user, req.target, req.items, context=req.context,
+                                       target_image=req.target_image, history_images=req.history_images,
+                                       user_id=req.user.user_id, **({"seed": req.seed} if req.seed is not None else {}))
+                    if req.ground_truth:
+                        res.record["ground_truth_personalized"] = req.ground_truth
+                    res.save(folder)
+                    done += 1
+                except (ValueError, OSError) as e:  # bad image, a foreign folder in the way, ...
+                    failed += 1
+                    err.print(f"[red]{batch}:{lineno}[/]: {_message(e)}", highlight=False, markup=False)
             bar.advance(task)
     index = [str(p.relative_to(out)) for p in sorted(out.glob("*/record.json"))]
     tmp = out / "index.jsonl.tmp"

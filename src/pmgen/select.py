@@ -18,6 +18,10 @@ from typing import Any, Sequence
 import torch
 
 DEFAULT_ALPHA = 2 / 3
+MAX_WEIGHT = 16.0
+"""Largest preference weight accepted (the condition grows by one preference unit per 1.0)."""
+MAX_WEIGHTS = 16
+"""Most candidate weights per request."""
 
 
 def to_unit(cos: torch.Tensor) -> torch.Tensor:
@@ -71,8 +75,18 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
 
 
 def weight_grid(spec: str | Sequence[float]) -> list[float]:
-    """Parse ``"0,0.5,1"`` (or a sequence) into sorted unique non-negative weights; 0 always included."""
-    vals = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec) if str(v).strip() != ""]
-    if any(v < 0 or not math.isfinite(v) for v in vals):
-        raise ValueError(f"weights must be finite and >= 0, got {vals}")
-    return sorted(set(vals) | {0.0})
+    """Parse ``"0,0.5,1"`` (or a sequence) into sorted unique weights in [0, MAX_WEIGHT]; 0 always included.
+
+    At most :data:`MAX_WEIGHTS` distinct weights (each one is a generated candidate).
+    """
+    parts = [v for v in (spec.split(",") if isinstance(spec, str) else spec) if str(v).strip() != ""]
+    try:
+        vals = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be comma-separated numbers such as '0,0.5,1', got {spec!r}") from None
+    if any(not math.isfinite(v) or not 0 <= v <= MAX_WEIGHT for v in vals):
+        raise ValueError(f"weights must be finite numbers in [0, {MAX_WEIGHT:g}], got {spec!r}")
+    out = sorted(set(vals) | {0.0})
+    if len(out) > MAX_WEIGHTS:
+        raise ValueError(f"at most {MAX_WEIGHTS} weights (one candidate each), got {len(out)}")
+    return out

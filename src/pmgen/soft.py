@@ -139,6 +139,14 @@ class SoftPromptEncoder(nn.Module):
             soft = self.cfg.norm * torch.nn.functional.normalize(soft, dim=-1)
         return soft
 
+    @property
+    def content_hash(self) -> str:
+        """Short hash of the trained weights and the config (not cached: the weights change in training)."""
+        from pmgen.models import state_hash
+
+        cfg = torch.tensor(list(json.dumps(asdict(self.cfg), sort_keys=True).encode()), dtype=torch.uint8)
+        return state_hash([*self.trainable_state().items(), ("config", cfg)])
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items()}
 

@@ -31,6 +31,7 @@ from pmgen.data import (
     User,
     iter_jsonl_lines,
 )
+from pmgen.limits import LIMITS, Limits, check_file_size
 
 DEFAULT_RATING_SCALE = (1.0, 5.0)
 FILE_KINDS = ("items", "users", "samples")
@@ -51,12 +52,13 @@ class Report:
 
 
 class _Ctx:
-    """Collects problems for one file."""
+    """Collects problems for one file, checked against ``limits``."""
 
-    def __init__(self, path: Path, problems: list[Problem]):
+    def __init__(self, path: Path, problems: list[Problem], limits: Limits = LIMITS):
         self.file = str(path)
         self.problems = problems
         self.line: int | None = None
+        self.limits = limits
 
     def add(self, fld: str | None, message: str) -> None:
         self.problems.append(Problem(self.file, self.line, fld, message))
@@ -65,6 +67,10 @@ class _Ctx:
 def _read_records(path: Path, ctx: _Ctx) -> Iterator[tuple[int, dict[str, Any]]]:
     """Decode each line as a UTF-8 JSON object; report undecodable lines (in line order) and go on."""
     try:
+        too_big = check_file_size(str(path), path.stat().st_size, ctx.limits.max_data_file_bytes, "data file")
+        if too_big:
+            ctx.add(None, too_big)
+            return
         lines = list(iter_jsonl_lines(path))
     except OSError as e:
         ctx.add(None, f"cannot read file: {e.strerror or e}")
@@ -103,10 +109,14 @@ def _id(obj: dict[str, Any], key: str, ctx: _Ctx, required: bool = True) -> str 
     if not v.strip():
         ctx.add(key, "expected a non-empty id")
         return None
+    if len(v) > ctx.limits.max_title_chars:
+        ctx.add(key, f"id of {len(v):,} characters; the limit is {ctx.limits.max_title_chars:,}")
+        return None
     return v
 
 
-def _text(obj: dict[str, Any], key: str, ctx: _Ctx, required: bool, where: str = "") -> str | None:
+def _text(obj: dict[str, Any], key: str, ctx: _Ctx, required: bool, where: str = "",
+          max_chars: int | None = None) -> str | None:
     name = f"{where}{key}"
     if key not in obj or obj[key] is None:
         if required:
@@ -119,6 +129,10 @@ def _text(obj: dict[str, Any], key: str, ctx: _Ctx, required: bool, where: str =
     if required and not v.strip():
         ctx.add(name, "expected non-empty text")
         return None
+    limit = max_chars or ctx.limits.max_text_chars
+    if len(v) > limit:
+        ctx.add(name, f"text of {len(v):,} characters; the limit is {limit:,} (pmgen.limits.Limits)")
+        return None
     return v
 
 
@@ -130,7 +144,8 @@ def _number(v: Any) -> float | None:
 
 
 def check_image_path(image: str, root: Path, ctx: _Ctx, fld: str = "image", check_content: bool = True) -> None:
-    """An item image must be a relative path inside ``root`` that exists and is a readable image."""
+    """An item image must be a relative path inside ``root`` that exists and is a readable image within
+    the size limits (:mod:`pmgen.images`)."""
     p = Path(image)
     full = (root / p).resolve()
     if p.is_absolute() or not full.is_relative_to(root.resolve()):
@@ -141,18 +156,18 @@ def check_image_path(image: str, root: Path, ctx: _Ctx, fld: str = "image", chec
         ctx.add(fld, f"image file does not exist: {full}")
         return
     if check_content:
-        from PIL import Image, UnidentifiedImageError
+        from pmgen.images import ImageError, check_image
 
         try:
-            with Image.open(full) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            ctx.add(fld, f"not a readable image: {full} ({e.__class__.__name__})")
+            check_image(full, ctx.limits)
+        except ImageError as e:
+            ctx.add(fld, str(e))
 
 
-def parse_items(path: Path, problems: list[Problem], check_images: bool = True) -> dict[str, Item]:
+def parse_items(path: Path, problems: list[Problem], check_images: bool = True,
+                limits: Limits = LIMITS) -> dict[str, Item]:
     """Parse and check an items file; problems are appended to ``problems``."""
-    ctx = _Ctx(path, problems)
+    ctx = _Ctx(path, problems, limits)
     root = path.parent
     items: dict[str, Item] = {}
     first_line: dict[str, int] = {}
@@ -160,7 +175,7 @@ def parse_items(path: Path, problems: list[Problem], check_images: bool = True) 
         ctx.line = lineno
         n_before = len(problems)
         iid = _id(obj, "id", ctx)
-        title = _text(obj, "title", ctx, required=True)
+        title = _text(obj, "title", ctx, required=True, max_chars=ctx.limits.max_title_chars)
         text = _text(obj, "text", ctx, required=False) or ""
         image = _text(obj, "image", ctx, required=False)
         attrs = obj.get("attributes", {})
@@ -252,6 +267,9 @@ def parse_users(
             ctx.add("events", f"expected a list of events, got {type(events_raw).__name__}")
         elif not events_raw:
             ctx.add("events", "empty history: the user has no events (expected at least one)")
+        elif len(events_raw) > ctx.limits.max_events_per_user:
+            ctx.add("events", f"{len(events_raw):,} events; the limit is {ctx.limits.max_events_per_user:,} per user "
+                    "(pmgen.limits.Limits)")
         else:
             for j, ev in enumerate(events_raw):
                 e = parse_event(ev, ctx, f"events[{j}]", items, rating_scale)

@@ -130,6 +130,18 @@ class StickerGenerator:
 
     # ------------------------------------------------------------------ properties
     @property
+    def content_hash(self) -> str:
+        """Short hash of the VAE and UNet weights and the latent scaling (computed once)."""
+        if getattr(self, "_content_hash", None) is None:
+            from pmgen.models import state_hash
+
+            tensors = [(f"vae.{k}", v) for k, v in self.vae.state_dict().items()]
+            tensors += [(f"unet.{k}", v) for k, v in self.unet.state_dict().items()]
+            tensors.append(("scaling_factor", torch.tensor([self.scaling_factor], dtype=torch.float64)))
+            self._content_hash = state_hash(tensors)
+        return self._content_hash
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 

@@ -186,9 +186,18 @@ class Scorer:
         self.model = model.eval()
         self.text_encoder = text_encoder
         self.name = name
-        self.content_hash = content_hash
+        self._content_hash = content_hash
         self.path: Path | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of the weight files it was loaded from, or of the in-memory image tower (computed once)."""
+        if not self._content_hash:
+            from pmgen.models import state_hash
+
+            self._content_hash = state_hash(self.model.state_dict().items())
+        return self._content_hash
 
     @classmethod
     def load(cls, folder: Path, text_encoder: Any, name: str | None = None) -> "Scorer":

@@ -54,6 +54,16 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
         self.hidden_size: int = int(self.model.config.hidden_size)
+        self._content_hash: str | None = None
+
+    @property
+    def content_hash(self) -> str:
+        """Short hash of the encoder's weights (computed once)."""
+        if self._content_hash is None:
+            from pmgen.models import state_hash
+
+            self._content_hash = state_hash(self.model.state_dict().items())
+        return self._content_hash
 
     @classmethod
     def minilm(cls) -> TextEncoder:
