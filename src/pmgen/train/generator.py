@@ -28,6 +28,18 @@ atomically to ``<train dir>/last.pt``; ``--resume`` continues bit-exactly. Every
 ``milestone_steps`` UNet steps (and when the run ends) the EMA weights are exported as a diffusers
 pipeline folder (fp16 safetensors) to ``--out`` with a sample grid ``samples.png``; the grid history
 and ``progress.log`` stay in the train dir (``<cache dir>/train/generator`` by default).
+
+**Composition fine-tune** (``composite_share > 0``, issue 19): a share of every UNet batch is drawn
+from :mod:`pmgen.train.composites` — a target sticker shown with an element of a hidden taste, its
+condition built by :class:`pmgen.condition.ConditionBuilder` exactly as at inference (target keywords,
+then ``w`` copies of the taste's preference keywords). The rest of the batch stays plain catalog
+items, so single objects are not forgotten. Rows of different condition lengths are padded and
+masked (``encoder_attention_mask``); a dropped condition is the builder's negative (the empty string
+at the condition's length). Start it from the shipped weights with ``init_from``::
+
+    pmgen train generator --out src/pmgen/zoo/sticker-tiny/generator-compose \
+        --train-dir ~/.cache/pmgen/train/generator-compose \
+        --set init_from=src/pmgen/zoo/sticker-tiny/generator --set composite_share=0.5
 """
 
 from __future__ import annotations
@@ -146,6 +158,16 @@ class GeneratorTrainConfig:
         sample_steps: DDIM steps for the sample grid.
         sample_guidance: guidance scale for the sample grid.
         sample_strengths: the img2img strengths shown for the "other name" column(s).
+
+    Composition (issue 19; see :mod:`pmgen.train.composites`):
+        composite_share: share of each UNet batch drawn from composites (0 <= x < 1; 0 = catalog only,
+            the original recipe, bit for bit).
+        composite_count: training composites made (deterministic from ``seed``; their latents are
+            cached under the train dir) (>= 1).
+        composite_modes: which kinds of composites (``badge``, ``side``, ``palette``, ``pattern``,
+            ``natural``).
+        composite_weights: the preference weights w drawn for composite conditions (> 0; the
+            inference grid without 0).
     """
 
     out: str
@@ -199,6 +221,11 @@ class GeneratorTrainConfig:
     sample_guidance: float = 4.0
     sample_strengths: tuple[float, ...] = (0.6, 0.8)
 
+    composite_share: float = 0.0
+    composite_count: int = 20000
+    composite_modes: tuple[str, ...] = ("badge", "side", "palette", "pattern", "natural")
+    composite_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+
     # Fields that may differ between a checkpoint and the invocation that resumes it.
     RUN_FIELDS = ("out", "minutes", "train_dir", "data_dir", "max_steps", "checkpoint_minutes",
                   "milestone_steps", "log_every", "threads")
@@ -207,6 +234,8 @@ class GeneratorTrainConfig:
         self.vae_channels = tuple(int(c) for c in self.vae_channels)
         self.unet_channels = tuple(int(c) for c in self.unet_channels)
         self.sample_strengths = tuple(float(s) for s in self.sample_strengths)
+        self.composite_modes = tuple(str(m) for m in self.composite_modes)
+        self.composite_weights = tuple(float(w) for w in self.composite_weights)
         problems: list[str] = []
 
         def need(ok: bool, name: str, expected: str) -> None:
@@ -259,6 +288,13 @@ class GeneratorTrainConfig:
         need(self.sample_guidance >= 1, "sample_guidance", ">= 1")
         need(len(self.sample_strengths) >= 1 and all(0 < s <= 1 for s in self.sample_strengths),
              "sample_strengths", "one or more values in (0, 1]")
+        need(0 <= self.composite_share < 1, "composite_share", "in [0, 1)")
+        need(self.composite_count >= 1, "composite_count", ">= 1")
+        modes = ("badge", "side", "palette", "pattern", "natural")
+        need(len(self.composite_modes) >= 1 and all(m in modes for m in self.composite_modes), "composite_modes",
+             f"one or more of {', '.join(modes)}")
+        need(len(self.composite_weights) >= 1 and all(w > 0 for w in self.composite_weights), "composite_weights",
+             "one or more weights > 0")
         if problems:
             raise ValueError("invalid generator training config:\n  " + "\n  ".join(problems))
 
@@ -496,10 +532,12 @@ class GeneratorTrainer:
         text_encoder: a :class:`~pmgen.models.text_encoder.TextEncoder` (or anything with the same
             ``token_states``); ``None`` loads ``cfg.text_encoder`` / MiniLM.
         log: where progress lines go (besides ``progress.log``).
+        composites: a :class:`pmgen.train.composites.CompositeSet` (required when
+            ``cfg.composite_share > 0``; ``load_composites`` for the real run).
     """
 
     def __init__(self, cfg: GeneratorTrainConfig, data: TrainData, text_encoder: Any = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, composites: Any = None):
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
@@ -513,6 +551,14 @@ class GeneratorTrainer:
         self.train_dir.mkdir(parents=True, exist_ok=True)
         self.progress_path = self.train_dir / "progress.log"
         self.data_fingerprint = data.fingerprint()
+        if cfg.composite_share > 0 and composites is None:
+            raise ValueError("composite_share > 0 needs composites (pmgen.train.composites.load_composites)")
+        self.composites = composites if cfg.composite_share > 0 else None
+        self.n_composite = round(cfg.composite_share * cfg.batch_size) if self.composites is not None else 0
+        self.comp_epoch, self.comp_pos = 0, 0
+        self._comp_order: np.ndarray | None = None
+        self.comp_mean: torch.Tensor | None = None
+        self.comp_std: torch.Tensor | None = None
 
         torch.manual_seed(cfg.seed)  # model init only; every later draw uses self.gen
         self.vae = build_vae(cfg.vae_channels, norm_num_groups=cfg.vae_norm_groups,
@@ -584,6 +630,11 @@ class GeneratorTrainer:
         texts = [t for _, a, b in self.sample_rows for t in (a, b)]
         states, _ = text_encoder.token_states(texts, max_length=cfg.text_max_length)
         self.sample_states = states.to(torch.float16).float()  # same rounding as training states
+        self.builder: Any = None
+        if self.composites is not None:
+            from pmgen.condition import ConditionBuilder
+
+            self.builder = ConditionBuilder(text_encoder, cfg.text_max_length, "concat")
         if self.stage == "unet":
             self._enter_unet_stage()
 
@@ -609,6 +660,21 @@ class GeneratorTrainer:
             if self.pos >= len(self._order):
                 self.epoch, self.pos, self._order = self.epoch + 1, 0, None
         return torch.from_numpy(np.concatenate(out))
+
+    def _next_composites(self, size: int) -> list[int]:
+        """Indices into ``composites.train``: a fresh permutation per composite epoch."""
+        assert self.composites is not None
+        out: list[int] = []
+        while len(out) < size:
+            if self._comp_order is None:
+                rng = np.random.default_rng([self.cfg.seed, 99, self.comp_epoch])
+                self._comp_order = rng.permutation(len(self.composites.train))
+            take = self._comp_order[self.comp_pos:self.comp_pos + size - len(out)]
+            out += take.tolist()
+            self.comp_pos += len(take)
+            if self.comp_pos >= len(self._comp_order):
+                self.comp_epoch, self.comp_pos, self._comp_order = self.comp_epoch + 1, 0, None
+        return out
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         return self.data.images[idx].float() / 127.5 - 1.0
@@ -709,25 +775,97 @@ class GeneratorTrainer:
         if self.scaling_factor is None:
             train = self.lat_mean[torch.from_numpy(self.data.train_index)]
             self.scaling_factor = float(1.0 / train.std())
+        if self.composites is not None:
+            self._cache_composite_latents(vae_hash)
+
+    def _cache_composite_latents(self, vae_hash: str) -> None:
+        """Posterior (mean, std) of every composite image (training then validation), cached on disk."""
+        comps = self.composites
+        path = self.train_dir / f"composite-latents-{vae_hash}-{comps.fingerprint()}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+        else:
+            specs = [*comps.train, *comps.val]
+            self.log(f"encoding {len(specs)} composite images (cached at {path})")
+            means, stds = [], []
+            t0 = time.monotonic()
+            with torch.no_grad():
+                for start in range(0, len(specs), 256):
+                    x = comps.images(specs[start:start + 256]).float() / 127.5 - 1.0
+                    dist = self.vae.encode(x).latent_dist
+                    means.append(dist.mean)
+                    stds.append(dist.std)
+                    if (start // 256) % 10 == 0:
+                        self.log(f"composite latents {start + len(x)}/{len(specs)} ({time.monotonic() - t0:.0f} s)")
+            cached = {"mean": torch.cat(means), "std": torch.cat(stds)}
+            _atomic_torch_save(cached, path)
+        self.comp_mean, self.comp_std = cached["mean"], cached["std"]
 
     # ------------------------------------------------------------------ stage 2: UNet
     def _loss(self, unet: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor, noise: torch.Tensor,
-              timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (min-SNR weighted loss, plain MSE)."""
+              timesteps: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (min-SNR weighted loss, plain MSE); ``mask`` ``[B, L]`` marks real context tokens."""
         from diffusers.training_utils import compute_snr
 
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
         target = sched.get_velocity(latents, noise, timesteps) if self.cfg.prediction_type == "v_prediction" else noise
-        pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        pred = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=mask).sample
         mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         snr = compute_snr(sched, timesteps)
         clipped = snr.clamp(max=self.cfg.snr_gamma)
         weight = clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr.clamp(min=1e-8)
         return weight * mse, mse
 
+    def composite_condition(self, spec: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, negative_prompt_embeds), each ``[L, D]``: what PMG feeds for this composite."""
+        c = self.builder.build(spec.target_keywords, spec.preference_keywords, spec.weight)
+        return c.prompt_embeds[0], c.negative_prompt_embeds[0]
+
+    def _composite_step(self) -> float:
+        """A step whose batch mixes catalog rows (32-token text states) and composite rows (builder
+        conditions of any length): contexts are zero-padded to the longest and masked."""
+        cfg, g = self.cfg, self.gen
+        idx = self._next_batch(cfg.batch_size - self.n_composite)
+        cidx = self._next_composites(self.n_composite)
+        specs = [self.composites.train[i] for i in cidx]
+        cm = torch.from_numpy(np.asarray(cidx, dtype=np.int64))
+        mean = torch.cat([self.lat_mean[idx], self.comp_mean[cm]])
+        std = torch.cat([self.lat_std[idx], self.comp_std[cm]])
+        b = len(mean)
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling_factor
+        counts = self.text.counts[idx]
+        pick = (torch.rand(len(idx), generator=g) * counts).long().clamp(max=counts - 1)
+        drop = torch.rand(b, generator=g) < cfg.cond_drop
+        rows = [self.text.empty[0] if drop[k] else s for k, s in
+                enumerate(self.text.states[self.text.offsets[idx] + pick].float())]
+        for k, spec in enumerate(specs):
+            cond, neg = self.composite_condition(spec)
+            rows.append(neg if drop[len(idx) + k] else cond)
+        length = max(r.shape[0] for r in rows)
+        context = torch.zeros(b, length, rows[0].shape[-1])
+        mask = torch.zeros(b, length)
+        for k, r in enumerate(rows):
+            context[k, :r.shape[0]] = r
+            mask[k, :r.shape[0]] = 1
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+        weighted, _ = self._loss(self.unet, latents, context, noise, timesteps, mask)
+        loss = weighted.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.ema.step(self.unet.parameters())
+        self.step += 1
+        return float(loss.detach())
+
     def unet_train_step(self) -> float:
         assert self.lat_mean is not None and self.lat_std is not None and self.scaling_factor is not None
+        if self.n_composite > 0:
+            self.unet.train()
+            return self._composite_step()
         self.unet.train()
         cfg, g = self.cfg, self.gen
         idx = self._next_batch(cfg.batch_size)
@@ -774,7 +912,26 @@ class GeneratorTrainer:
                 w, m = self._loss(unet, latents, context, noise, torch.full((len(idx),), t, dtype=torch.long))
                 weighted.append(w)
                 plain.append(m)
-        return {"val_loss": float(torch.cat(weighted).mean()), "val_mse": float(torch.cat(plain).mean())}
+        out = {"val_loss": float(torch.cat(weighted).mean()), "val_mse": float(torch.cat(plain).mean())}
+        if self.composites is not None and self.composites.val and self.comp_mean is not None:
+            out.update(self.val_composite_loss(unet, timesteps))
+        return out
+
+    @torch.no_grad()
+    def val_composite_loss(self, unet: torch.nn.Module, timesteps: Sequence[int] = (100, 300, 500, 700, 900)
+                           ) -> dict[str, float]:
+        """The same loss on composites of held-out targets (never trained on), one row at a time."""
+        g = torch.Generator().manual_seed(4321)
+        n_train = len(self.composites.train)
+        weighted = []
+        for k, spec in enumerate(self.composites.val):
+            latents = self.comp_mean[n_train + k:n_train + k + 1] * self.scaling_factor
+            cond, _ = self.composite_condition(spec)
+            for t in timesteps:
+                noise = torch.randn(latents.shape, generator=g)
+                w, _ = self._loss(unet, latents, cond[None], noise, torch.tensor([t]))
+                weighted.append(w)
+        return {"val_composite_loss": float(torch.cat(weighted).mean())}
 
     # ------------------------------------------------------------------ export and samples
     def pipeline(self, unet: torch.nn.Module | None = None) -> StickerGenerator:
@@ -825,6 +982,50 @@ class GeneratorTrainer:
                 grid.paste(img, (c * size, head + r * size))
         return grid
 
+    def _composite_sample_specs(self, n: int = 12) -> list[Any]:
+        """One validation composite per taste (held-out targets), then the first others, up to ``n``."""
+        val = self.composites.val
+        picked, tastes = [], set()
+        for s in val:
+            if s.taste not in tastes:
+                picked.append(s)
+                tastes.add(s.taste)
+        picked += [s for s in val if s not in picked]
+        return picked[:n]
+
+    @torch.no_grad()
+    def composite_sample_grid(self, gen: StickerGenerator, weights: Sequence[float] = (0.0, 0.5, 1.0, 2.0),
+                              strength: float = 0.6) -> Any:
+        """A PIL image: one row per held-out target × taste; columns: the target | img2img at
+        ``strength`` with the builder's condition at each weight (w = 0: the target alone) | the
+        composite the row's spec would have been (reference only, never trained on)."""
+        from PIL import Image, ImageDraw
+
+        specs = self._composite_sample_specs()
+        index = {i: k for k, i in enumerate(self.data.ids)}
+        init = torch.stack([self.data.images[index[s.target]] for s in specs]).float() / 255
+        kw = {"seed": self.cfg.seed, "num_inference_steps": self.cfg.sample_steps,
+              "guidance_scale": self.cfg.sample_guidance}
+        cols = [("target", init)]
+        for w in weights:
+            outs = []
+            for k, s in enumerate(specs):
+                c = self.builder.build(s.target_keywords, s.preference_keywords, w)
+                outs.append(gen.image_to_image(init[k:k + 1], c.prompt_embeds, c.negative_prompt_embeds,
+                                               strength=strength, **kw))
+            cols.append((f"w={w:g}", torch.cat(outs)))
+        cols.append(("composite", self.composites.images(specs).float() / 255))
+        size, head, label = init.shape[-1], 12, 70
+        grid = Image.new("RGB", (label + size * len(cols), head + size * len(specs)), "white")
+        draw = ImageDraw.Draw(grid)
+        for r, s in enumerate(specs):
+            draw.text((2, head + r * size + size // 2 - 6), s.taste[:11], fill=(0, 0, 0))
+        for c, (name, images) in enumerate(cols):
+            draw.text((label + c * size + 2, 0), name, fill=(0, 0, 0))
+            for r, img in enumerate(StickerGenerator.to_pil(images)):
+                grid.paste(img, (label + c * size, head + r * size))
+        return grid
+
     def milestone(self) -> dict[str, float]:
         """Export the EMA pipeline (fp16) to ``cfg.out``, write the sample grid, return val metrics."""
         unet = self.ema_unet()
@@ -832,11 +1033,14 @@ class GeneratorTrainer:
         gen = self.pipeline(unet)
         out = Path(self.cfg.out)
         gen.save_pretrained(out, dtype=torch.float16)
-        grid = self.sample_grid(gen)
+        grid = self.composite_sample_grid(gen) if self.composites is not None else self.sample_grid(gen)
         (self.train_dir / "samples").mkdir(exist_ok=True)
         grid.save(self.train_dir / "samples" / f"step_{self.step:07d}.png")
         grid.save(out / "samples.png")
-        rows = [{"item": self.data.ids[k], "text": a, "other": b} for k, a, b in self.sample_rows]
+        rows = ([{"item": s.target, "taste": s.taste, "target_keywords": list(s.target_keywords),
+                  "preference_keywords": list(s.preference_keywords)} for s in self._composite_sample_specs()]
+                if self.composites is not None else
+                [{"item": self.data.ids[k], "text": a, "other": b} for k, a, b in self.sample_rows])
         (out / "samples.json").write_text(json.dumps({"step": self.step, "rows": rows, "seed": self.cfg.seed},
                                                      indent=1) + "\n", encoding="utf-8")
         self.last_export_step = self.step
@@ -859,6 +1063,8 @@ class GeneratorTrainer:
             "dec_step": self.dec_step, "dec_opt": self.dec_opt.state_dict(), "dec_sched": self.dec_sched.state_dict(),
             "unet": self.unet.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "ema": self.ema.state_dict(),
+            "comp_epoch": self.comp_epoch, "comp_pos": self.comp_pos,
+            "composite_fingerprint": self.composites.fingerprint() if self.composites is not None else None,
             "rng": {"trainer": self.gen.get_state(), "torch": torch.get_rng_state(),
                     "numpy": np.random.get_state(), "python": random.getstate()},
         }
@@ -882,6 +1088,9 @@ class GeneratorTrainer:
                              "resume with the same settings or start a new run with another --train-dir")
         if state["data_fingerprint"] != self.data_fingerprint:
             raise ValueError(f"{path} was trained on different data (catalog or text variants changed)")
+        mine = self.composites.fingerprint() if self.composites is not None else None
+        if state.get("composite_fingerprint") != mine:
+            raise ValueError(f"{path} was trained on different composites (pmgen.train.composites changed)")
         self.vae.load_state_dict(state["vae"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.vae_sched.load_state_dict(state["vae_sched"])
@@ -894,6 +1103,7 @@ class GeneratorTrainer:
         self.ema.load_state_dict(state["ema"])
         self.vae_step, self.step = state["vae_step"], state["step"]
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+        self.comp_epoch, self.comp_pos, self._comp_order = state.get("comp_epoch", 0), state.get("comp_pos", 0), None
         self.scaling_factor = state["scaling_factor"]
         self.train_seconds = state["train_seconds"]
         self.last_export_step = state["last_export_step"]
@@ -1090,8 +1300,75 @@ Reproduce (resumable; each run continues the last checkpoint in `~/.cache/pmgen/
 
 Rewrite this card from the training logs: `pmgen train generator --out <folder> --write-card`.
 """
+    if cfg.get("composite_share", 0) > 0:
+        card = _composite_card(out, meta, cfg, last_val, cpu_h, grid_list)
     (out / "README.md").write_text(card)
     return out / "README.md"
+
+
+def _composite_card(out: Path, meta: dict[str, Any], cfg: dict[str, Any], last_val: dict[str, Any], cpu_h: float,
+                    grid_list: str) -> str:
+    """The model card of a composition fine-tune (``composite_share > 0``)."""
+    info = meta["info"]
+    size_mb = sum(f.stat().st_size for f in out.rglob('*.safetensors')) / 2**20
+    return f"""# sticker-tiny generator-compose
+
+The `sticker-tiny` generator fine-tuned to draw **the target, in the user's taste** (issue 19,
+lever "teach composition"). Same architecture as `../generator` (UNet2DConditionModel
+{meta['parameters']['unet'] / 1e6:.2f} M parameters, AutoencoderKL {meta['parameters']['vae'] / 1e6:.2f} M, frozen), started
+from its weights (`init_from`), trained on batches of which {cfg['composite_share']:.0%} are **composites**
+(`pmgen.train.composites`) and the rest plain OpenMoji catalog stickers (so single objects are not
+forgotten).
+
+A composite is a catalog sticker (the target) shown with an element of one of the 12 hidden tastes
+of `sticker-users` — modes {', '.join(cfg['composite_modes'])}: a taste sticker as a corner badge,
+held at the side, the taste's palette, a faint pattern of taste stickers behind it, or the catalog's
+own "X in Y" pairs (face ↔ cat face, man/woman/person ↔ their sports and music activities, hearts
+and shapes in colours, skin tones). Its condition is what PMG feeds at inference:
+`ConditionBuilder.build(target keywords, preference keywords, w)` in concat mode, w ∈
+{list(cfg['composite_weights'])} (the element grows with w), preference keywords drawn from the
+taste's name, searches, description and catalog tags (soft embeddings are not part of these
+conditions). **Held out:** no composite has as its target a target item of a val/test sample of
+`sticker-users` or one of the generator's {cfg['holdout']} held-out items, and those items (and the
+val/test ground-truth stickers) never appear as taste elements; nothing is pasted onto outputs.
+
+| | |
+|---|---|
+| UNet steps × batch | **{info['trained_steps']}** × {cfg['batch_size']} (of which {round(cfg['composite_share'] * cfg['batch_size'])} composites), AdamW lr {cfg['lr']:g} |
+| composites | {cfg['composite_count']} training composites, seed {cfg['seed']} |
+| held-out loss at the last milestone | catalog {last_val.get('val_loss', float('nan')):.4f}; composites of held-out targets {last_val.get('val_composite_loss', float('nan')):.4f} |
+| compute | ≈ {cpu_h:.1f} h of wall clock (base run included), {cfg['threads']} thread(s) |
+| weights | fp16 safetensors, {size_mb:.1f} MB |
+
+Samples at the latest milestone (`samples.png`): one row per held-out target × taste; columns:
+the target | image-to-image at strength 0.6, seed {cfg['seed']}, with the condition at w = 0 (target
+alone), 0.5, 1, 2 | the composite that spec describes (for reference; never trained on).
+
+![samples](samples.png)
+
+Loss curves: ![loss](loss.png)
+
+Sample grids at earlier milestones:
+
+{grid_list or '(none yet)'}
+
+Continue (resumable; the state is in `~/.cache/pmgen/train/generator-compose/`):
+
+    pmgen train generator --out src/pmgen/zoo/sticker-tiny/generator-compose \\
+        --train-dir ~/.cache/pmgen/train/generator-compose --resume --minutes 600
+
+Start over from the shipped generator:
+
+    pmgen train generator --out src/pmgen/zoo/sticker-tiny/generator-compose \\
+        --train-dir ~/.cache/pmgen/train/generator-compose --minutes 600 \\
+        --set init_from=src/pmgen/zoo/sticker-tiny/generator --set composite_share={cfg['composite_share']:g} \\
+        --set batch_size={cfg['batch_size']} --set threads={cfg['threads']} --set lr={cfg['lr']:g} \\
+        --set warmup_steps={cfg['warmup_steps']} --set milestone_steps={cfg['milestone_steps']} \\
+        --set checkpoint_minutes={cfg['checkpoint_minutes']:g}
+
+Rewrite this card from the training logs: `pmgen train generator --out <this folder> --write-card
+--train-dir ~/.cache/pmgen/train/generator-compose`.
+"""
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -1150,7 +1427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_catalog(cfg)
     log(f"data: {len(data.ids)} items ({int(data.heldout.sum())} held out, {int(data.skintone.sum())} skin-tone "
         f"variants), {sum(map(len, data.texts))} texts, loaded in {time.monotonic() - t0:.0f} s")
-    trainer = GeneratorTrainer(cfg, data, log=log)
+    composites = None
+    if cfg.composite_share > 0:
+        from pmgen.train.composites import load_composites
+
+        t1 = time.monotonic()
+        composites = load_composites(cfg, data.ids, data.images, data.heldout)
+        log(f"composites: {len(composites.train)} training, {len(composites.val)} validation (held-out targets; "
+            f"{len(composites.catalog.heldout_targets)} items never composed as targets), "
+            f"made in {time.monotonic() - t1:.0f} s")
+    trainer = GeneratorTrainer(cfg, data, log=log, composites=composites)
     log(f"VAE {count_parameters(trainer.vae) / 1e6:.2f}M params, UNet {count_parameters(trainer.unet) / 1e6:.2f}M "
         f"params; train dir {trainer.train_dir}")
     if args.resume:
