@@ -174,3 +174,34 @@ def test_demo_picks_users_of_different_tastes_for_one_target(data_root):
     assert len({s.attributes["target_key"] for s in auto}) == 1
     with _pytest.raises(KeyError, match="no test sample with target"):
         pick_samples(ds, 2, target_key="nonexistent")
+
+
+def test_concurrent_builds_do_not_break_each_other(tmp_path):
+    """Two builds of the same dataset at once (two processes): each writes its own temp folder."""
+    import threading
+
+    from pmgen.datasets.base import build_atomically
+
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def write(tmp):
+        for i in range(50):
+            (tmp / f"{i}.txt").write_text(str(i))
+        barrier.wait(timeout=10)  # both builds are half-way at the same time
+        return {"counts": {"files": 50}}
+
+    def run():
+        try:
+            build_atomically(tmp_path / "ds", write, version=1)
+        except Exception as e:  # pragma: no cover - the assertion below reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(list((tmp_path / "ds").glob("*.txt"))) == 50
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temp folder left behind

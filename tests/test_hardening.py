@@ -240,7 +240,7 @@ def test_long_texts_within_the_limit_are_shortened_and_the_record_says_so(tiny_p
     user = User("u", [Event("social", item_id="b", value="send", time=1),
                       Event("review", item_id="b", text="so cute " * 100, time=2)])
     res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png")
-    assert any("shortened" in w and "300 characters" in w for w in res.record["warnings"])
+    assert any("shortened" in w and "300 characters" in w for w in res.record.warnings)
 
 
 def test_batch_file_limits(tmp_path):
@@ -311,7 +311,7 @@ def test_batch_file_errors_before_models_load(tmp_path, no_model_load):
 def test_every_model_in_the_record_has_a_content_hash(tiny_pmg, toy_data):
     root, items, user = toy_data
     res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png")
-    models = res.record["models"]
+    models = res.record.models
     assert {"llm", "text_encoder", "generator", "selector"} <= set(models)
     assert all(len(m["hash"]) == 16 for m in models.values()), models
     assert models["generator"]["hash"] == tiny_pmg.generator.content_hash  # stable
@@ -321,11 +321,11 @@ def test_keyword_fallback_and_truncation_reach_the_top_level_warnings(tiny_pmg, 
     root, items, _ = toy_data
     many = User("m", [Event("search", text=f"cats and dogs number {i}", time=i) for i in range(200)])
     res = tiny_pmg.generate(many, items["a"], items, target_image=root / "img" / "a.png")
-    pref = res.record["preference"]
+    pref = res.record.preference
     assert pref["n_kept"] < pref["n_events"]
-    assert any(w.startswith("history truncated") for w in res.record["warnings"])
+    assert any(w.startswith("history truncated") for w in res.record.warnings)
     if pref.get("fallback"):
-        assert any(w.startswith("preference keywords:") for w in res.record["warnings"])
+        assert any(w.startswith("preference keywords:") for w in res.record.warnings)
 
 
 # ------------------------------------------------------------------ fuzz

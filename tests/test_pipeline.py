@@ -15,7 +15,7 @@ def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
     ctx = [Event("conversation", speaker="user", text="hahaha so funny")]
     res = tiny_pmg.generate(user, items["a"], items, context=ctx, target_image=root / "img" / "a.png",
                             history_images=[root / "img" / "b.png"])
-    rec = res.record
+    rec = res.record.to_json()  # the JSON contract of record.json
     for key in ("user_id", "target_id", "preference_keywords", "target_keywords", "alpha", "candidates", "chosen",
                 "seed", "preset", "models", "timings_s"):
         assert key in rec, key
@@ -42,7 +42,7 @@ def test_w0_identity_in_guidance_mode(tiny_pmg, toy_data):
     a = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode="guidance")
     c = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode="concat")
     assert torch.equal(a.images[0], c.images[0])
-    assert a.record["mode"] == "guidance"
+    assert a.record.mode == "guidance"
 
 
 def test_save_writes_everything_atomically(tiny_pmg, toy_data, tmp_path):
@@ -60,14 +60,14 @@ def test_save_writes_everything_atomically(tiny_pmg, toy_data, tmp_path):
 def test_empty_history_is_an_explicit_non_personalized_result(tiny_pmg, toy_data):
     root, items, _ = toy_data
     res = tiny_pmg.generate(User("nobody", []), items["a"], items, target_image=root / "img" / "a.png")
-    assert res.record["personalized"] is False and "empty history" in res.record["reason"]
-    assert [c["weight"] for c in res.record["candidates"]] == [0.0]
+    assert res.record.personalized is False and "empty history" in res.record.reason
+    assert [c.weight for c in res.record.candidates] == [0.0]
 
 
 def test_no_target_image_draws_from_noise(tiny_pmg, toy_data):
     _, items, user = toy_data
     res = tiny_pmg.generate(user, Item("x", "party popper"), items)
-    assert res.record["init"].startswith("noise") and res.images.shape[0] == 3
+    assert res.record.init.startswith("noise") and res.images.shape[0] == 3
 
 
 def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
@@ -175,15 +175,13 @@ def test_soft_embeddings_enter_the_condition_and_keep_the_w0_baseline(tiny_pmg, 
     enc = SoftPromptEncoder(SoftPromptConfig(llm_name="tiny", llm_hidden=tiny_pmg.llm.hidden_size, text_width=32,
                                              prefix_length=2, n_img=3), tiny_pmg.llm).eval()
     plain = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png")
-    tiny_pmg.soft_prompt = enc
-    try:
-        soft = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", use_soft=True)
-    finally:
-        tiny_pmg.soft_prompt = None
-    assert soft.record["soft_embeddings"] == "on" and "soft_prompt" in soft.record["models"]
+    soft = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", use_soft=True,
+                             soft_prompt=enc)
+    assert tiny_pmg.soft_prompt is None  # passed for this call only
+    assert soft.record.soft_embeddings == "on" and len(soft.record.models["soft_prompt"]["hash"]) == 16
     assert torch.equal(soft.images[0], plain.images[0])  # w = 0 ignores the soft embeddings
-    n_kw = plain.record["candidates"][1]["preference_tokens"]
-    assert soft.record["candidates"][1]["preference_tokens"] == n_kw + 3  # [P ; S] at w = 1
+    n_kw = plain.record.candidates[1].preference_tokens
+    assert soft.record.candidates[1].preference_tokens == n_kw + 3  # [P ; S] at w = 1
     assert not torch.equal(soft.images[1], plain.images[1])
 
 

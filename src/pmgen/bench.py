@@ -87,8 +87,7 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
             f"{stages['preference_keywords_cached']['median_s'] * 1000:.1f} ms")
 
         if pmg.soft_prompt is not None and pmg.settings.use_soft:
-            text = pmg.history_text(reqs[0].user.events, reqs[0].items)
-            med, _ = _median_time(lambda: pmg.soft_embeddings(text), n)
+            med, _ = _median_time(lambda: pmg.soft_embeddings(reqs[0].user.events, reqs[0].items), n)
             stages["soft_embeddings"] = {"median_s": med, "runs": n}
 
         r0 = reqs[0]
@@ -97,7 +96,7 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
         cond = pmg.builder(pmg.settings.mode).build(tkw, pkw, 1.0)
         from pmgen.images import load_image
 
-        init = load_image(r0.target_image, int(getattr(pmg.generator, "image_size", 64)))
+        init = load_image(r0.target_image, int(pmg.generator.image_size))
         s = pmg.settings
         med, _ = _median_time(lambda: pmg.generator.image_to_image(
             init, cond.prompt_embeds, cond.negative_prompt_embeds, strength=s.strength, seed=0,
@@ -120,7 +119,7 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
             res = pmg.generate(r.user, r.target, r.items, context=r.context, target_image=r.target_image,
                                weights=(0.0, 1.0, 2.0))
             gen_t.append(time.perf_counter() - t)
-            for k, v in res.record["timings_s"].items():
+            for k, v in res.record.timings_s.items():
                 per_stage.setdefault(k, []).append(v)
         stages["generate_3_weights_warm"] = {"median_s": statistics.median(gen_t), "runs": n,
                                              "per_stage_median_s": {k: statistics.median(v) for k, v in per_stage.items()}}

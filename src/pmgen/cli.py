@@ -314,13 +314,13 @@ def generate(
     except ValueError as e:  # an image over the limits, an output folder that became foreign meanwhile
         _fail(str(e), 2)
     if as_json:
-        print(json.dumps(res.record, indent=2, ensure_ascii=False))
+        print(json.dumps(res.record.to_json(), indent=2, ensure_ascii=False))
     else:
-        c = res.record["candidates"][res.chosen]
-        console.print(f"[green]✓[/] {folder}/chosen.png  (w = {c['weight']:g}, d_t {c['d_t']:.3f}, d_p {c['d_p']:.3f})")
-        console.print(f"  preference keywords: {', '.join(res.record['preference_keywords']) or '-'}", highlight=False)
+        c = res.record.chosen_candidate
+        console.print(f"[green]✓[/] {folder}/chosen.png  (w = {c.weight:g}, d_t {c.d_t:.3f}, d_p {c.d_p:.3f})")
+        console.print(f"  preference keywords: {', '.join(res.record.preference_keywords) or '-'}", highlight=False)
         console.print(f"  report: {folder}/report.html", highlight=False)
-        for w in res.record["warnings"]:
+        for w in res.record.warnings:
             err.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
@@ -431,7 +431,7 @@ def evaluate(
     if split not in ("test", "val"):
         _fail(f"--split must be test or val, got {split!r}", 2)
     samples = evaluation_samples(ds, 8 if quick else n_samples, split=split)
-    evaluator = load_scorer(pmg.preset, "evaluator", pmg.text_encoder if pmg.preset.text_encoder == "minilm" else None)
+    evaluator = load_scorer(pmg.preset, "evaluator", pmg.text_encoder)
     lp = None
     if lpips:
         from pmgen.metrics import STLPIPS
@@ -450,7 +450,7 @@ def evaluate(
     meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {m: known[m].description for m in names},
             "evaluator": evaluator.name, "alpha": pmg.settings.alpha, "weights": list(pmg.settings.weights),
-            "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(),
+            "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(pmg.soft_prompt),
             "seconds": round(_time.perf_counter() - t0, 1)}
     report = write_outputs(out, rows, meta, kept, main_method=main)
     console.print(report.read_text().split("## Fixed")[0], highlight=False)

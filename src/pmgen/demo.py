@@ -68,46 +68,46 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
                            history_images=req.history_images, user_id=req.user.user_id)
         res.save(out / req.request_id)
         results.append((s, req, res))
-        if res.record["soft_embeddings"] == "on":  # the same request without them, to show what they change
+        if res.record.soft_embeddings == "on":  # the same request without them, to show what they change
             plain = pmg.generate(req.user, req.target, req.items, context=context, target_image=req.target_image,
                                  history_images=req.history_images, user_id=req.user.user_id, use_soft=False)
             plain.save(out / req.request_id / "keywords-only")
             without[s.sample_id] = plain
         log(f"{s.user_id} ({ds.users[s.user_id].attributes.get('taste')}): "
-            f"{', '.join(res.record['preference_keywords'][:6])} → chosen w = "
-            f"{res.record['candidates'][res.chosen]['weight']:g}")
+            f"{', '.join(res.record.preference_keywords[:6])} → chosen w = "
+            f"{res.record.chosen_candidate.weight:g}")
     first = results[0][2]
     target = samples[0]
     convo = " / ".join(f"{e.speaker}: {e.text}" for e in context)
     columns: list[dict[str, Any]] = [
         {"image": results[0][1].target_image, "caption": "target item", "lines": [ds.items[target.target_id].title]},
         {"image": out / results[0][1].request_id / "candidates" / f"w_{0.0:.2f}.png", "caption": "no personalization",
-         "lines": ["(w = 0, same seed)"] + first.record["target_keywords"][:3]},
+         "lines": ["(w = 0, same seed)"] + first.record.target_keywords[:3]},
     ]
     for s, req, res in results:
         taste = ds.users[s.user_id].attributes.get("taste", "?")
-        w = res.record["candidates"][res.chosen]["weight"]
+        w = res.record.chosen_candidate.weight
         gt = ds.items[s.ground_truth_personalized].title if s.ground_truth_personalized else "-"
         columns.append({"image": out / req.request_id / "chosen.png", "caption": f"{s.user_id}",
                         "history": req.history_images[:8], "highlight": True,
                         "lines": [f"hidden taste: {taste}",
-                                  f"chosen w = {w:g}" + (" + soft" if res.record["soft_embeddings"] == "on" else ""),
-                                  *res.record["preference_keywords"][:4], f"gt: {gt}"]})
+                                  f"chosen w = {w:g}" + (" + soft" if res.record.soft_embeddings == "on" else ""),
+                                  *res.record.preference_keywords[:4], f"gt: {gt}"]})
         if s.sample_id in without:
             plain = without[s.sample_id]
             columns[-1]["below"] = {"image": out / req.request_id / "keywords-only" / "chosen.png",
                                     "caption": "keywords only",
-                                    "lines": [f"chosen w = {plain.record['candidates'][plain.chosen]['weight']:g}"]}
+                                    "lines": [f"chosen w = {plain.record.chosen_candidate.weight:g}"]}
     picture = side_by_side(columns, out / "demo.png",
                            title=f"Same conversation, different users: \"{context[-1].text if context else ''}\"")
     rows = "".join(
         f'<li><a href="{html.escape(req.request_id)}/report.html">{html.escape(s.user_id)}</a> — hidden taste '
         f'{html.escape(str(ds.users[s.user_id].attributes.get("taste")))}; keywords: '
-        f'{html.escape(", ".join(res.record["preference_keywords"]))}</li>' for s, req, res in results)
+        f'{html.escape(", ".join(res.record.preference_keywords))}</li>' for s, req, res in results)
     (out / "index.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>pmgen demo</title><body style='font-family:sans-serif'>"
         f"<h1>pmgen demo</h1><p>Conversation: {html.escape(convo)}</p><img src='demo.png' "
         f"style='max-width:100%'><ul>{rows}</ul><p style='color:#777'>{CREDIT}</p></body>", encoding="utf-8")
     (out / "demo.json").write_text(json.dumps({"conversation": convo, "samples": [s.sample_id for s, _, _ in results],
-                                               "records": [res.record for _, _, res in results]}, indent=2))
+                                               "records": [res.record.to_json() for _, _, res in results]}, indent=2))
     return picture

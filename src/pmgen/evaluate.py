@@ -40,7 +40,7 @@ import torch
 from pmgen.data import Dataset, Sample
 from pmgen.images import load_image
 from pmgen.requests import from_dataset
-from pmgen.select import z_score
+from pmgen.select import argmax_z, z_score
 
 HIGHER_IS_BETTER = {"acc_text": True, "acc_image": True, "lpips_target": False, "ssim_target": True,
                     "pers_image": True, "lpips_history": False, "ssim_history": True, "ms_ssim_history": True,
@@ -190,7 +190,6 @@ def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample]
     """
     rows: list[dict[str, Any]] = []
     kept: dict[str, Any] = {}
-    own_soft = pmg.soft_prompt
     softs: dict[str, Any] = {}
     for n, s in enumerate(samples):
         req = from_dataset(ds, sample_id=s.sample_id)
@@ -203,26 +202,21 @@ def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample]
                                  "ground_truth": (grader.image(s.ground_truth_personalized)[0]
                                                   if s.ground_truth_personalized else None)}
         for m in methods:
-            if m.soft_prompt:
-                if m.soft_prompt not in softs:
-                    if soft_loader is None:
-                        raise ValueError(f"method {m.name} needs a soft_loader for {m.soft_prompt}")
-                    softs[m.soft_prompt] = soft_loader(m.soft_prompt)
-                pmg.soft_prompt = softs[m.soft_prompt]
-            try:
-                res = pmg.generate(req.user, req.target, req.items, context=req.context,
-                                   target_image=req.target_image, history_images=[ds.image_path(i) for i in hist],
-                                   **m.overrides)
-            finally:
-                pmg.soft_prompt = own_soft
+            if m.soft_prompt and m.soft_prompt not in softs:
+                if soft_loader is None:
+                    raise ValueError(f"method {m.name} needs a soft_loader for {m.soft_prompt}")
+                softs[m.soft_prompt] = soft_loader(m.soft_prompt)
+            res = pmg.generate(req.user, req.target, req.items, context=req.context,
+                               target_image=req.target_image, history_images=[ds.image_path(i) for i in hist],
+                               soft_prompt=softs.get(m.soft_prompt) if m.soft_prompt else None, **m.overrides)
             metrics = grader.grade(res.images, s, taste, hist)
-            for i, (cand, mt) in enumerate(zip(res.record["candidates"], metrics)):
+            for i, (cand, mt) in enumerate(zip(res.record.candidates, metrics)):
                 rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": m.name,
-                             "weight": cand["weight"], "d_t": cand["d_t"], "d_p": cand["d_p"],
+                             "weight": cand.weight, "d_t": cand.d_t, "d_p": cand.d_p,
                              "chosen": i == res.chosen, **mt})
             if n < keep_images:
                 kept[s.sample_id][m.name] = res.chosen_image
-                kept[s.sample_id][m.name + ":keywords"] = ", ".join(res.record["preference_keywords"][:4])
+                kept[s.sample_id][m.name + ":keywords"] = ", ".join(res.record.preference_keywords[:4])
         if progress is not None:
             progress(n + 1, len(samples))
     return rows, kept
@@ -248,8 +242,7 @@ def reselect(rows: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
     for cands in groups.values():
         cands = sorted(cands, key=lambda r: r["weight"])
         z = z_score(torch.tensor([c["d_t"] for c in cands]), torch.tensor([c["d_p"] for c in cands]), alpha)
-        best = max(range(len(cands)), key=lambda i: (round(float(z[i]), 9), -i))
-        out.append(cands[best])
+        out.append(cands[argmax_z(z)])
     return out
 
 

@@ -15,7 +15,6 @@ Every candidate uses the same seed (same noise) and the target item's image as t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -30,6 +29,7 @@ from pmgen.data import Event, Item, User
 from pmgen.images import load_image
 from pmgen.presets import Preset, get_preset
 from pmgen.select import DEFAULT_ALPHA, select, weight_grid
+from pmgen.types import (Candidate, ChatLLM, GenerationRecord, Generator, Scorer, SoftPrompt, TextEncoder)
 from pmgen.verbalize import TEXT_CHARS, shortened_texts
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,14 @@ class Settings:
 class GenerationResult:
     """Images of every candidate, the record (DESIGN.md section 4) and the chosen index."""
 
-    record: dict[str, Any]
+    record: GenerationRecord
     images: torch.Tensor  # [N, 3, H, W] in [0, 1], one per weight
     history_images: list[Path] = field(default_factory=list)
     target_image: Path | None = None
 
     @property
     def chosen(self) -> int:
-        return int(self.record["chosen"])
+        return self.record.chosen
 
     @property
     def chosen_image(self) -> torch.Tensor:
@@ -121,17 +121,15 @@ class GenerationResult:
         from pmgen.report import write_request_report
 
         pils = StickerGenerator.to_pil(self.images)
-        record = json.loads(json.dumps(self.record))
+        record = dataclasses.replace(self.record, image="chosen.png", candidates=[
+            dataclasses.replace(c, image=f"candidates/w_{c.weight:.2f}.png") for c in self.record.candidates])
 
         def write(tmp: Path) -> None:
             (tmp / "candidates").mkdir()
-            for cand, im in zip(record["candidates"], pils):
-                name = f"candidates/w_{cand['weight']:.2f}.png"
-                im.save(tmp / name)
-                cand["image"] = name
+            for cand, im in zip(record.candidates, pils):
+                im.save(tmp / cand.image)
             pils[self.chosen].save(tmp / "chosen.png")
-            record["image"] = "chosen.png"
-            (tmp / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            (tmp / "record.json").write_text(json.dumps(record.to_json(), indent=2, ensure_ascii=False) + "\n")
             write_request_report(tmp, record, self.history_images, self.target_image)
 
         out = write_result_dir(out_dir, write)
@@ -139,26 +137,24 @@ class GenerationResult:
         return out
 
 
-def _hash_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class PMG:
     """Personalized multimodal generation with injected models (see :meth:`from_preset`).
 
     Args:
         preset: the :class:`~pmgen.presets.Preset` the models come from (recorded in outputs).
-        llm: frozen LLM for keywords (``.chat``), and hidden states for soft embeddings.
-        text_encoder: the generator's text encoder (``token_states``).
-        generator: ``image_to_image`` / ``text_to_image`` with ``prompt_embeds``.
-        selector: scorer with ``text_similarity`` / ``image_similarity`` (never the evaluator).
-        soft_prompt: a trained :class:`pmgen.soft.SoftPromptEncoder`, or ``None`` (soft embeddings off).
+        llm: frozen LLM of the keyword stage.
+        text_encoder: the generator's text encoder.
+        generator: image-to-image / text-to-image on ``prompt_embeds``.
+        selector: the scorer that chooses among candidates (never the evaluator).
+        soft_prompt: the trained soft-prompt encoder, or ``None`` (soft embeddings off); a call can
+            pass another one (:meth:`generate`'s ``soft_prompt``).
         settings: default :class:`Settings`.
         keyword_cache: a :class:`pmgen.preferences.KeywordCache` or ``None`` (no caching).
     """
 
-    def __init__(self, preset: Preset, llm: Any, text_encoder: Any, generator: Any, selector: Any,
-                 soft_prompt: Any = None, settings: Settings | None = None, keyword_cache: Any = None):
+    def __init__(self, preset: Preset, llm: ChatLLM, text_encoder: TextEncoder, generator: Generator,
+                 selector: Scorer, soft_prompt: SoftPrompt | None = None, settings: Settings | None = None,
+                 keyword_cache: Any = None):
         self.preset = preset
         self.llm = llm
         self.text_encoder = text_encoder
@@ -182,7 +178,7 @@ class PMG:
         generator = load_generator(preset)
         text_encoder = load_text_encoder(preset, generator)
         llm = load_llm(preset)
-        selector = load_scorer(preset, "selector", text_encoder if preset.text_encoder == "minilm" else None)
+        selector = load_scorer(preset, "selector", text_encoder)
         soft = load_soft_prompt(preset, llm)
         if keyword_cache == "default":
             from pmgen.preferences import KeywordCache
@@ -190,15 +186,13 @@ class PMG:
             keyword_cache = KeywordCache()
         return cls(preset, llm, text_encoder, generator, selector, soft, settings, keyword_cache)
 
-    def models(self) -> dict[str, dict[str, str]]:
+    def models(self, soft_prompt: SoftPrompt | None = None) -> dict[str, dict[str, str]]:
         """Name and content hash of each model used (the record's ``models`` field)."""
-        out = {}
-        for role, obj in (("llm", self.llm), ("text_encoder", self.text_encoder), ("generator", self.generator),
-                          ("selector", self.selector), ("soft_prompt", self.soft_prompt)):
-            if obj is None:
-                continue
-            name = getattr(obj, "name", None) or getattr(getattr(obj, "cfg", None), "llm_name", None) or type(obj).__name__
-            out[role] = {"name": str(name), "hash": str(getattr(obj, "content_hash", "") or "")}
+        out = {role: {"name": str(m.name), "hash": str(m.content_hash)}
+               for role, m in (("llm", self.llm), ("text_encoder", self.text_encoder), ("generator", self.generator),
+                               ("selector", self.selector))}
+        if soft_prompt is not None:
+            out["soft_prompt"] = {"name": str(soft_prompt.name), "hash": str(soft_prompt.content_hash)}
         return out
 
     def extractor(self, k: int | None = None, budget_tokens: int | None = None) -> Any:
@@ -230,34 +224,34 @@ class PMG:
         n = n or self.settings.n_target_keywords
         return list(target_keywords(item=target, conversation=list(context) or None, k=n).keywords)
 
-    def history_text(self, events: Sequence[Event], items: Mapping[str, Item], budget_tokens: int | None = None) -> str:
-        """The verbalized history (newest first, within the token budget) the soft prompt reads."""
-        from pmgen.verbalize import verbalize_history
+    def soft_embeddings(self, events: Sequence[Event], items: Mapping[str, Item],
+                        soft_prompt: SoftPrompt | None = None) -> torch.Tensor:
+        """``[n_img, D]`` soft preference embeddings of a history (``soft_prompt`` default: the PMG's own).
 
-        count = getattr(self.llm, "count_tokens", None)
-        kwargs = {"count_tokens": count} if callable(count) else {}
-        return verbalize_history(events, items, budget_tokens or self.settings.budget_tokens, **kwargs).text
-
-    def soft_embeddings(self, history_text: str, use_soft: bool | None = None) -> torch.Tensor | None:
-        """``[n_img, D]`` soft preference embeddings, or ``None`` when soft embeddings are off
-        (no trained soft prompt, or ``use_soft`` — default: the settings' — is false)."""
-        if self.soft_prompt is None or not (self.settings.use_soft if use_soft is None else use_soft):
-            return None
+        The history is verbalized with the soft prompt's own budget and token counter
+        (:meth:`pmgen.soft.SoftPromptEncoder.history_text`), the way it was trained.
+        """
+        sp = soft_prompt if soft_prompt is not None else self.soft_prompt
+        if sp is None:
+            raise ValueError("no soft prompt: this PMG has none and none was given")
         with torch.no_grad():
-            return self.soft_prompt([history_text])[0]
+            return sp([sp.history_text(events, items)])[0]
 
     # ------------------------------------------------------------------ generate
     def generate(self, user: User | Sequence[Event], target: Item, items: Mapping[str, Item], *,
                  context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
-                 user_id: str | None = None, settings: Settings | None = None, **overrides: Any) -> GenerationResult:
+                 user_id: str | None = None, settings: Settings | None = None,
+                 soft_prompt: SoftPrompt | None = None, **overrides: Any) -> GenerationResult:
         """Generate the personalized version of ``target`` for ``user``.
 
         ``target_image`` (path, PIL image or tensor) is the init for image-to-image; without one the
         generator draws from noise. ``history_images`` are shown in the report and, with
-        ``history_weight > 0``, count in d_p. An empty history gives an explicit non-personalized
-        result (only ``w = 0``; ``record["personalized"]`` is false with the reason).
+        ``history_weight > 0``, count in d_p. ``soft_prompt`` replaces the PMG's own for this call
+        (used when ``use_soft``). An empty history gives an explicit non-personalized result (only
+        ``w = 0``; ``record.personalized`` is false with the reason).
         """
         s = dataclasses.replace(settings or self.settings, **overrides) if overrides else (settings or self.settings)
+        sp = soft_prompt if soft_prompt is not None else self.soft_prompt
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
         events = user.events if isinstance(user, User) else list(user)
@@ -271,7 +265,7 @@ class PMG:
         personalized, reason = True, ""
         pref_record: dict[str, Any] = {}
         pref_kw: list[str] = []
-        use_soft = s.use_soft and self.soft_prompt is not None
+        use_soft = s.use_soft and sp is not None
         if not events:
             personalized, reason = False, "empty history: no behaviors to personalize from"
         elif not s.use_keywords and not use_soft:
@@ -284,23 +278,22 @@ class PMG:
             pref_record = kw.to_json()
             if kw.fallback:
                 warnings.append(f"preference keywords: {kw.fallback}")
-            if kw.n_kept is not None and kw.n_events is not None and kw.n_kept < kw.n_events:
+            if kw.truncated:
                 warnings.append(f"history truncated: the LLM read the newest {kw.n_kept} of {kw.n_events} events "
                                 f"(token budget {s.budget_tokens})")
+            if not pref_kw and not use_soft:
+                personalized, reason = False, "no usable preference keywords"
         n_short = shortened_texts(events) if personalized else 0
         if n_short:
             warnings.append(f"{n_short} event text(s) longer than {TEXT_CHARS} characters were shortened for the LLM")
-            if not pref_kw and not use_soft:
-                personalized, reason = False, "no usable preference keywords"
         soft = None
         if personalized and use_soft:
             t = time.perf_counter()
-            budget = int(getattr(getattr(self.soft_prompt, "cfg", None), "budget_tokens", s.budget_tokens))
-            soft = self.soft_embeddings(self.history_text(events, items, budget), True)
+            soft = self.soft_embeddings(events, items, sp)
             timings["soft_embeddings"] = time.perf_counter() - t
         weights = list(s.weights) if personalized else [0.0]
 
-        size = int(getattr(self.generator, "image_size", self.preset.image_size))
+        size = int(self.generator.image_size)
         init = load_image(target_image, size)
         hist = [load_image(p, size) for p in history_images]
         builder = self.builder(s.mode)
@@ -332,39 +325,21 @@ class PMG:
         timings["select"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_all
 
-        candidates = []
-        for i, c in enumerate(conds):
-            cand = {"weight": c.weight, "d_t": sel.d_t[i], "d_p": sel.d_p[i], "z": sel.z[i], "image": None,
-                    "preference_tokens": c.n_preference_tokens}
-            if sel.d_h is not None:
-                cand["d_h"] = sel.d_h[i]
-            candidates.append(cand)
-        record = {
-            "user_id": uid,
-            "target_id": target.id,
-            "target_title": target.title,
-            "personalized": personalized,
-            **({"reason": reason} if reason else {}),
-            "preference_keywords": pref_kw,
-            "keywords_used": bool(s.use_keywords and pref_kw),
-            "target_keywords": tkw,
-            "preference": pref_record,
-            "soft_embeddings": ("on" if soft is not None else
-                                "off (no trained soft prompt in this preset)" if self.soft_prompt is None else "off"),
-            "alpha": s.alpha,
-            "mode": s.mode,
-            "candidates": candidates,
-            "chosen": sel.chosen,
-            "seed": s.seed,
-            "strength": s.strength if init is not None else None,
-            "init": "target image" if init is not None else "noise (target has no image)",
-            "num_inference_steps": s.num_inference_steps,
-            "guidance_scale": s.guidance_scale,
-            "history_weight": s.history_weight,
-            "preset": self.preset.name,
-            "models": self.models(),
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "warnings": warnings,
-        }
+        candidates = [Candidate(weight=c.weight, d_t=sel.d_t[i], d_p=sel.d_p[i], z=sel.z[i],
+                                preference_tokens=c.n_preference_tokens,
+                                d_h=sel.d_h[i] if sel.d_h is not None else None) for i, c in enumerate(conds)]
+        record = GenerationRecord(
+            user_id=uid, target_id=target.id, target_title=target.title, personalized=personalized, reason=reason,
+            preference_keywords=pref_kw, keywords_used=bool(s.use_keywords and pref_kw), target_keywords=tkw,
+            preference=pref_record,
+            soft_embeddings=("on" if soft is not None else
+                             "off (no trained soft prompt in this preset)" if sp is None else "off"),
+            alpha=s.alpha, mode=s.mode, candidates=candidates, chosen=sel.chosen, seed=s.seed,
+            strength=s.strength if init is not None else None,
+            init="target image" if init is not None else "noise (target has no image)",
+            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+            history_weight=s.history_weight, preset=self.preset.name,
+            models=self.models(sp if soft is not None else None),
+            timings_s={k: round(v, 4) for k, v in timings.items()}, warnings=warnings)
         return GenerationResult(record=record, images=images_t, history_images=[Path(p) for p in history_images],
                                 target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)

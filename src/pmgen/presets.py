@@ -181,6 +181,8 @@ def _is_pmgen_scorer(path: Path | str) -> bool:
 
 
 def load_scorer(preset: Preset, role: str = "selector", text_encoder: Any = None) -> Any:
+    """The preset's selector or evaluator. pmgen's own scorers have a MiniLM text tower: they share
+    ``text_encoder`` when the preset's text encoder is MiniLM, and load MiniLM otherwise."""
     if role not in ("selector", "evaluator"):
         raise ValueError(f"role must be 'selector' or 'evaluator', got {role!r}")
     ref = getattr(preset, role)
@@ -191,7 +193,8 @@ def load_scorer(preset: Preset, role: str = "selector", text_encoder: Any = None
 
         if not isinstance(path, Path) or not path.is_dir():
             raise FileNotFoundError(f"{role} not found: {ref} (train it with `pmgen train scorer --role {role}`)")
-        return Scorer.load(path, text_encoder if text_encoder is not None else TextEncoder.minilm(), name=f"{role}")
+        shared = text_encoder if (text_encoder is not None and preset.text_encoder == "minilm") else None
+        return Scorer.load(path, shared if shared is not None else TextEncoder.minilm(), name=f"{role}")
     from pmgen.models.sd import CLIPScorer
 
     return CLIPScorer.from_pretrained(path, name=role)
@@ -286,7 +289,7 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
                     raise FileNotFoundError("the soft prompt needs the LLM, which did not load")
                 obj = load_soft_prompt(preset, loaded["llm"])
             else:
-                obj = load_scorer(preset, role, loaded.get("text_encoder") if preset.text_encoder == "minilm" else None)
+                obj = load_scorer(preset, role, loaded.get("text_encoder"))
             st.load_seconds = time.perf_counter() - t0
             loaded[role] = obj
             st.ok = True

@@ -9,6 +9,8 @@ import html
 from pathlib import Path
 from typing import Any, Sequence
 
+from pmgen.types import GenerationRecord
+
 CREDIT = "Sticker images: OpenMoji (https://openmoji.org), CC BY-SA 4.0. Generated with pmgen."
 
 _CSS = """
@@ -28,7 +30,7 @@ def _kw(words: Sequence[str]) -> str:
     return "".join(f'<span class="kw">{html.escape(w)}</span>' for w in words) or "<i>none</i>"
 
 
-def write_request_report(folder: Path, record: dict[str, Any], history_images: Sequence[Path] = (),
+def write_request_report(folder: Path, record: GenerationRecord, history_images: Sequence[Path] = (),
                          target_image: Path | None = None, max_history: int = 12) -> Path:
     """Write ``folder/report.html`` for one generation record, with small PNG copies (at most 256 px a side)
     of the history and target images it shows (inputs are never copied whole)."""
@@ -48,38 +50,31 @@ def write_request_report(folder: Path, record: dict[str, Any], history_images: S
         target_html = '<div class="card"><img src="target.png"><br>target item</div>'
     cands = []
     rows = []
-    for i, c in enumerate(record["candidates"]):
-        cls = "card chosen" if i == record["chosen"] else "card"
-        label = "baseline (w = 0)" if c["weight"] == 0 else f"w = {c['weight']:g}"
-        cands.append(f'<div class="{cls}"><img src="{c["image"]}"><br>{label}<br>'
-                     f'd_t {c["d_t"]:.3f} · d_p {c["d_p"]:.3f}<br>z {c["z"]:.3f}'
-                     f'{" ✔ chosen" if i == record["chosen"] else ""}</div>')
-        rows.append(f"<tr><td>{c['weight']:g}</td><td>{c['d_t']:.4f}</td><td>{c['d_p']:.4f}</td>"
-                    f"<td>{c['z']:.4f}</td><td>{'✔' if i == record['chosen'] else ''}</td></tr>")
-    pref = record.get("preference") or {}
-    notes = []
-    if not record.get("personalized", True):
-        notes.append(f"Not personalized: {html.escape(record.get('reason', ''))}")
-    if pref.get("fallback"):
-        notes.append(f"Keyword fallback: {html.escape(str(pref['fallback']))}")
-    if pref.get("n_events") is not None and pref.get("n_kept") is not None and pref["n_kept"] < pref["n_events"]:
-        notes.append(f"History truncated to the newest {pref['n_kept']} of {pref['n_events']} events")
-    notes += [html.escape(w) for w in record.get("warnings", [])]
-    timings = ", ".join(f"{k} {v:.2f} s" for k, v in record.get("timings_s", {}).items())
-    models = ", ".join(f"{k}: {v['name']} ({v['hash'][:8] or '-'})" for k, v in record.get("models", {}).items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pmgen: {html.escape(record['user_id'])}
-→ {html.escape(record.get('target_title', record['target_id']))}</title><style>{_CSS}</style></head><body>
-<h1>pmgen · user <code>{html.escape(record['user_id'])}</code> · target
-<code>{html.escape(record.get('target_title', record['target_id']))}</code></h1>
+    for i, c in enumerate(record.candidates):
+        chosen = i == record.chosen
+        label = "baseline (w = 0)" if c.weight == 0 else f"w = {c.weight:g}"
+        cands.append(f'<div class="{"card chosen" if chosen else "card"}"><img src="{html.escape(c.image or "")}">'
+                     f'<br>{label}<br>d_t {c.d_t:.3f} · d_p {c.d_p:.3f}<br>z {c.z:.3f}'
+                     f'{" ✔ chosen" if chosen else ""}</div>')
+        rows.append(f"<tr><td>{c.weight:g}</td><td>{c.d_t:.4f}</td><td>{c.d_p:.4f}</td>"
+                    f"<td>{c.z:.4f}</td><td>{'✔' if chosen else ''}</td></tr>")
+    notes = [] if record.personalized else [f"Not personalized: {html.escape(record.reason)}"]
+    notes += [html.escape(w) for w in record.warnings]
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in record.timings_s.items())
+    models = ", ".join(f"{k}: {v['name']} ({v['hash'][:8] or '-'})" for k, v in record.models.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pmgen: {html.escape(record.user_id)}
+→ {html.escape(record.target_title)}</title><style>{_CSS}</style></head><body>
+<h1>pmgen · user <code>{html.escape(record.user_id)}</code> · target
+<code>{html.escape(record.target_title)}</code></h1>
 {''.join(f'<p class="small">⚠ {n}</p>' for n in notes)}
 <h2>History images (newest first)</h2><div class="row">{''.join(hist_html) or '<i>none</i>'}</div>
-<h2>Preference keywords</h2><p>{_kw(record['preference_keywords'])}</p>
-<h2>Target keywords</h2><p>{_kw(record['target_keywords'])}</p>
-<h2>Candidates (same seed; chosen = argmax z, α = {record['alpha']:.3g}, mode {record['mode']})</h2>
+<h2>Preference keywords</h2><p>{_kw(record.preference_keywords)}</p>
+<h2>Target keywords</h2><p>{_kw(record.target_keywords)}</p>
+<h2>Candidates (same seed; chosen = argmax z, α = {record.alpha:.3g}, mode {html.escape(record.mode)})</h2>
 <div class="row">{target_html}{''.join(cands)}</div>
 <table><tr><th>weight</th><th>d_t</th><th>d_p</th><th>z</th><th>chosen</th></tr>{''.join(rows)}</table>
-<p class="small">soft embeddings: {html.escape(str(record.get('soft_embeddings')))} · seed {record['seed']} ·
-strength {record.get('strength')} · preset {html.escape(record['preset'])}<br>models: {html.escape(models)}<br>
+<p class="small">soft embeddings: {html.escape(record.soft_embeddings)} · seed {record.seed} ·
+strength {record.strength} · preset {html.escape(record.preset)}<br>models: {html.escape(models)}<br>
 timings: {timings}</p>
 <p class="small">{CREDIT}</p></body></html>
 """

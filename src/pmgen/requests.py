@@ -314,7 +314,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
                                        target_image=req.target_image, history_images=req.history_images,
                                        user_id=req.user.user_id, **({"seed": req.seed} if req.seed is not None else {}))
                     if req.ground_truth:
-                        res.record["ground_truth_personalized"] = req.ground_truth
+                        res.record.ground_truth_personalized = req.ground_truth
                     res.save(folder)
                     done += 1
                 except (ValueError, OSError) as e:  # bad image, a foreign folder in the way, ...

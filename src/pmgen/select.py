@@ -36,6 +36,14 @@ def z_score(d_t: torch.Tensor, d_p: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * torch.log(d_p) + (1 - alpha) * torch.log(d_t)
 
 
+def argmax_z(z: torch.Tensor | Sequence[float]) -> int:
+    """Index of the largest ``z`` (candidates ordered by weight); ties (to 1e-9) go to the smaller weight."""
+    values = [float(v) for v in z]
+    if not values:
+        raise ValueError("no candidates to select from")
+    return max(range(len(values)), key=lambda i: (round(values[i], 9), -i))
+
+
 @dataclass
 class Selection:
     """Per-candidate scores (lists aligned with the candidates) and the chosen index."""
@@ -69,9 +77,8 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
         d_h = to_unit(selector.image_similarity(images, history_images).mean(dim=1))
         d_p = (1 - history_weight) * d_p + history_weight * d_h
     z = z_score(d_t, d_p, alpha)
-    best = max(range(len(z)), key=lambda i: (round(float(z[i]), 9), -i))
     return Selection(d_t=[float(v) for v in d_t], d_p=[float(v) for v in d_p], z=[float(v) for v in z],
-                     chosen=best, alpha=alpha, d_h=[float(v) for v in d_h] if d_h is not None else None)
+                     chosen=argmax_z(z), alpha=alpha, d_h=[float(v) for v in d_h] if d_h is not None else None)
 
 
 def weight_grid(spec: str | Sequence[float]) -> list[float]:

@@ -78,6 +78,7 @@ class SoftPromptEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.llm = llm  # not a submodule: its weights are frozen and never saved here
+        self._name: str | None = None
         mc = llm.model.config
         self.n_layers = int(mc.num_hidden_layers)
         self.n_kv = int(getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads)
@@ -140,6 +141,22 @@ class SoftPromptEncoder(nn.Module):
         return soft
 
     @property
+    def name(self) -> str:
+        """The recorded name: the soft prompt's folder when loaded from one, else what it was built for."""
+        return self._name or f"soft-prompt ({self.cfg.llm_name})"
+
+    @property
+    def budget_tokens(self) -> int:
+        """Token budget of the verbalized history it was trained on, and reads at inference."""
+        return int(self.cfg.budget_tokens)
+
+    def history_text(self, events: Sequence[Any], items: Any) -> str:
+        """The history this encoder reads: newest first, within :attr:`budget_tokens` of its LLM's tokens."""
+        from pmgen.verbalize import verbalize_history
+
+        return verbalize_history(events, items, self.budget_tokens, count_tokens=self.llm.count_tokens).text
+
+    @property
     def content_hash(self) -> str:
         """Short hash of the trained weights and the config (not cached: the weights change in training)."""
         from pmgen.models import state_hash
@@ -170,4 +187,5 @@ class SoftPromptEncoder(nn.Module):
         cfg = SoftPromptConfig(**json.loads((folder / "config.json").read_text()))
         enc = cls(cfg, llm)
         enc.load_state_dict(load_file(str(folder / "soft_prompt.safetensors")))
+        enc._name = folder.name
         return enc.eval().requires_grad_(False)

@@ -1,6 +1,6 @@
 """Shared plumbing for the built-in dataset builders.
 
-A builder writes into ``<data dir>/<name>.partial`` and renames it to ``<data dir>/<name>`` only
+A builder writes into a fresh hidden ``<data dir>/.<name>.*.partial`` folder and renames it to ``<data dir>/<name>`` only
 when everything (files and ``dataset.json``) is written, so a crash never leaves a half-built
 dataset that looks complete. A dataset is rebuilt only when missing, when its builder version
 changed, or on ``force=True``.
@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,17 +35,35 @@ def is_built(folder: Path, version: int, params: dict[str, Any] | None = None) -
 
 def build_atomically(folder: Path, write: Callable[[Path], dict[str, Any]], version: int,
                      params: dict[str, Any] | None = None) -> Path:
-    """Run ``write(tmp_folder) -> meta`` and move the result into place with its ``dataset.json``."""
-    tmp = folder.with_name(folder.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    meta = write(tmp)
-    meta = {"name": folder.name, "builder_version": version, "build_params": params or {}, **meta}
-    write_json(tmp / "dataset.json", meta)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    """Run ``write(tmp_folder) -> meta`` and move the result into place with its ``dataset.json``.
+
+    Each build writes into its own fresh temporary folder, so two processes building the same
+    dataset at once never touch each other's half-written files; each finished build is swapped in
+    whole (the older folder is renamed away first, then deleted); when another build lands first,
+    it is kept.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        meta = write(tmp)
+        meta = {"name": folder.name, "builder_version": version, "build_params": params or {}, **meta}
+        write_json(tmp / "dataset.json", meta)
+        old = tmp.with_suffix(".old")
+        try:
+            folder.rename(old)  # a previous build (rebuild / force): renamed away, deleted below
+        except FileNotFoundError:
+            pass
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # another process put its finished build in place meanwhile: keep it (it is complete)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return folder
 
 

@@ -115,10 +115,11 @@ class StickerGenerator:
         text_max_length: the token length the UNet was trained on; ``prompt_embeds`` should come
             from ``TextEncoder.token_states(texts, max_length=text_max_length)``.
         info: free metadata saved in ``pmgen_generator.json`` (text encoder name, training notes).
+        name: recorded in outputs (the folder name when loaded with :meth:`from_pretrained`).
     """
 
     def __init__(self, vae: Any, unet: Any, scheduler: Any, scaling_factor: float = 1.0,
-                 text_max_length: int = 32, info: dict[str, Any] | None = None):
+                 text_max_length: int = 32, info: dict[str, Any] | None = None, name: str = "sticker-generator"):
         if scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
         self.vae = vae.eval().requires_grad_(False)
@@ -127,12 +128,14 @@ class StickerGenerator:
         self.scaling_factor = float(scaling_factor)
         self.text_max_length = int(text_max_length)
         self.info = dict(info or {})
+        self.name = name
+        self._content_hash: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
     def content_hash(self) -> str:
         """Short hash of the VAE and UNet weights and the latent scaling (computed once)."""
-        if getattr(self, "_content_hash", None) is None:
+        if self._content_hash is None:
             from pmgen.models import state_hash
 
             tensors = [(f"vae.{k}", v) for k, v in self.vae.state_dict().items()]
@@ -222,7 +225,7 @@ class StickerGenerator:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype)
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
         return cls(vae, unet, scheduler, scaling_factor=meta["scaling_factor"],
-                   text_max_length=meta.get("text_max_length", 32), info=meta.get("info", {}))
+                   text_max_length=meta.get("text_max_length", 32), info=meta.get("info", {}), name=path.name)
 
     # ------------------------------------------------------------------ latents <-> images
     @torch.no_grad()
