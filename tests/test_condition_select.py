@@ -150,3 +150,17 @@ def test_weight_grid():
     assert weight_grid([2, 1, 1]) == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError):
         weight_grid("-1")
+
+
+def test_min_accuracy_guard_refuses_candidates_that_lose_the_target():
+    from pmgen.select import argmax_z, keeps_target
+
+    d_t = [0.80, 0.78, 0.50]  # w = 0, 1, 2: the last one lost the target
+    z = [-0.5, -0.4, -0.1]  # ... but scores best on z
+    assert argmax_z(z) == 2
+    ok = keeps_target(d_t, 0.9)
+    assert ok == [True, True, False] and argmax_z(z, ok) == 1
+    assert keeps_target(d_t, 0.0) == [True, True, True]
+    assert argmax_z(z, [True, False, False]) == 0  # the baseline is always eligible
+    with pytest.raises(ValueError):
+        keeps_target(d_t, 1.5)

@@ -118,7 +118,7 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
     user.attributes["taste_description"] = "loves cats"
     ds = Dataset("toy", root, items, {"u1": user},
                  [Sample("s1", "u1", "a", "test", ground_truth_personalized="b")], items_root=root)
-    grader = Grader(tiny_pmg.selector, ds, STLPIPS("alex"))
+    grader = Grader(tiny_pmg.selector, ds, STLPIPS("alex"), tastes=["loves cats", "loves rockets"])
     loaded = []
 
     def soft_loader(folder):
@@ -137,6 +137,8 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
                 "ssim_target", "ssim_history", "ms_ssim_history"):
         assert key in rows[0], key
     assert rows[0]["gt_hit"] in (0.0, 1.0) and rows[0]["lpips_target"] >= 0 and -1 <= rows[0]["ssim_target"] <= 1
+    for r in rows:
+        assert r["target_top1"] <= r["target_top5"] and r["both"] == r["target_top5"] * r["taste_top1"]
     # every method's w = 0 candidate is the same image, so it grades the same
     zero = [r for r in rows if r["weight"] == 0.0]
     assert all(r["acc_text"] == pytest.approx(zero[0]["acc_text"], abs=1e-6) for r in zero)
@@ -157,6 +159,20 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
         assert (tmp_path / name).is_file(), name
     mean, lo, hi = paired_margin(selected(rows), "keywords", "none", "acc_text")
     assert lo <= mean <= hi
+
+
+def test_both_at_once_counts_only_personalized_results():
+    from pmgen.evaluate import both_at_once
+
+    def row(user, method, w, both, chosen=True):
+        return {"user_id": user, "sample_id": user, "method": method, "weight": w, "both": both, "chosen": chosen}
+
+    rows = [row("a", "pmg", 1.0, 1.0), row("b", "pmg", 2.0, 0.0), row("c", "pmg", 0.0, 1.0),
+            row("d", "pmg", 1.0, 1.0, chosen=False), row("a", "none", 0.0, 0.0)]
+    out = both_at_once(rows)
+    assert out["pmg"]["n"] == 2 and out["pmg"]["n_results"] == 3 and out["pmg"]["mean"] == 0.5
+    assert out["pmg"]["personalized_share"] == pytest.approx(2 / 3)
+    assert out["none"]["n"] == 0
 
 
 def test_bootstrap_ci_resamples_users():

@@ -181,12 +181,12 @@ def data_validate(
 
 _OPTION_OF = {"weights": "--weights", "alpha": "--alpha", "mode": "--mode", "seed": "--seed",
               "strength": "--strength", "num_inference_steps": "--steps", "k": "--keywords",
-              "history_weight": "--history-weight"}
+              "history_weight": "--history-weight", "min_accuracy": "--min-accuracy"}
 
 
 def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
                         strength: Optional[float], steps: Optional[int], k: Optional[int],
-                        history_weight: Optional[float]) -> dict:
+                        history_weight: Optional[float], min_accuracy: Optional[float] = None) -> dict:
     """The generation settings given as options, checked before any model loads (exit 2 naming the option)."""
     from pmgen.pipeline import Settings
     from pmgen.select import weight_grid
@@ -198,7 +198,8 @@ def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Op
         except ValueError as e:
             _fail(f"--weights: {e}", 2)
     for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
-                     ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight)):
+                     ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight),
+                     ("min_accuracy", min_accuracy)):
         if val is not None:
             out[key] = val
     for key, val in out.items():
@@ -237,6 +238,8 @@ StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image stren
 StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]
 KOpt = Annotated[Optional[int], typer.Option("--keywords", help="Number of preference keywords (default 8).")]
 HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image similarity in d_p (default 0).")]
+MinAccOpt = Annotated[Optional[float], typer.Option(
+    help="Choose only candidates whose d_t is at least this share of the w = 0 baseline's (0 = no guard).")]
 SoftOpt = Annotated[Optional[str], typer.Option(
     help="Soft-prompt weights (folder or zoo:..., e.g. zoo:sticker-tiny/soft-prompt) for the soft preference "
          "embeddings, or 'off' (default: the preset's).")]
@@ -265,6 +268,7 @@ def generate(
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
+    min_accuracy: MinAccOpt = None,
     soft_prompt: SoftOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
@@ -273,7 +277,7 @@ def generate(
 
     from pmgen.paths import UnsafePathError, check_batch_root, check_result_dir
 
-    overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight)
+    overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy)
     if batch is not None:
         batch_out = out or Path("runs") / batch.stem
         try:
@@ -406,7 +410,7 @@ def evaluate(
     soft_prompt: SoftOpt = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
-    history_weight: HistOpt = None,
+    history_weight: HistOpt = None, min_accuracy: MinAccOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """PMG vs. no personalization (and the ablations) on held-out sticker users, graded by the evaluator."""
@@ -417,7 +421,7 @@ def evaluate(
     from pmgen.soft import SoftPromptEncoder
 
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
-                                    history_weight)
+                                    history_weight, min_accuracy)
     pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations)
@@ -437,7 +441,9 @@ def evaluate(
         from pmgen.metrics import STLPIPS
 
         lp = STLPIPS("alex")
-    grader = Grader(evaluator, datasets.load("stickers", data_dir_), lp)
+    from pmgen.datasets.sticker_users import TASTES
+
+    grader = Grader(evaluator, datasets.load("stickers", data_dir_), lp, tastes=[t.description for t in TASTES])
     from rich.progress import Progress
 
     t0 = _time.perf_counter()
@@ -449,7 +455,8 @@ def evaluate(
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
     meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {m: known[m].description for m in names},
-            "evaluator": evaluator.name, "alpha": pmg.settings.alpha, "weights": list(pmg.settings.weights),
+            "evaluator": evaluator.name, "alpha": pmg.settings.alpha,
+            "min_accuracy": pmg.settings.min_accuracy, "weights": list(pmg.settings.weights),
             "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(pmg.soft_prompt),
             "seconds": round(_time.perf_counter() - t0, 1)}
     report = write_outputs(out, rows, meta, kept, main_method=main)

@@ -15,6 +15,10 @@ Metrics of an image (the evaluator is trained independently of the selector; cat
 * accuracy — ``acc_text``: evaluator similarity to the target item's name; ``acc_image``: evaluator
   image similarity to the target item's image; ``lpips_target`` (ST-LPIPS AlexNet, ↓) and
   ``ssim_target`` to the target image;
+* recognizability — ``target_top1`` / ``target_top5``: the target's name ranks first / in the top 5
+  of 100 catalog names (its own and 99 others, fixed per sample) by evaluator similarity;
+  ``taste_top1``: the user's hidden taste ranks first among the 12 taste descriptions; ``both``:
+  ``target_top5`` and ``taste_top1`` at once — "the target, in this user's taste";
 * personalization — ``pers_image``: mean evaluator image similarity to the user's history images;
   ``lpips_history`` (↓), ``ssim_history``, ``ms_ssim_history``: means over the history images;
   ``pers_taste``: evaluator similarity to the user's hidden taste description (never shown to any
@@ -40,13 +44,17 @@ import torch
 from pmgen.data import Dataset, Sample
 from pmgen.images import load_image
 from pmgen.requests import from_dataset
-from pmgen.select import argmax_z, z_score
+from pmgen.select import argmax_z, keeps_target, z_score
 
 HIGHER_IS_BETTER = {"acc_text": True, "acc_image": True, "lpips_target": False, "ssim_target": True,
+                    "target_top1": True, "target_top5": True,
                     "pers_image": True, "lpips_history": False, "ssim_history": True, "ms_ssim_history": True,
-                    "pers_taste": True, "gt_hit": True}
-ACCURACY = ("acc_text", "acc_image", "lpips_target", "ssim_target")
-PERSONALIZATION = ("pers_image", "lpips_history", "ssim_history", "ms_ssim_history", "pers_taste", "gt_hit")
+                    "pers_taste": True, "taste_top1": True, "gt_hit": True, "both": True}
+ACCURACY = ("acc_text", "acc_image", "lpips_target", "ssim_target", "target_top1", "target_top5")
+PERSONALIZATION = ("pers_image", "lpips_history", "ssim_history", "ms_ssim_history", "pers_taste", "taste_top1",
+                   "gt_hit")
+N_NAMES = 100
+"""Names the target is ranked among (``target_top1`` / ``target_top5``): its own and 99 other catalog names."""
 
 
 @dataclass
@@ -104,11 +112,13 @@ def bootstrap_ci(values: Sequence[float], groups: Sequence[str] | None = None, n
 class Grader:
     """Evaluator-based and perceptual metrics for generated images (catalog embeddings computed once)."""
 
-    def __init__(self, evaluator: Any, catalog: Dataset, lpips: Any = None, perceptual: bool = True):
+    def __init__(self, evaluator: Any, catalog: Dataset, lpips: Any = None, perceptual: bool = True,
+                 tastes: Sequence[str] = ()):
         self.evaluator = evaluator
         self.catalog = catalog
         self.lpips = lpips
         self.perceptual = perceptual
+        self.tastes = list(tastes)  # every taste description, for ``taste_top1``
         self.ids = list(catalog.items)
         imgs = torch.cat([load_image(catalog.image_path(i), 64) for i in self.ids])
         self.images = imgs
@@ -126,6 +136,24 @@ class Grader:
             self._text[text] = self.evaluator.text_embeddings([text])[0]
         return self._text[text]
 
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Evaluator embeddings ``[len(texts), E]`` (cached per text)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text]
+        if missing:
+            for t, e in zip(missing, self.evaluator.text_embeddings(missing)):
+                self._text[t] = e
+        return torch.stack([self._text[t] for t in texts])
+
+    def names_for(self, target_id: str, n: int = N_NAMES) -> list[str]:
+        """The target's name first, then ``n - 1`` other catalog names (not skin-tone variants, not
+        containing or contained in the target's name), fixed per target."""
+        title = self.catalog.items[target_id].title.lower()
+        pool = sorted({it.title for it in self.catalog.items.values()
+                       if not it.attributes.get("skintone") and it.title.lower() not in title
+                       and title not in it.title.lower()})
+        rng = random.Random(f"names:{target_id}")
+        return [self.catalog.items[target_id].title] + rng.sample(pool, min(n - 1, len(pool)))
+
     @torch.no_grad()
     def grade(self, images: torch.Tensor, sample: Sample, user_taste: str | None, history_ids: list[str]
               ) -> list[dict[str, float]]:
@@ -140,6 +168,14 @@ class Grader:
             "acc_text": emb @ self.text(target.title),
             "acc_image": emb @ self.catalog_emb[t_img],
         }
+        names = emb @ self.texts(self.names_for(sample.target_id)).T  # [n, 100], column 0 = the target
+        rank = (names[:, 1:] >= names[:, :1]).sum(1)  # other names scoring at least as high (ties count against)
+        cols["target_top1"], cols["target_top5"] = (rank < 1).float(), (rank < 5).float()
+        if user_taste and user_taste in self.tastes:
+            tastes = emb @ self.texts(self.tastes).T
+            mine = self.tastes.index(user_taste)
+            cols["taste_top1"] = (tastes.argmax(1) == mine).float()
+            cols["both"] = cols["target_top5"] * cols["taste_top1"]
         hist = [self.index[i] for i in history_ids if i in self.index]
         if hist:
             cols["pers_image"] = (emb @ self.catalog_emb[hist].T).mean(1)
@@ -233,8 +269,9 @@ def at_weight(rows: list[dict[str, Any]], weight: float) -> list[dict[str, Any]]
     return [r for r in rows if abs(r["weight"] - weight) < 1e-9]
 
 
-def reselect(rows: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
-    """The candidate argmax ``z(α)`` would keep, recomputed from the recorded d_t and d_p (ties → smaller w)."""
+def reselect(rows: list[dict[str, Any]], alpha: float, min_accuracy: float = 0.0) -> list[dict[str, Any]]:
+    """The candidate PMG's selection would keep at ``α`` (and ``min_accuracy``), recomputed from the
+    recorded d_t and d_p with the pipeline's own rule (:func:`pmgen.select.argmax_z`)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["sample_id"], r["method"]), []).append(r)
@@ -242,7 +279,7 @@ def reselect(rows: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
     for cands in groups.values():
         cands = sorted(cands, key=lambda r: r["weight"])
         z = z_score(torch.tensor([c["d_t"] for c in cands]), torch.tensor([c["d_p"] for c in cands]), alpha)
-        out.append(cands[argmax_z(z)])
+        out.append(cands[argmax_z(z, keeps_target([c["d_t"] for c in cands], min_accuracy))])
     return out
 
 
@@ -272,6 +309,21 @@ def summarize(rows: list[dict[str, Any]], baseline: str | None = "none") -> dict
     return out
 
 
+def both_at_once(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, over its *personalized* results (selected candidate with ``w > 0``): the share in
+    which the evaluator finds the target in its top 5 of 100 names **and** the user's taste first of
+    the 12 — with a 95% CI over users, and how many results were personalized at all."""
+    out: dict[str, dict[str, Any]] = {}
+    sel = selected(rows)
+    for m in dict.fromkeys(r["method"] for r in sel):
+        mine = [r for r in sel if r["method"] == m and "both" in r]
+        pers = [r for r in mine if r["weight"] > 0]
+        mean, lo, hi = bootstrap_ci([r["both"] for r in pers], [r["user_id"] for r in pers])
+        out[m] = {"mean": mean, "ci95": [lo, hi], "n": len(pers), "n_results": len(mine),
+                  "personalized_share": len(pers) / len(mine) if mine else float("nan")}
+    return out
+
+
 def paired_margin(rows: list[dict[str, Any]], a: str, b: str, metric: str) -> tuple[float, float, float]:
     """Mean of (a − b) over samples both methods graded, with a 95% bootstrap CI over users."""
     by = {(r["sample_id"], r["method"]): r for r in rows}
@@ -283,14 +335,14 @@ def paired_margin(rows: list[dict[str, Any]], a: str, b: str, metric: str) -> tu
     return bootstrap_ci(diffs, users)
 
 
-def alpha_sweep(rows: list[dict[str, Any]], method: str, alphas: Sequence[float] | None = None
-                ) -> list[dict[str, Any]]:
+def alpha_sweep(rows: list[dict[str, Any]], method: str, alphas: Sequence[float] | None = None,
+                min_accuracy: float = 0.0) -> list[dict[str, Any]]:
     """For each α: the selected candidates' mean accuracy and personalization metrics (one method)."""
     alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
     mr = [r for r in rows if r["method"] == method]
     curve = []
     for a in alphas:
-        pick = reselect(mr, a)
+        pick = reselect(mr, a, min_accuracy)
         point: dict[str, Any] = {"alpha": a, "mean_weight": statistics.fmean(r["weight"] for r in pick)}
         for metric in HIGHER_IS_BETTER:
             vals = [r[metric] for r in pick if metric in r]
@@ -453,7 +505,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
         if fw:
             fixed[w] = summarize(base_rows + fw, baseline)
     alpha = float(meta.get("alpha", 2 / 3))
-    curve = alpha_sweep(rows, main_method) if main_method else []
+    curve = alpha_sweep(rows, main_method, min_accuracy=float(meta.get("min_accuracy", 0.0))) if main_method else []
     margins = {}
     if baseline:
         for m in sel:
@@ -465,10 +517,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
             fw = base_rows + [r for r in at_weight(rows, w) if r["method"] != baseline]
             fixed_margins[str(w)] = {m: {k: list(paired_margin(fw, m, baseline, k)) for k in HIGHER_IS_BETTER}
                                      for m in dict.fromkeys(r["method"] for r in fw) if m != baseline}
+    both = both_at_once(rows)
     (out / "metrics.json").write_text(json.dumps(
         {"meta": meta, "selected": sel, "fixed_weight": {str(k): v for k, v in fixed.items()},
          "paired_margins_fixed_weight_vs_baseline": fixed_margins,
          "alpha_sweep": {"method": main_method, "default_alpha": alpha, "curve": curve},
+         "both_at_once": both, 
          "paired_margins_vs_baseline": margins, "rows": rows}, indent=2) + "\n")
     if baseline:
         points = {m: (tuple(v["pers_image"]), tuple(v["acc_text"])) for m, v in margins.items()
@@ -492,6 +546,13 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
     if baseline:
         parts += ["\nPaired differences to the baseline (same samples and seeds; 95% CIs over users):\n",
                   margin_table(selected(rows), baseline)]
+    if any(v["n_results"] for v in both.values()):
+        parts += ["\n## Both at once: the target *and* the user's taste\n",
+                  "Among personalized results (chosen w > 0): the evaluator ranks the target's name in its top 5 of "
+                  "100 names and the user's hidden taste first of the 12 (95% CI over users).\n",
+                  "| method | both at once | personalized results |", "|---|---|---|"]
+        parts += [f"| {m} | {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | {v['n']} of {v['n_results']} |"
+                  for m, v in both.items()]
     for w, summ in fixed.items():
         parts += [f"\n## Fixed preference weight w = {w:g} (no selection; the ablation view)\n",
                   markdown_table(summ, ("acc_text", "lpips_target", *PERSONALIZATION), baseline)]

@@ -49,6 +49,8 @@ class Settings:
         seed: noise seed shared by every candidate.
         strength, num_inference_steps, guidance_scale: generator settings.
         history_weight: share of history-image similarity in d_p (0 = text only).
+        min_accuracy: a candidate is chosen only if its d_t is at least this share of the ``w = 0``
+            baseline's (0 = no guard; see :func:`pmgen.select.keeps_target`).
         budget_tokens: token budget of the verbalized history given to the LLM.
         use_soft: use soft preference embeddings (needs trained weights in the preset).
         use_keywords: use the preference keywords in the condition and in d_p (``False`` = the
@@ -65,6 +67,7 @@ class Settings:
     num_inference_steps: int = 20
     guidance_scale: float = 4.0
     history_weight: float = 0.0
+    min_accuracy: float = 0.0
     budget_tokens: int = 192
     use_soft: bool = False
     use_keywords: bool = True
@@ -83,6 +86,8 @@ class Settings:
             raise ValueError(f"steps (num_inference_steps) must be in [1, 1000], got {self.num_inference_steps}")
         if not 0 <= self.guidance_scale <= 100:
             raise ValueError(f"guidance_scale must be in [0, 100], got {self.guidance_scale}")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError(f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
         if not 0 <= self.history_weight <= 1:
             raise ValueError(f"history_weight must be in [0, 1], got {self.history_weight}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -321,12 +326,12 @@ class PMG:
         t = time.perf_counter()
         hist_t = torch.cat(hist) if hist else None
         sel = select(images_t, self.selector, keywords_text(tkw), keywords_text(pref_kw), s.alpha, hist_t,
-                     s.history_weight)
+                     s.history_weight, s.min_accuracy)
         timings["select"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_all
 
         candidates = [Candidate(weight=c.weight, d_t=sel.d_t[i], d_p=sel.d_p[i], z=sel.z[i],
-                                preference_tokens=c.n_preference_tokens,
+                                preference_tokens=c.n_preference_tokens, eligible=sel.eligible[i],
                                 d_h=sel.d_h[i] if sel.d_h is not None else None) for i, c in enumerate(conds)]
         record = GenerationRecord(
             user_id=uid, target_id=target.id, target_title=target.title, personalized=personalized, reason=reason,
@@ -338,7 +343,7 @@ class PMG:
             strength=s.strength if init is not None else None,
             init="target image" if init is not None else "noise (target has no image)",
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-            history_weight=s.history_weight, preset=self.preset.name,
+            history_weight=s.history_weight, min_accuracy=s.min_accuracy, preset=self.preset.name,
             models=self.models(sp if soft is not None else None),
             timings_s={k: round(v, 4) for k, v in timings.items()}, warnings=warnings)
         return GenerationResult(record=record, images=images_t, history_images=[Path(p) for p in history_images],

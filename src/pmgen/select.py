@@ -2,6 +2,7 @@
 
     d_t = s(sim(image, target text))            d_p = s(sim(image, preference text))
     z   = α·log d_p + (1 − α)·log d_t            chosen = argmax z   (ties → the smaller weight)
+    over the candidates that keep the target:  d_t ≥ min_accuracy · d_t(w = 0)   (0 = all)
 
 ``sim`` is the selector's cosine similarity in [-1, 1] and ``s(c) = (1 + c) / 2`` maps it into
 (0, 1] so the logarithm is defined (clamped at 1e-6). With ``history_weight = β > 0`` the user
@@ -36,12 +37,23 @@ def z_score(d_t: torch.Tensor, d_p: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * torch.log(d_p) + (1 - alpha) * torch.log(d_t)
 
 
-def argmax_z(z: torch.Tensor | Sequence[float]) -> int:
-    """Index of the largest ``z`` (candidates ordered by weight); ties (to 1e-9) go to the smaller weight."""
+def argmax_z(z: torch.Tensor | Sequence[float], eligible: Sequence[bool] | None = None) -> int:
+    """Index of the largest ``z`` among the ``eligible`` candidates (ordered by weight; default: all);
+    ties (to 1e-9) go to the smaller weight."""
     values = [float(v) for v in z]
     if not values:
         raise ValueError("no candidates to select from")
-    return max(range(len(values)), key=lambda i: (round(values[i], 9), -i))
+    ok = [i for i in range(len(values)) if eligible is None or eligible[i]] or [0]
+    return max(ok, key=lambda i: (round(values[i], 9), -i))
+
+
+def keeps_target(d_t: Sequence[float], min_accuracy: float) -> list[bool]:
+    """Which candidates keep the target: ``d_t ≥ min_accuracy · d_t[0]`` (index 0 is the ``w = 0``
+    baseline, always eligible). ``min_accuracy = 0`` keeps every candidate."""
+    if not 0.0 <= min_accuracy <= 1.0:
+        raise ValueError(f"min_accuracy must be in [0, 1], got {min_accuracy}")
+    base = float(d_t[0])
+    return [i == 0 or float(v) >= min_accuracy * base for i, v in enumerate(d_t)]
 
 
 @dataclass
@@ -54,15 +66,17 @@ class Selection:
     chosen: int
     alpha: float
     d_h: list[float] | None = None
+    eligible: list[bool] | None = None
 
 
 def select(images: torch.Tensor, selector: Any, target_text: str, preference_text: str,
            alpha: float = DEFAULT_ALPHA, history_images: torch.Tensor | None = None,
-           history_weight: float = 0.0) -> Selection:
+           history_weight: float = 0.0, min_accuracy: float = 0.0) -> Selection:
     """Score candidate ``images`` ``[N, 3, H, W]`` in [0, 1] with ``selector`` and choose one.
 
-    An empty ``preference_text`` (no preference known) makes ``d_p`` neutral (1.0) so the choice
-    falls to accuracy alone.
+    ``images[0]`` is the ``w = 0`` baseline. Candidates whose ``d_t`` falls below ``min_accuracy``
+    times the baseline's are not chosen (:func:`keeps_target`). An empty ``preference_text`` (no
+    preference known) makes ``d_p`` neutral (1.0) so the choice falls to accuracy alone.
     """
     if images.shape[0] == 0:
         raise ValueError("no candidates to select from")
@@ -77,8 +91,9 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
         d_h = to_unit(selector.image_similarity(images, history_images).mean(dim=1))
         d_p = (1 - history_weight) * d_p + history_weight * d_h
     z = z_score(d_t, d_p, alpha)
+    eligible = keeps_target(d_t.tolist(), min_accuracy)
     return Selection(d_t=[float(v) for v in d_t], d_p=[float(v) for v in d_p], z=[float(v) for v in z],
-                     chosen=argmax_z(z), alpha=alpha, d_h=[float(v) for v in d_h] if d_h is not None else None)
+                     chosen=argmax_z(z, eligible), eligible=eligible, alpha=alpha, d_h=[float(v) for v in d_h] if d_h is not None else None)
 
 
 def weight_grid(spec: str | Sequence[float]) -> list[float]:

@@ -97,7 +97,8 @@ class Candidate:
     """One generated candidate: its preference weight and scores (``d`` in (0, 1]; ``z`` = the objective).
 
     ``image`` is the PNG's path relative to the result folder once saved (``None`` before).
-    ``d_h`` is the history-image similarity when ``history_weight > 0``.
+    ``d_h`` is the history-image similarity when ``history_weight > 0``. ``eligible`` is false when
+    the candidate lost too much of the target to be chosen (``min_accuracy``).
     """
 
     weight: float
@@ -107,10 +108,11 @@ class Candidate:
     image: str | None = None
     preference_tokens: int = 0
     d_h: float | None = None
+    eligible: bool = True
 
     def to_json(self) -> dict[str, Any]:
         out = {"weight": self.weight, "d_t": self.d_t, "d_p": self.d_p, "z": self.z, "image": self.image,
-               "preference_tokens": self.preference_tokens}
+               "preference_tokens": self.preference_tokens, "eligible": self.eligible}
         if self.d_h is not None:
             out["d_h"] = self.d_h
         return out
@@ -148,6 +150,7 @@ class GenerationRecord:
     models: dict[str, dict[str, str]]
     timings_s: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    min_accuracy: float = 0.0
     reason: str = ""
     image: str | None = None
     ground_truth_personalized: str | None = None
