@@ -128,8 +128,11 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
 
     methods = [Method("none", {"weights": (0.0,)}), Method("keywords", {}),
                Method("soft-x", {"use_soft": True, "use_keywords": False, "history_weight": 1.0}, soft_prompt="x")]
-    rows, kept = run_methods(tiny_pmg, grader, ds, ds.samples, methods, keep_images=1, soft_loader=soft_loader)
-    assert loaded == ["x"] and tiny_pmg.soft_prompt is None  # the ablation's weights were swapped back out
+    rows, kept = run_methods(tiny_pmg, grader, ds, ds.samples, methods, keep_images=1, soft_loader=soft_loader,
+                             reference=True)
+    assert loaded == ["x"] and tiny_pmg.soft_prompt is None  # the ablation's weights were never installed
+    ref = rows.pop(0)  # the real target image, graded as is
+    assert ref["method"] == "target image" and ref["target_top1"] in (0.0, 1.0)
     assert [(r["method"], r["weight"]) for r in rows] == [("none", 0.0), ("keywords", 0.0), ("keywords", 1.0),
                                                           ("keywords", 2.0), ("soft-x", 0.0), ("soft-x", 1.0),
                                                           ("soft-x", 2.0)]

@@ -244,13 +244,19 @@ SoftOpt = Annotated[Optional[str], typer.Option(
     help="Soft-prompt weights (folder or zoo:..., e.g. zoo:sticker-tiny/soft-prompt) for the soft preference "
          "embeddings, or 'off' (default: the preset's).")]
 PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models list`).")]
+GeneratorOpt = Annotated[Optional[str], typer.Option(
+    help="Generator weights to use instead of the preset's (a folder or zoo:..., e.g. "
+         "zoo:sticker-tiny/generator-compose).")]
 
 
-def _soft(soft_prompt: Optional[str]) -> dict:
-    """Preset override for the soft prompt: other weights, ``off`` (none), or nothing when not given."""
-    if soft_prompt is None:
-        return {}
-    return {"soft_prompt": "" if soft_prompt.strip().lower() in ("off", "none", "") else soft_prompt}
+def _soft(soft_prompt: Optional[str], generator: Optional[str] = None) -> dict:
+    """Preset overrides: soft-prompt weights (or ``off``) and generator weights, when given."""
+    out: dict = {}
+    if soft_prompt is not None:
+        out["soft_prompt"] = "" if soft_prompt.strip().lower() in ("off", "none", "") else soft_prompt
+    if generator is not None:
+        out["generator"] = generator
+    return out
 
 
 @app.command()
@@ -269,7 +275,7 @@ def generate(
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None,
-    soft_prompt: SoftOpt = None,
+    soft_prompt: SoftOpt = None, generator: GeneratorOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
@@ -285,7 +291,7 @@ def generate(
             parsed = list(rq.read_batch(batch, data_dir_))
         except (DataError, UnsafePathError) as e:
             _fail(str(e), 2)
-        pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
+        pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
         try:
             done, failed = rq.run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed)
         except UnsafePathError as e:
@@ -309,7 +315,7 @@ def generate(
         _fail(str(e), 2)
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
-    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
     try:
         res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
                            history_images=req.history_images, user_id=req.user.user_id,
@@ -410,7 +416,8 @@ def evaluate(
     soft_prompt: SoftOpt = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
-    history_weight: HistOpt = None, min_accuracy: MinAccOpt = None,
+    history_weight: HistOpt = None, min_accuracy: MinAccOpt = None, generator: GeneratorOpt = None,
+    reference: Annotated[bool, typer.Option(help="Also grade the real target images (the accuracy ceiling).")] = True,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """PMG vs. no personalization (and the ablations) on held-out sticker users, graded by the evaluator."""
@@ -422,7 +429,7 @@ def evaluate(
 
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
                                     history_weight, min_accuracy)
-    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt))
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
@@ -451,10 +458,11 @@ def evaluate(
         task = bar.add_task(f"evaluating {len(names)} methods", total=len(samples))
         rows, kept = run_methods(pmg, grader, ds, samples, [known[m] for m in names],
                                  progress=lambda i, n: bar.update(task, completed=i), keep_images=keep_images,
-                                 soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm))
+                                 soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm), reference=reference)
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
     meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
-            "method_descriptions": {m: known[m].description for m in names},
+            "method_descriptions": {**{m: known[m].description for m in names},
+                                    **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},
             "evaluator": evaluator.name, "alpha": pmg.settings.alpha,
             "min_accuracy": pmg.settings.min_accuracy, "weights": list(pmg.settings.weights),
             "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(pmg.soft_prompt),

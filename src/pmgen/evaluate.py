@@ -53,6 +53,8 @@ HIGHER_IS_BETTER = {"acc_text": True, "acc_image": True, "lpips_target": False, 
 ACCURACY = ("acc_text", "acc_image", "lpips_target", "ssim_target", "target_top1", "target_top5")
 PERSONALIZATION = ("pers_image", "lpips_history", "ssim_history", "ms_ssim_history", "pers_taste", "taste_top1",
                    "gt_hit")
+REFERENCE = "target image"
+"""The pseudo-method of :func:`run_methods` ``reference=True``: the real target image, graded as is."""
 N_NAMES = 100
 """Names the target is ranked among (``target_top1`` / ``target_top5``): its own and 99 other catalog names."""
 
@@ -216,13 +218,16 @@ def history_item_ids(user: Any, limit: int = 12) -> list[str]:
 
 def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample], methods: Sequence[Method],
                 progress: Callable[[int, int], None] | None = None, keep_images: int = 0,
-                soft_loader: Callable[[str], Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                soft_loader: Callable[[str], Any] | None = None, reference: bool = False
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate every sample with every method and grade **every candidate**.
 
     Returns one row per (sample, method, candidate) — weight, the selector's d_t / d_p / z, whether
     it was chosen, and the metrics — and, for the first ``keep_images`` samples, the images
     (``{sample_id: {"target": ..., "ground_truth": ..., method: chosen image}}``) for the grid.
     ``soft_loader(folder)`` loads an ablation's soft-prompt weights (methods with ``soft_prompt``).
+    ``reference=True`` also grades the target item's own image (method :data:`REFERENCE`, not
+    generated): the ceiling of the accuracy metrics.
     """
     rows: list[dict[str, Any]] = []
     kept: dict[str, Any] = {}
@@ -237,6 +242,10 @@ def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample]
                                  "taste": user.attributes.get("taste", ""),
                                  "ground_truth": (grader.image(s.ground_truth_personalized)[0]
                                                   if s.ground_truth_personalized else None)}
+        if reference:
+            mt = grader.grade(grader.image(s.target_id), s, taste, hist)[0]
+            rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": REFERENCE, "weight": 0.0,
+                         "d_t": float("nan"), "d_p": float("nan"), "chosen": True, **mt})
         for m in methods:
             if m.soft_prompt and m.soft_prompt not in softs:
                 if soft_loader is None:
@@ -536,7 +545,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
     if curve:
         plot_alpha(curve, out / "alpha_sweep.png", alpha)
     if kept:
-        image_grid(kept, [m for m in sel], out / "samples.png")
+        image_grid(kept, [m for m in sel if m != REFERENCE], out / "samples.png")
     parts = [f"# pmgen evaluation\n\n{meta.get('n_samples')} held-out samples ({meta.get('n_users')} users) of "
              f"`sticker-users`, graded by the evaluator `{meta.get('evaluator')}` (never used for selection); "
              f"means with 95% bootstrap intervals over users; in parentheses the change relative to `{baseline}`.\n",
