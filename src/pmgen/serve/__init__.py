@@ -1,0 +1,12 @@
+"""``pmgen serve``: a personalization service (FastAPI) with a web page, a store and feedback.
+
+* :mod:`pmgen.serve.app` — the HTTP routes (thin) and :func:`~pmgen.serve.app.create_app`;
+* :mod:`pmgen.serve.service` — what each route does: validation, queueing, recovery;
+* :mod:`pmgen.serve.store` — users, events, generations, feedback (SQLAlchemy Core; SQLite WAL by default);
+* :mod:`pmgen.serve.worker` — the one model worker and its bounded queue;
+* :mod:`pmgen.serve.catalog` — catalog search and the target of a chat message;
+* :mod:`pmgen.serve.bench` — ``pmgen bench-serve``: bounded load on loopback;
+* ``static/`` — the page (plain HTML/JS/CSS, no build step).
+
+Needs the ``serve`` extra: ``pip install 'pmgen[serve]'``.
+"""

@@ -1,0 +1,275 @@
+"""``pmgen bench-serve``: bounded load on a local ``pmgen serve`` (127.0.0.1 only), and the API's overhead.
+
+1. **In process**: the same 3-weight generation (weights 0,1,2; one user, one target) ``n`` times
+   with :meth:`pmgen.pipeline.PMG.generate` → median seconds.
+2. **Through the API, one at a time** on a fresh server subprocess (its own temporary store): POST
+   + ``GET ?wait=`` until done, ``n`` times → median; the ratio API / in process.
+3. **Mixed load**: ``clients`` threads send ``requests`` requests in all — events (70 %), 3-weight
+   generations (10 %) and feedback (20 %) — honouring ``Retry-After`` on 503. Per endpoint: count,
+   p50/p95 latency, errors; generations also from acceptance to done (queueing included) and
+   from start to done on the worker; throughput; lost requests (never answered with success).
+
+Everything is bounded in count and time and sent to 127.0.0.1 only; the server is stopped and its
+temporary folder removed at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+WEIGHTS = (0.0, 1.0, 2.0)
+TARGET = "1F602"  # face with tears of joy
+EVENTS = [{"type": "search", "text": "cat stickers"}, {"type": "social", "item_id": "1F431", "value": "send"},
+          {"type": "social", "item_id": "1F63A", "value": "like"},
+          {"type": "conversation", "speaker": "user", "text": "my cat is the cutest"}]
+MAX_RETRIES = 30
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(preset: str, n: int, data_dir: Path | None, log: Callable[[str], None]) -> list[float]:
+    """Seconds of ``n`` 3-weight generations with the PMG in this process (after one warm-up)."""
+    from pmgen import datasets
+    from pmgen.data import Event, User
+    from pmgen.pipeline import PMG
+    from pmgen.requests import history_image_paths
+
+    ds = datasets.load("stickers", data_dir)
+    pmg = PMG.from_preset(preset)
+    user = User("bench-seq", [Event(**e) for e in EVENTS])
+    target = ds.items[TARGET]
+    times = []
+    for i in range(n + 1):
+        t = time.perf_counter()
+        pmg.generate(user, target, ds.items, target_image=ds.image_path(target), weights=WEIGHTS, seed=0,
+                     history_images=history_image_paths(ds, user, ds.items), user_id=user.user_id)
+        if i:  # the first one warms caches up
+            times.append(time.perf_counter() - t)
+    log(f"in process: {n} × 3-weight generation, median {statistics.median(times):.2f} s")
+    del pmg
+    gc.collect()
+    return times
+
+
+class Recorder:
+    """Latencies and errors per endpoint (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lat: dict[str, list[float]] = {}
+        self.errors: dict[str, int] = {}
+        self.retries = 0
+        self.lost = 0
+
+    def add(self, name: str, seconds: float | None) -> None:
+        with self.lock:
+            self.lat.setdefault(name, [])
+            self.errors.setdefault(name, 0)
+            if seconds is None:
+                self.errors[name] += 1
+            else:
+                self.lat[name].append(seconds)
+
+
+def _send(c: httpx.Client, rec: Recorder, name: str, method: str, url: str, body: Any, ok: int) -> Any:
+    """One logical request: retried after ``Retry-After`` on 503; latency of the successful attempt."""
+    for _ in range(MAX_RETRIES):
+        t = time.perf_counter()
+        try:
+            r = c.request(method, url, json=body)
+        except httpx.HTTPError:
+            rec.add(name, None)
+            with rec.lock:
+                rec.lost += 1
+            return None
+        if r.status_code == 503:
+            with rec.lock:
+                rec.retries += 1
+            time.sleep(min(float(r.headers.get("Retry-After", "1")), 5.0))
+            continue
+        if r.status_code != ok:
+            rec.add(name, None)
+            with rec.lock:
+                rec.lost += 1
+            return None
+        rec.add(name, time.perf_counter() - t)
+        return r.json()
+    rec.add(name, None)
+    with rec.lock:
+        rec.lost += 1
+    return None
+
+
+def run_bench(preset: str = "sticker-tiny", clients: int = 16, requests: int = 200, n_sequential: int = 5,
+              data_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the three phases (see the module docstring) and print the table; returns the numbers."""
+    from pmgen import datasets
+
+    load0 = os.getloadavg()
+    log(f"machine: {os.cpu_count()} cores, load average {load0[0]:.2f} (1 min) at the start; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    ds = datasets.load("stickers", data_dir)  # builds the catalog once if missing
+    inproc = in_process(preset, n_sequential, data_dir, log)
+
+    tmp = Path(tempfile.mkdtemp(prefix="pmgen-bench-serve-"))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "pmgen.serve", "serve", "--host", "127.0.0.1", "--port", str(port), "--preset", preset,
+           "--root", str(tmp / "serve"), "--data-dir", str(ds.root.parent), "--queue-size", "16"]
+    with open(tmp / "server.log", "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}); see {tmp / 'server.log'}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > 600:
+                raise TimeoutError("server not ready after 600 s")
+            time.sleep(0.5)
+        log(f"server ready on {base} after {time.monotonic() - t0:.1f} s")
+        result = _measure(base, inproc, clients, requests, n_sequential, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    load1 = os.getloadavg()
+    result["load_average"] = {"start": load0[0], "end": load1[0]}
+    log(f"load average (1 min) at the end: {load1[0]:.2f}")
+    return result
+
+
+def _measure(base: str, inproc: list[float], clients: int, requests: int, n_seq: int,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    c = httpx.Client(base_url=base, timeout=120)
+    # ---- phase 2: the same generation through the API, one at a time
+    c.post("/v1/users/bench-seq/events", json={"events": EVENTS}).raise_for_status()
+    body = {"user_id": "bench-seq", "target_id": TARGET, "weights": list(WEIGHTS), "seed": 0}
+    api_times, done_ids = [], []
+    for i in range(n_seq + 1):
+        t = time.perf_counter()
+        r = c.post("/v1/generations", json=body)
+        r.raise_for_status()
+        g = c.get(f"/v1/generations/{r.json()['id']}", params={"wait": 60}).json()
+        while g["status"] not in ("done", "failed"):
+            g = c.get(f"/v1/generations/{g['id']}", params={"wait": 60}).json()
+        if g["status"] != "done":
+            raise RuntimeError(f"generation failed: {g['error']}")
+        done_ids.append(g["id"])
+        if i:
+            api_times.append(time.perf_counter() - t)
+    ratio = statistics.median(api_times) / statistics.median(inproc)
+    log(f"through the API: {n_seq} × the same generation one at a time, median {statistics.median(api_times):.2f} s "
+        f"→ ratio {ratio:.2f}× (target ≤ 1.5×)")
+
+    # ---- phase 3: mixed load
+    rec = Recorder()
+    accepted: list[str] = []
+    plan = ["generation" if i % 10 == 5 else "feedback" if i % 10 in (2, 8) else "events" for i in range(requests)]
+    per_client = [plan[k::clients] for k in range(clients)]
+
+    def client(k: int) -> None:
+        user = f"bench-c{k}"
+        with httpx.Client(base_url=base, timeout=120) as cc:
+            _send(cc, rec, "POST /v1/users/{id}/events", "POST", f"/v1/users/{user}/events", {"events": EVENTS[:1]},
+                  200)  # the user exists before its first generation (not counted in the plan)
+            for j, op in enumerate(per_client[k]):
+                if op == "events":
+                    ev = [{"type": "search", "text": f"bench {k} {j}"}]
+                    _send(cc, rec, "POST /v1/users/{id}/events", "POST", f"/v1/users/{user}/events",
+                          {"events": ev}, 200)
+                elif op == "generation":
+                    r = _send(cc, rec, "POST /v1/generations (accept)", "POST", "/v1/generations",
+                              {"user_id": user, "target_id": TARGET, "weights": list(WEIGHTS), "seed": j}, 202)
+                    if r:
+                        with rec.lock:
+                            accepted.append(r["id"])
+                else:
+                    gid = done_ids[j % len(done_ids)]
+                    _send(cc, rec, "POST /v1/generations/{id}/feedback", "POST", f"/v1/generations/{gid}/feedback",
+                          {"candidate": j % len(WEIGHTS), "signal": ("like", "dislike", "pick")[j % 3]}, 200)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t_sent = time.perf_counter() - t0
+    e2e, service, failed = [], [], 0
+    for gid in accepted:
+        g = c.get(f"/v1/generations/{gid}", params={"wait": 60}).json()
+        while g["status"] not in ("done", "failed"):
+            g = c.get(f"/v1/generations/{gid}", params={"wait": 60}).json()
+        if g["status"] == "done":
+            e2e.append(g["finished_at"] - g["created_at"])
+            service.append(g["finished_at"] - g["started_at"])
+        else:
+            failed += 1
+    t_all = time.perf_counter() - t0
+    rec.lat["generation: accepted → done"] = e2e
+    rec.errors["generation: accepted → done"] = failed
+    rec.lat["generation: running → done"] = service
+    rec.errors["generation: running → done"] = failed
+    c.close()
+
+    n_requests = sum(len(v) for k, v in rec.lat.items() if not k.startswith("generation:"))
+    rows = []
+    for name in ("POST /v1/users/{id}/events", "POST /v1/generations (accept)", "POST /v1/generations/{id}/feedback",
+                 "generation: accepted → done", "generation: running → done"):
+        v = rec.lat.get(name, [])
+        rows.append({"endpoint": name, "n": len(v), "p50_ms": _pct(v, 0.5) * 1000, "p95_ms": _pct(v, 0.95) * 1000,
+                     "errors": rec.errors.get(name, 0)})
+    log("")
+    log(f"mixed load: {clients} clients, {requests} requests (+{clients} first events) — "
+        f"events 70 %, 3-weight generations 10 %, feedback 20 %")
+    log(f"| {'endpoint':<36} | {'n':>4} | {'p50 ms':>9} | {'p95 ms':>9} | {'errors':>6} |")
+    log(f"|{'-' * 38}|{'-' * 6}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
+    for r in rows:
+        log(f"| {r['endpoint']:<36} | {r['n']:>4} | {r['p50_ms']:>9.1f} | {r['p95_ms']:>9.1f} | {r['errors']:>6} |")
+    log(f"throughput: {n_requests / t_sent:.1f} requests/s while sending ({n_requests} in {t_sent:.1f} s); "
+        f"all {len(accepted)} generations done after {t_all:.1f} s; 503 answers retried: {rec.retries}; "
+        f"lost: {rec.lost + failed}")
+    log(f"3-weight generation, median: in process {statistics.median(inproc):.2f} s, through the API "
+        f"{statistics.median(api_times):.2f} s, ratio {ratio:.2f}× (target ≤ 1.5×)")
+    return {"rows": rows, "throughput_rps": n_requests / t_sent, "seconds_sending": t_sent, "seconds_total": t_all,
+            "retries_503": rec.retries, "lost": rec.lost + failed, "errors": sum(rec.errors.values()),
+            "in_process_s": inproc, "api_s": api_times, "ratio": ratio, "generations": len(accepted)}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(run_bench(), indent=2))

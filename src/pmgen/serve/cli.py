@@ -1,0 +1,94 @@
+"""The command functions of ``pmgen serve`` and ``pmgen bench-serve`` (registered in :mod:`pmgen.cli`).
+
+Imports of the service's dependencies happen inside the commands, so ``pmgen`` runs without the
+``serve`` extra installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --token."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    preset: str = typer.Option("sticker-tiny", help="Model preset, loaded once at start-up."),
+    store: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in WAL mode "
+                                                   "under the data dir; postgresql://... works)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="pmgen data directory (catalog; the "
+                                                                      "service's files go to DATA_DIR/serve)."),
+    root: Optional[Path] = typer.Option(None, help="Folder for the store, images and uploads "
+                                                   "(default DATA_DIR/serve)."),
+    catalog: str = typer.Option("stickers", help="Built-in dataset whose items are the catalog."),
+    token: Optional[str] = typer.Option(None, envvar="PMGEN_TOKEN",
+                                        help="Bearer token required on every write (also PMGEN_TOKEN)."),
+    cors_origin: List[str] = typer.Option([], help="Allow this origin by CORS (repeatable; default: CORS off)."),
+    queue_size: int = typer.Option(16, min=1, max=10_000, help="Generations waiting at most; more get 503."),
+) -> None:
+    """Run the personalization service: API under /v1, the page at /, OpenAPI at /docs."""
+    try:
+        import uvicorn
+
+        from pmgen.serve.app import create_app, is_loopback
+    except ImportError as e:
+        _fail(f"{e.name} is not installed: install the service's dependencies with "
+              "`pip install -e '.[serve]'` (or `make setup`)")
+    from pmgen import datasets
+    from pmgen.paths import data_dir as pmgen_data_dir
+
+    if not is_loopback(host) and not token:
+        _fail(f"binding {host} (not loopback) needs a token: --token or PMGEN_TOKEN")
+    from pmgen.presets import get_preset
+
+    try:
+        get_preset(preset)
+    except (KeyError, ValueError) as e:
+        _fail(str(e.args[0]) if e.args else str(e))
+    ddir = pmgen_data_dir(data_dir)
+    typer.echo(f"loading the catalog {catalog!r} from {ddir} …")
+    ds = datasets.load(catalog, ddir)
+
+    def load_models():
+        from pmgen.pipeline import PMG
+
+        return PMG.from_preset(preset)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(load_models, ds, root=root or ddir / "serve", store_url=store, host=host, token=token,
+                     cors_origins=tuple(cors_origin), queue_size=queue_size)
+    typer.echo(f"pmgen serve on http://{host}:{port}/ (models load in the background; /readyz says when)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def bench_serve(
+    preset: str = typer.Option("sticker-tiny", help="Model preset of the server and of the in-process run."),
+    clients: int = typer.Option(16, min=1, max=64, help="Concurrent clients."),
+    requests: int = typer.Option(200, min=10, max=5000, help="Requests of the mixed load (bounded)."),
+    generations: int = typer.Option(5, min=1, max=50, help="Sequential 3-weight generations timed in process "
+                                                             "and through the API (the ratio)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="pmgen data directory (the catalog)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """Bounded load on a local server (127.0.0.1): p50/p95 per endpoint, throughput, errors, and the
+    same 3-weight generation in process vs. through the API."""
+    try:
+        from pmgen.serve.bench import run_bench
+    except ImportError as e:
+        _fail(f"{e.name} is not installed: `pip install -e '.[serve]'` (or `make setup`)")
+    import json
+
+    result = run_bench(preset=preset, clients=clients, requests=requests, n_sequential=generations,
+                       data_dir=data_dir)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["lost"] or result["errors"]:
+        raise typer.Exit(1)

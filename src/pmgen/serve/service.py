@@ -1,0 +1,591 @@
+"""What the service does, without HTTP: validate, store, queue, run on the model worker, recover.
+
+The web layer (:mod:`pmgen.serve.app`) only maps HTTP to these methods and their errors to status
+codes; the model work is :meth:`pmgen.pipeline.PMG.generate` on the worker thread, the records
+are the library's own (``GenerationRecord.to_json()``), the validation is :mod:`pmgen.validate`'s.
+
+Files (all under ``root``, default ``<data dir>/serve``)::
+
+    pmgen-serve.sqlite              the store (unless another URL is given)
+    generations/<id>/               one result folder per generation (chosen.png, candidates/, record.json,
+                                    report.html), written by GenerationResult.save: temp folder + rename
+    uploads/<id>.img                an uploaded target image (checked, then written temp + rename)
+
+Ids that become paths (users, generations) pass :func:`pmgen.paths.check_id` and every path is
+resolved with :func:`pmgen.paths.inside`; no path a client sends is ever opened.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pmgen.data import DataError, Dataset, Event, Item, User
+from pmgen.images import ImageError, check_image
+from pmgen.limits import LIMITS, Limits, describe_bytes
+from pmgen.paths import UnsafePathError, check_id, inside
+from pmgen.select import DEFAULT_ALPHA, weight_grid
+from pmgen.serve.catalog import Catalog
+from pmgen.serve.store import SIGNALS, Generation, Store
+from pmgen.serve.worker import Worker
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 60.0
+"""Longest ``?wait=`` a request may block."""
+MAX_ATTEMPTS = 2
+"""A generation interrupted this many times (the server died while running it) is marked failed."""
+_PARTIAL = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9._-]*\.[0-9a-f]{8}\.(partial|old)")
+_IMAGE_NAME = re.compile(r"(chosen|w_\d{1,2}\.\d{2})\.png")
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+class ServiceError(Exception):
+    """An answer other than success: ``status`` is the HTTP status the API returns."""
+
+    status = 400
+
+    def __init__(self, message: str, problems: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.problems = problems or []
+        self.headers = headers or {}
+
+
+class Invalid(ServiceError):
+    status = 422
+
+
+class TooLarge(ServiceError):
+    status = 413
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Busy(ServiceError):
+    status = 503
+
+
+def problem(field_name: str | None, message: str) -> dict[str, Any]:
+    """One problem of a request: ``field`` like ``events[2].type``; ``index`` is the event's position."""
+    m = re.search(r"events\[(\d+)\]", field_name or "")
+    return {"index": int(m.group(1)) if m else None, "field": field_name, "message": message}
+
+
+def problems_of(err: DataError, prefix: str = "") -> list[dict[str, Any]]:
+    return [problem(f"{prefix}{p.field}" if p.field else (prefix.rstrip(".") or None), p.message)
+            for p in err.problems]
+
+
+def record_json(record: Any) -> dict[str, Any]:
+    """The JSON form of a generation record (``GenerationRecord.to_json()``; a plain dict as it is)."""
+    return record.to_json() if hasattr(record, "to_json") else json.loads(json.dumps(record))
+
+
+def _safe(value: Any, what: str) -> str:
+    try:
+        return check_id(value, what)
+    except UnsafePathError as e:
+        raise Invalid(str(e), [problem(what, str(e))]) from None
+
+
+# ---------------------------------------------------------------------------------------- service
+
+@dataclass
+class Upload:
+    """An uploaded target image (bytes as received; checked before anything is stored)."""
+
+    data: bytes
+    field: str = "target.image"
+
+
+@dataclass
+class _Prepared:
+    user_id: str
+    request: dict[str, Any]
+    upload: bytes | None = None
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Service:
+    """The personalization service over one PMG, one catalog and one store.
+
+    Args:
+        pmg: a loaded :class:`pmgen.pipeline.PMG`, or a function returning one (loaded on a
+            background thread by :meth:`start`; until then ``ready`` is false and generations get 503).
+        catalog: the items users act on and targets come from (e.g. ``datasets.load("stickers")``).
+        store: where users, events, generations and feedback live.
+        root: folder for result images and uploads (beside an SQLite store by default).
+        limits: input sizes (:mod:`pmgen.limits`).
+        queue_size: generations waiting at most; more get 503 with ``Retry-After``.
+    """
+
+    def __init__(self, pmg: Any, catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
+                 queue_size: int = 16):
+        self._loader: Callable[[], Any] | None = pmg if callable(pmg) and not hasattr(pmg, "generate") else None
+        self.pmg = None if self._loader else pmg
+        self.catalog = catalog
+        self.index = Catalog(catalog.items)
+        self.store = store
+        self.root = Path(root).resolve()
+        self.gen_root = self.root / "generations"
+        self.upload_root = self.root / "uploads"
+        for d in (self.gen_root, self.upload_root):
+            d.mkdir(parents=True, exist_ok=True)
+        self.limits = limits
+        self.worker = Worker(self.run_generation, queue_size)
+        self._ready = threading.Event()
+        self._changed = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._durations: list[float] = []
+        self._keywords: dict[tuple[str, int], list[str]] = {}
+        self.load_error: str | None = None
+        self.recovered: dict[str, int] = {"resumed": 0, "failed": 0, "partial_removed": 0}
+        if self.pmg is not None:
+            self._ready.set()
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        """Recover what a previous run left, start the worker, load the models (if given a loader)."""
+        self.recover()
+        self.worker.start()
+        if self._loader is not None and not self.ready:
+            threading.Thread(target=self._load, name="pmgen-model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            t = time.perf_counter()
+            self.pmg = self._loader()
+            log.info("models loaded in %.1f s", time.perf_counter() - t)
+            self._ready.set()
+        except Exception as e:  # reported by /readyz
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the models failed")
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def recover(self) -> None:
+        """After a restart: remove half-written result folders (``.<id>.<hex>.partial``, pmgen's own)
+        and upload temp files, then re-queue every generation accepted but not finished (oldest
+        first); one that does not fit in the queue, or was interrupted :data:`MAX_ATTEMPTS` times,
+        is marked failed with the reason."""
+        for d in (self.gen_root, self.upload_root):
+            for p in d.iterdir():
+                if _PARTIAL.fullmatch(p.name) or (d is self.upload_root and p.name.endswith(".tmp")):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    self.recovered["partial_removed"] += 1
+        for gen in self.store.unfinished():
+            self.store.requeue(gen.id)
+            if self.worker.submit(gen.id):
+                self.recovered["resumed"] += 1
+            else:
+                self.store.finish(gen.id, error="the server restarted with more unfinished generations than its "
+                                                "queue holds; submit it again")
+                self.recovered["failed"] += 1
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # ------------------------------------------------------------------ users and events
+    def _parse_events(self, raw: Any, where: str, prefix: str = "") -> list[Event]:
+        """Events in the README's format, checked by the same validator as users.jsonl files."""
+        from pmgen.requests import user_from_json
+
+        if not isinstance(raw, list):
+            raise Invalid("expected a list of events", [problem(f"{prefix}events", "expected a list of events")])
+        if not raw:
+            raise Invalid("no events", [problem(f"{prefix}events", "expected at least one event")])
+        try:
+            return user_from_json({"events": raw}, where, self.catalog.items, self.limits).events
+        except DataError as e:
+            probs = problems_of(e, prefix)
+            raise Invalid(f"{len(probs)} problem(s) in the events; nothing was stored", probs) from None
+
+    def add_events(self, user_id: str, events: Any) -> dict[str, Any]:
+        """Append events to a user (created when new); all or nothing."""
+        user_id = _safe(user_id, "user_id")
+        parsed = self._parse_events(events, "request")
+        try:
+            n = self.store.add_events(user_id, parsed, max_total=self.limits.max_events_per_user)
+        except ValueError as e:
+            raise Invalid(str(e), [problem("events", str(e))]) from None
+        return {"user_id": user_id, "added": len(parsed), "n_events": n}
+
+    def users(self) -> list[dict[str, Any]]:
+        return self.store.users()
+
+    def profile(self, user_id: str) -> dict[str, Any]:
+        """Event count and recent events, current preference keywords, α, feedback, recent generations."""
+        user_id = _safe(user_id, "user_id")
+        if not self.store.has_user(user_id):
+            raise NotFound(f"unknown user {user_id!r} (post events to /v1/users/{user_id}/events first)")
+        events = self.store.events(user_id)
+        return {
+            "user_id": user_id,
+            "n_events": len(events),
+            "events": [e.to_json() for e in events[-50:]],
+            "preference_keywords": self._preference_keywords(user_id, events),
+            "alpha": {"value": self.pmg.settings.alpha if self.pmg is not None else DEFAULT_ALPHA,
+                      "source": "preset"},
+            "feedback": self.store.feedback(user_id),
+            "generations": self.store.user_generations(user_id),
+        }
+
+    def _preference_keywords(self, user_id: str, events: list[Event]) -> list[str] | None:
+        """The keyword stage on the user's history (cached per history; ``None`` while models load)."""
+        key = (user_id, len(events))
+        if key not in self._keywords:
+            if self.pmg is None or not events:
+                return None if self.pmg is None else []
+            with self._model_lock:
+                self._keywords[key] = list(self.pmg.extract(events, self.catalog.items).keywords)
+                while len(self._keywords) > 4096:  # the oldest go first
+                    self._keywords.pop(next(iter(self._keywords)))
+        return self._keywords.get(key, [])
+
+    # ------------------------------------------------------------------ generations
+    def _prepare(self, body: Mapping[str, Any], upload: bytes | None) -> _Prepared:
+        """Check a generation request (every problem at once) and turn it into what the worker stores."""
+        probs: list[dict[str, Any]] = []
+        user: dict[str, Any] = {}
+        user_id = "inline"
+        if body.get("user_id") is not None and body.get("user") is not None:
+            probs.append(problem("user", "give either 'user_id' (a stored user) or 'user' (inline events), not both"))
+        elif body.get("user_id") is not None:
+            user_id = _safe(body["user_id"], "user_id")
+            if not self.store.has_user(user_id):
+                probs.append(problem("user_id", f"unknown user {user_id!r} (post its events first, or send "
+                                                "'user': {'user_id', 'events'} inline)"))
+            user = {"stored": True, "user_id": user_id, "n_events": self.store.count_events(user_id)}
+        elif body.get("user") is not None:
+            inline = body["user"]
+            if not isinstance(inline, Mapping):
+                probs.append(problem("user", "expected an object {'user_id', 'events'}"))
+            else:
+                if inline.get("user_id") is not None:
+                    user_id = _safe(inline["user_id"], "user.user_id")
+                try:
+                    events = self._parse_events(inline.get("events"), "request", "user.")
+                    user = {"stored": False, "user_id": user_id, "events": [e.to_json() for e in events]}
+                except Invalid as e:
+                    probs += e.problems
+        else:
+            probs.append(problem("user_id", "give 'user_id' (a stored user) or 'user' (inline events)"))
+
+        context: list[Event] = []
+        if body.get("context"):
+            try:
+                context = self._parse_events(body["context"], "request", "context.")
+            except Invalid as e:
+                probs += e.problems
+        message = body.get("message")
+        if message is not None:
+            if not isinstance(message, str) or not message.strip():
+                probs.append(problem("message", "expected a non-empty chat message"))
+            elif len(message) > self.limits.max_text_chars:
+                probs.append(problem("message", f"{len(message):,} characters; the limit is "
+                                                f"{self.limits.max_text_chars:,}"))
+            else:
+                context.append(Event("conversation", text=message, speaker="user"))
+
+        target: dict[str, Any] = {}
+        tid, inline_item = body.get("target_id"), body.get("target")
+        if tid is not None and inline_item is not None:
+            probs.append(problem("target", "give either 'target_id' (a catalog item) or 'target', not both"))
+        elif tid is not None:
+            if not isinstance(tid, str) or tid not in self.catalog.items:
+                probs.append(problem("target_id", f"unknown item id {tid!r} (search the catalog: GET /v1/items?q=)"))
+            else:
+                target = {"item_id": tid}
+        elif inline_item is not None:
+            target, upload, more = self._inline_target(inline_item, upload)
+            probs += more
+        elif isinstance(message, str) and message.strip() and len(message) <= self.limits.max_text_chars:
+            item = self.index.target_from_message(message)
+            if item is None:
+                probs.append(problem("message", "no catalog item matches this message; give 'target_id'"))
+            else:
+                target = {"item_id": item.id, "from_message": True}
+        else:
+            probs.append(problem("target_id", "give 'target_id' (a catalog item), 'target' {title, text, image} "
+                                              "or a chat 'message' to take the target from"))
+
+        options: dict[str, Any] = {}
+        if body.get("weights") is not None:
+            try:
+                options["weights"] = weight_grid(body["weights"])
+            except (ValueError, TypeError) as e:
+                probs.append(problem("weights", str(e)))
+        for key, lo, hi in (("alpha", 0.0, 1.0), ("strength", 0.0, 1.0)):
+            v = body.get(key)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                    probs.append(problem(key, f"expected a number in [{lo:g}, {hi:g}], got {v!r}"))
+                else:
+                    options[key] = float(v)
+        seed = body.get("seed")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                probs.append(problem("seed", f"expected an integer in [0, 2^63), got {seed!r}"))
+            else:
+                options["seed"] = seed
+        request = {"user": user, "target": target, "context": [e.to_json() for e in context], "options": options}
+        return _Prepared(user_id, request, upload, probs)
+
+    def _inline_target(self, obj: Any, upload: bytes | None) -> tuple[dict[str, Any], bytes | None, list]:
+        probs: list[dict[str, Any]] = []
+        if not isinstance(obj, Mapping):
+            return {}, upload, [problem("target", "expected an object {title, text, image}")]
+        title, text = obj.get("title"), obj.get("text") or ""
+        if not isinstance(title, str) or not title.strip():
+            probs.append(problem("target.title", "expected a non-empty title"))
+        elif len(title) > self.limits.max_title_chars:
+            probs.append(problem("target.title", f"{len(title):,} characters; the limit is "
+                                                 f"{self.limits.max_title_chars:,}"))
+        if not isinstance(text, str) or len(text) > self.limits.max_text_chars:
+            probs.append(problem("target.text", f"expected text of at most {self.limits.max_text_chars:,} characters"))
+        image = obj.get("image")
+        if image is not None:
+            if upload is not None:
+                probs.append(problem("target.image", "give the image either as base64 or as an upload, not both"))
+            elif not isinstance(image, str):
+                probs.append(problem("target.image", "expected base64 image data"))
+            else:
+                data = image.split(",", 1)[1] if image.startswith("data:") and "," in image else image
+                if len(data) > self.limits.max_image_bytes * 4 // 3 + 8:
+                    raise TooLarge(f"the target image is over {describe_bytes(self.limits.max_image_bytes)} "
+                                   "(pmgen.limits.Limits)", [problem("target.image", "image too large")])
+                try:
+                    upload = base64.b64decode(data, validate=True)
+                except (binascii.Error, ValueError):
+                    probs.append(problem("target.image", "expected base64 image data (a data: URL or plain base64; "
+                                                         "file paths are never opened)"))
+        if upload is not None:
+            self._check_upload(upload)
+        item = {"id": "upload", "title": title if isinstance(title, str) else "", "text": text}
+        return {"item": item, "image": None}, upload, probs
+
+    def _check_upload(self, data: bytes) -> None:
+        """Bytes and pixels (from the header, before decoding) within the limits: else 413; unreadable: 422."""
+        if len(data) > self.limits.max_image_bytes:
+            msg = (f"the target image is {describe_bytes(len(data))}; the limit is "
+                   f"{describe_bytes(self.limits.max_image_bytes)} (pmgen.limits.Limits)")
+            raise TooLarge(msg, [problem("target.image", msg)])
+        try:
+            check_image(data, self.limits, name="target.image")
+        except ImageError as e:
+            cls = TooLarge if "pixels" in str(e) else Invalid
+            raise cls(str(e), [problem("target.image", str(e))]) from None
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: the median generation time (at least 1)."""
+        per = statistics.median(self._durations[-20:]) if self._durations else 5.0
+        return max(1, math.ceil(per))
+
+    def submit(self, body: Mapping[str, Any], upload: bytes | None = None) -> dict[str, Any]:
+        """Accept a generation (202): stored as ``queued`` and put on the worker's queue.
+
+        Raises:
+            Invalid: every problem of the request (nothing stored).
+            TooLarge: an image over the byte or pixel limits.
+            Busy: the queue is full, or the models are still loading (with ``Retry-After``).
+        """
+        if not isinstance(body, Mapping):
+            raise Invalid("expected a JSON object", [problem(None, "expected a JSON object")])
+        prep = self._prepare(body, upload)
+        if prep.problems:
+            raise Invalid(f"{len(prep.problems)} problem(s) in the request; nothing was stored", prep.problems)
+        if self.load_error:
+            raise Busy(f"the models failed to load: {self.load_error}")
+        gen_id = "g" + secrets.token_hex(8)
+        image_file = None
+        if prep.upload is not None:
+            image_file = self.upload_root / f"{gen_id}.img"
+            tmp = self.upload_root / f".{gen_id}.{secrets.token_hex(4)}.tmp"
+            tmp.write_bytes(prep.upload)
+            os.replace(tmp, image_file)
+            prep.request["target"]["image"] = image_file.name
+
+        def accept() -> None:
+            self.store.add_generation(gen_id, prep.user_id, prep.request)
+
+        if not self.worker.submit(gen_id, accept):
+            if image_file is not None:
+                image_file.unlink(missing_ok=True)
+            wait = self.retry_after()
+            raise Busy(f"the generation queue is full ({self.worker.maxsize} waiting); retry in {wait} s",
+                       headers={"Retry-After": str(wait)})
+        return {"id": gen_id, "status": "queued", "url": f"/v1/generations/{gen_id}",
+                **({"target_id": prep.request["target"]["item_id"]} if "item_id" in prep.request["target"] else {})}
+
+    def get(self, gen_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """A generation's status, record, image URLs and feedback; ``wait`` blocks until it is final."""
+        gen_id = _safe(gen_id, "generation_id")
+        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
+        while True:
+            gen = self.store.generation(gen_id)
+            if gen is None:
+                raise NotFound(f"unknown generation {gen_id!r}")
+            left = deadline - time.monotonic()
+            if gen.status in ("done", "failed") or left <= 0:
+                return self._view(gen)
+            with self._changed:
+                self._changed.wait(min(left, 0.5))
+
+    def _view(self, gen: Generation) -> dict[str, Any]:
+        base = f"/v1/generations/{gen.id}/images"
+        out: dict[str, Any] = {
+            "id": gen.id, "status": gen.status, "user_id": gen.user_id, "created_at": gen.created_at,
+            "started_at": gen.started_at, "finished_at": gen.finished_at, "resumed": gen.resumed,
+            "error": gen.error, "request": {k: v for k, v in gen.request.items() if k != "user"},
+            "record": gen.record, "images": None, "feedback": gen.feedback,
+        }
+        if gen.status == "queued":
+            out["queue_depth"] = self.worker.depth
+        if gen.record:
+            out["images"] = {"chosen": f"{base}/chosen.png",
+                             "candidates": [f"{base}/{Path(c['image']).name}" for c in gen.record["candidates"]]}
+        return out
+
+    def image_path(self, gen_id: str, name: str) -> Path:
+        """The file of a finished generation's image (``chosen.png`` or ``w_<weight>.png``)."""
+        gen_id = _safe(gen_id, "generation_id")
+        if not _IMAGE_NAME.fullmatch(name):
+            raise NotFound(f"no image {name!r} (expected chosen.png or w_<weight>.png)")
+        if self.store.status(gen_id) != "done":
+            raise NotFound(f"generation {gen_id!r} has no images (not done)")
+        folder = inside(self.gen_root, gen_id)
+        path = inside(folder, name) if name == "chosen.png" else inside(folder, "candidates", name)
+        if not path.is_file():
+            raise NotFound(f"no image {name!r} in generation {gen_id!r}")
+        return path
+
+    def feedback(self, gen_id: str, candidate: Any, signal: Any) -> dict[str, Any]:
+        """Store ``pick``/``like``/``dislike`` on one candidate (by index) of a finished generation."""
+        gen_id = _safe(gen_id, "generation_id")
+        gen = self.store.generation(gen_id)
+        if gen is None:
+            raise NotFound(f"unknown generation {gen_id!r}")
+        probs = []
+        if signal not in SIGNALS:
+            probs.append(problem("signal", f"expected one of {', '.join(SIGNALS)}, got {signal!r}"))
+        if gen.status != "done" or not gen.record:
+            raise Conflict(f"generation {gen_id!r} is {gen.status}; feedback needs a finished generation")
+        n = len(gen.record["candidates"])
+        if isinstance(candidate, bool) or not isinstance(candidate, int) or not 0 <= candidate < n:
+            probs.append(problem("candidate", f"expected a candidate index in [0, {n - 1}], got {candidate!r}"))
+        if probs:
+            raise Invalid(f"{len(probs)} problem(s) in the feedback; nothing was stored", probs)
+        weight = float(gen.record["candidates"][candidate]["weight"])
+        fid = self.store.add_feedback(gen_id, gen.user_id, candidate, weight, signal)
+        return {"id": fid, "generation_id": gen_id, "user_id": gen.user_id, "candidate": candidate,
+                "weight": weight, "signal": signal}
+
+    # ------------------------------------------------------------------ catalog
+    def item_json(self, item: Item) -> dict[str, Any]:
+        return {"id": item.id, "title": item.title, "text": item.text[:200],
+                "image": f"/v1/items/{item.id}/image" if item.image else None}
+
+    def search(self, q: str, limit: int = 24) -> dict[str, Any]:
+        if len(q) > self.limits.max_title_chars:
+            raise Invalid("query too long", [problem("q", f"at most {self.limits.max_title_chars} characters")])
+        hits = self.index.search(q, max(1, min(limit, 100)))
+        return {"q": q, "items": [self.item_json(it) for it in hits]}
+
+    def target_for_message(self, message: str) -> dict[str, Any]:
+        item = self.index.target_from_message(message[:self.limits.max_text_chars])
+        if item is None:
+            raise NotFound("no catalog item matches this message")
+        return self.item_json(item)
+
+    def item_image(self, item_id: str) -> Path:
+        item = self.catalog.items.get(item_id)
+        path = self.catalog.image_path(item) if item is not None else None
+        if path is None or not Path(path).is_file():
+            raise NotFound(f"no image for item {item_id!r}")
+        return Path(path)
+
+    # ------------------------------------------------------------------ the worker's job
+    def _materialize(self, gen: Generation) -> tuple[User, Item, list[Event], Path | None, list[Path]]:
+        from pmgen.requests import history_image_paths
+
+        req = gen.request
+        u = req["user"]
+        if u["stored"]:
+            user = User(u["user_id"], self.store.events(u["user_id"], limit=u["n_events"]))
+        else:
+            user = User(u["user_id"], [Event(**e) for e in u["events"]])
+        t = req["target"]
+        if "item_id" in t:
+            target = self.catalog.items[t["item_id"]]
+            target_image = self.catalog.image_path(target)
+        else:
+            target = Item(id=t["item"]["id"], title=t["item"]["title"], text=t["item"]["text"])
+            target_image = inside(self.upload_root, check_id(t["image"], "upload")) if t.get("image") else None
+        context = [Event(**e) for e in req["context"]]
+        return user, target, context, target_image, history_image_paths(self.catalog, user, self.catalog.items)
+
+    def run_generation(self, gen_id: str) -> None:
+        """Run one accepted generation on the worker thread and store its result (or its failure)."""
+        self._ready.wait()
+        gen = self.store.generation(gen_id)
+        if gen is None or gen.status in ("done", "failed"):
+            return
+        folder = inside(self.gen_root, check_id(gen_id, "generation_id"))
+        if (folder / "record.json").is_file():  # written in full before a crash, not yet marked done
+            self.store.finish(gen_id, json.loads((folder / "record.json").read_text()))
+            self._notify()
+            return
+        if gen.attempts >= MAX_ATTEMPTS:
+            self.store.finish(gen_id, error=f"interrupted {gen.attempts} times (the server stopped while running "
+                                            "it); not retried")
+            self._notify()
+            return
+        self.store.start(gen_id)
+        self._notify()
+        t0 = time.perf_counter()
+        try:
+            user, target, context, target_image, history = self._materialize(gen)
+            opts = dict(gen.request["options"])
+            if "weights" in opts:
+                opts["weights"] = tuple(opts["weights"])
+            with self._model_lock:
+                res = self.pmg.generate(user, target, self.catalog.items, context=context, target_image=target_image,
+                                        history_images=history, user_id=user.user_id, **opts)
+                res.save(folder)
+                record = record_json(res.record)
+                if gen.request["user"]["stored"]:  # the profile shows the keywords without running the LLM again
+                    self._keywords[(user.user_id, len(user.events))] = list(record.get("preference_keywords") or [])
+            self.store.finish(gen_id, record)
+            self._durations = (self._durations + [time.perf_counter() - t0])[-50:]
+        except Exception as e:  # a bad image, a model error: reported on the generation
+            log.exception("generation %s failed", gen_id)
+            self.store.finish(gen_id, error=f"{type(e).__name__}: {e}")
+        self._notify()
