@@ -129,3 +129,34 @@ def test_candidate_rounds_are_generated_once_and_cached(tiny_pmg, data_root, tmp
         assert [r.round for r in rs] == [0, 1, 2, 3] and all(len(r.d_t) == len(r.taste) == 2 for r in rs)
         own = {s.target_id for s in ds.split("val") if s.user_id == rs[0].user_id}
         assert {r.target_id for r in rs[:3]} <= own  # the user's own requests come first
+
+
+def test_cli_feedback_is_stored_and_moves_only_that_users_alpha(tiny_pmg, toy_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from pmgen.cli import _learned_alpha, app
+    from pmgen.data import User
+
+    root, items, user = toy_data
+    res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png")
+    run = res.save(tmp_path / "run")
+    data = tmp_path / "data"
+    runner = CliRunner()
+    assert _learned_alpha(tiny_pmg, data)(user.user_id) is None  # no store yet: the preset's α
+    for _ in range(2):
+        r = runner.invoke(app, ["feedback", str(run), "--pick", "0", "--data-dir", str(data)])
+        assert r.exit_code == 0, r.output
+    assert "from 2 feedback event(s)" in r.output
+    alpha, source = _learned_alpha(tiny_pmg, data)(user.user_id)
+    assert source.startswith("learned from 2") and 0 <= alpha <= 1
+    assert _learned_alpha(tiny_pmg, data)("someone-else") is None
+    # the next generation of this user records the learned α
+    nxt = tiny_pmg.generate(user, items["a"], items, alpha=alpha, alpha_source=source)
+    assert nxt.record.alpha == alpha and nxt.record.alpha_source == source
+    other = tiny_pmg.generate(User("x", user.events), items["a"], items)
+    assert other.record.alpha_source == "preset"
+    for args, msg in ((["--pick", "0", "--like", "1"], "exactly one"), (["--pick", "9"], "candidates 0..")):
+        r = runner.invoke(app, ["feedback", str(run), *args, "--data-dir", str(data)])
+        assert r.exit_code == 2 and msg in r.output
+    r = runner.invoke(app, ["feedback", str(tmp_path / "nope"), "--pick", "0", "--data-dir", str(data)])
+    assert r.exit_code == 2 and "not found" in r.output

@@ -169,3 +169,83 @@ class WeightStats:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> WeightStats:
         return cls({float(k): float(v) for k, v in obj.get("counts", {}).items()}, int(obj.get("n_events", 0)))
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """One feedback event on a stored generation: the shown candidates' scores, which one, and how."""
+
+    weights: Sequence[float]
+    d_t: Sequence[float]
+    d_p: Sequence[float]
+    candidate: int
+    signal: str
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], candidate: int, signal: str) -> FeedbackEvent:
+        """From a generation record's JSON (``record.json``, the store's record)."""
+        cands = record["candidates"]
+        return cls([c["weight"] for c in cands], [c["d_t"] for c in cands], [c["d_p"] for c in cands],
+                   int(candidate), signal)
+
+
+@dataclass
+class UserBalance:
+    """What feedback taught about one user: the α posterior and the weights worth generating."""
+
+    posterior: AlphaPosterior
+    weights: WeightStats
+
+    @property
+    def n_events(self) -> int:
+        return self.posterior.n_events
+
+    def alpha(self, default: float) -> tuple[float, str]:
+        """The α to use and where it came from: the posterior mean once there is feedback, else ``default``."""
+        if self.posterior.n_events == 0:
+            return default, "preset"
+        return round(self.posterior.mean, 4), (f"learned from {self.posterior.n_events} feedback event(s) "
+                                               f"(posterior mean, sd {self.posterior.std:.2f})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"posterior": self.posterior.to_json(), "weights": self.weights.to_json()}
+
+
+def learn(events: Sequence[FeedbackEvent], prior_alpha: float = 2 / 3,
+          temperature: float = DEFAULT_TEMPERATURE) -> UserBalance:
+    """Replay a user's feedback events (oldest first) into their :class:`UserBalance`."""
+    post = AlphaPosterior.prior(prior_alpha, temperature=temperature)
+    stats = WeightStats()
+    for ev in events:
+        post.update(ev.d_t, ev.d_p, ev.candidate, ev.signal)
+        stats.update(ev.weights, ev.candidate, ev.signal)
+    return UserBalance(post, stats)
+
+
+def balance_from_store(store: Any, user_id: str, prior_alpha: float = 2 / 3) -> UserBalance:
+    """Replay a user's feedback rows from a :class:`pmgen.serve.store.Store` (each row names a stored
+    generation whose record holds the shown candidates' scores)."""
+    events = []
+    for row in store.feedback(user_id):
+        gen = store.generation(row["generation_id"])
+        if gen is not None and gen.record:
+            events.append(FeedbackEvent.from_record(gen.record, row["candidate"], row["signal"]))
+    return learn(events, prior_alpha)
+
+
+def open_store(data_root: Any = None, create: bool = False) -> Any:
+    """The store ``pmgen serve`` and the CLI share (``<data dir>/serve/pmgen-serve.sqlite``), or ``None``
+    when it does not exist yet (and ``create`` is false) or the ``serve`` extra is not installed."""
+    from pmgen.paths import data_dir
+
+    try:
+        from pmgen.serve.store import STORE_FILE, Store, sqlite_url
+    except ImportError:  # sqlalchemy missing: no store, α stays the preset's
+        if create:
+            raise
+        return None
+    path = data_dir(data_root) / "serve" / STORE_FILE
+    if not create and not path.is_file():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Store.open(sqlite_url(path))

@@ -246,13 +246,15 @@ class PMG:
     def generate(self, user: User | Sequence[Event], target: Item, items: Mapping[str, Item], *,
                  context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
                  user_id: str | None = None, settings: Settings | None = None,
-                 soft_prompt: SoftPrompt | None = None, **overrides: Any) -> GenerationResult:
+                 soft_prompt: SoftPrompt | None = None, alpha_source: str | None = None,
+                 **overrides: Any) -> GenerationResult:
         """Generate the personalized version of ``target`` for ``user``.
 
         ``target_image`` (path, PIL image or tensor) is the init for image-to-image; without one the
         generator draws from noise. ``history_images`` are shown in the report and, with
         ``history_weight > 0``, count in d_p. ``soft_prompt`` replaces the PMG's own for this call
-        (used when ``use_soft``). An empty history gives an explicit non-personalized result (only
+        (used when ``use_soft``). ``alpha_source`` is recorded as where α came from (default:
+        ``"request"`` when ``alpha`` is given here, else ``"preset"``). An empty history gives an explicit non-personalized result (only
         ``w = 0``; ``record.personalized`` is false with the reason).
         """
         s = dataclasses.replace(settings or self.settings, **overrides) if overrides else (settings or self.settings)
@@ -339,7 +341,7 @@ class PMG:
             preference=pref_record,
             soft_embeddings=("on" if soft is not None else
                              "off (no trained soft prompt in this preset)" if sp is None else "off"),
-            alpha=s.alpha, mode=s.mode, candidates=candidates, chosen=sel.chosen, seed=s.seed,
+            alpha=s.alpha, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"), mode=s.mode, candidates=candidates, chosen=sel.chosen, seed=s.seed,
             strength=s.strength if init is not None else None,
             init="target image" if init is not None else "noise (target has no image)",
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pmgen.data import DataError, Dataset, Event, Item, Problem, User
 from pmgen.limits import LIMITS, Limits, check_file_size
@@ -272,14 +272,16 @@ def _message(e: Exception) -> str:
 
 
 def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
-              err: Any = None, requests: list[tuple[int, Request | Exception]] | None = None) -> tuple[int, int]:
+              err: Any = None, requests: list[tuple[int, Request | Exception]] | None = None,
+              alpha_of: Callable[[str], tuple[float, str] | None] | None = None) -> tuple[int, int]:
     """Run every request of a batch file into ``out/<request_id>/``; skip finished ones.
 
     Returns ``(done, failed)``. Failures (bad lines, unknown ids) are reported with their line number
     and do not stop the batch; ``out/index.jsonl`` lists every finished request's record path.
     ``requests`` (from :func:`read_batch`) skips re-reading the file. ``out`` must be new, empty, or
     a batch folder pmgen made (:func:`pmgen.paths.prepare_batch_root`); every request folder is
-    verified to stay inside it, and a folder pmgen did not write is never replaced.
+    verified to stay inside it, and a folder pmgen did not write is never replaced. ``alpha_of(user_id)``
+    gives a user's learned ``(α, source)`` (or ``None``: the settings' α).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -310,9 +312,11 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
                 done += 1
             else:
                 try:
+                    learned = alpha_of(req.user.user_id) if alpha_of is not None else None
                     res = pmg.generate(req.user, req.target, req.items, context=req.context,
                                        target_image=req.target_image, history_images=req.history_images,
-                                       user_id=req.user.user_id, **({"seed": req.seed} if req.seed is not None else {}))
+                                       user_id=req.user.user_id, **({"seed": req.seed} if req.seed is not None else {}),
+                                       **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
                     if req.ground_truth:
                         res.record.ground_truth_personalized = req.ground_truth
                     res.save(folder)

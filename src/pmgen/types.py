@@ -124,7 +124,8 @@ class GenerationRecord:
 
     ``preference`` is the keyword stage's own record (:meth:`pmgen.preferences.Keywords.to_json`);
     ``models`` maps role → ``{"name", "hash"}``; ``warnings`` gathers every truncation and fallback.
-    ``reason`` says why a result is not personalized (``personalized`` false).
+    ``reason`` says why a result is not personalized (``personalized`` false). ``alpha_source`` says
+    where ``alpha`` came from: ``"preset"``, ``"request"``, or the user's feedback (``"learned from …"``).
     """
 
     user_id: str
@@ -151,6 +152,7 @@ class GenerationRecord:
     timings_s: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     min_accuracy: float = 0.0
+    alpha_source: str = "preset"
     reason: str = ""
     image: str | None = None
     ground_truth_personalized: str | None = None

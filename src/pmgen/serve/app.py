@@ -40,10 +40,9 @@ from pydantic import BaseModel, Field
 from pmgen.data import Dataset
 from pmgen.limits import LIMITS, Limits
 from pmgen.serve.service import MAX_WAIT_S, Invalid, Service, ServiceError, TooLarge, problem
-from pmgen.serve.store import Store, sqlite_url
+from pmgen.serve.store import STORE_FILE, Store, sqlite_url
 
 STATIC = Path(__file__).parent / "static"
-STORE_FILE = "pmgen-serve.sqlite"
 
 
 # ---------------------------------------------------------------------------------------- models

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pmgen.feedback import UserBalance, balance_from_store
 from pmgen.data import DataError, Dataset, Event, Item, User
 from pmgen.images import ImageError, check_image
 from pmgen.limits import LIMITS, Limits, describe_bytes
@@ -160,6 +161,7 @@ class Service:
         self._model_lock = threading.Lock()
         self._durations: list[float] = []
         self._keywords: dict[tuple[str, int], list[str]] = {}
+        self._balances: dict[tuple[str, int, Any], UserBalance] = {}
         self.load_error: str | None = None
         self.recovered: dict[str, int] = {"resumed": 0, "failed": 0, "partial_removed": 0}
         if self.pmg is not None:
@@ -252,11 +254,31 @@ class Service:
             "n_events": len(events),
             "events": [e.to_json() for e in events[-50:]],
             "preference_keywords": self._preference_keywords(user_id, events),
-            "alpha": {"value": self.pmg.settings.alpha if self.pmg is not None else DEFAULT_ALPHA,
-                      "source": "preset"},
+            "alpha": self.alpha_of(user_id),
             "feedback": self.store.feedback(user_id),
             "generations": self.store.user_generations(user_id),
         }
+
+    def balance(self, user_id: str) -> UserBalance:
+        """What the user's feedback taught (α posterior, weights worth generating), replayed from the store."""
+        rows = self.store.feedback(user_id)
+        key = (user_id, len(rows), rows[-1]["id"] if rows else None)
+        if key not in self._balances:  # one user's cache is enough here
+            self._balances = {key: balance_from_store(self.store, user_id, self.default_alpha)}
+        return self._balances[key]
+
+    @property
+    def default_alpha(self) -> float:
+        return self.pmg.settings.alpha if self.pmg is not None else DEFAULT_ALPHA
+
+    def alpha_of(self, user_id: str) -> dict[str, Any]:
+        """The user's α for the next generation, where it comes from, and how sure it is."""
+        b = self.balance(user_id)
+        value, source = b.alpha(self.default_alpha)
+        weights = self.pmg.settings.weights if self.pmg is not None else ()
+        return {"value": value, "source": "learned" if b.n_events else "preset", "detail": source,
+                "sd": round(b.posterior.std, 4), "n_feedback": b.n_events,
+                "weights_worth_generating": b.weights.worth_generating(weights) if weights else []}
 
     def _preference_keywords(self, user_id: str, events: list[Event]) -> list[str] | None:
         """The keyword stage on the user's history (cached per history; ``None`` while models load)."""
@@ -345,6 +367,8 @@ class Service:
                 probs.append(problem("weights", str(e)))
         for key, lo, hi in (("alpha", 0.0, 1.0), ("strength", 0.0, 1.0)):
             v = body.get(key)
+            if key == "alpha" and v == "auto":  # the user's learned α (the default anyway)
+                continue
             if v is not None:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                     probs.append(problem(key, f"expected a number in [{lo:g}, {hi:g}], got {v!r}"))
@@ -576,6 +600,10 @@ class Service:
             opts = dict(gen.request["options"])
             if "weights" in opts:
                 opts["weights"] = tuple(opts["weights"])
+            if "alpha" not in opts and gen.request["user"]["stored"]:  # α learned from this user's feedback
+                b = self.balance(user.user_id)
+                if b.n_events:
+                    opts["alpha"], opts["alpha_source"] = b.alpha(self.default_alpha)
             with self._model_lock:
                 res = self.pmg.generate(user, target, self.catalog.items, context=context, target_image=target_image,
                                         history_images=history, user_id=user.user_id, **opts)

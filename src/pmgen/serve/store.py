@@ -23,6 +23,8 @@ import sqlalchemy as sa
 
 from pmgen.data import Event
 
+STORE_FILE = "pmgen-serve.sqlite"
+"""The store's file name under the service root (``<data dir>/serve`` by default; the CLI shares it)."""
 STATUSES = ("queued", "running", "done", "failed")
 """A generation's life: queued → running → done | failed (a restart resumes queued/running ones)."""
 SIGNALS = ("pick", "like", "dislike")
