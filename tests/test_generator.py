@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae
+from pmgen.models.generator import (
+    StickerGenerator,
+    build_scheduler,
+    build_unet,
+    build_vae,
+)
 from pmgen.train import generator as train
 
 DIM = 32  # width of the tiny text states
@@ -182,10 +187,29 @@ def test_config_validation_names_the_field() -> None:
         train.GeneratorTrainConfig(out="x", cond_drop=1.0)
     with pytest.raises(ValueError, match="vae_norm_groups"):
         train.GeneratorTrainConfig(out="x", vae_channels=(8, 16), vae_norm_groups=32)
-    assert train.parse_overrides(["lr=1e-4", "unet_channels=32,64", "max_steps=none"]) == {
-        "lr": 1e-4, "unet_channels": (32, 64), "max_steps": None}
-    with pytest.raises(SystemExit, match="unknown config field 'learning_rate'"):
-        train.parse_overrides(["learning_rate=1"])
+
+
+def test_cli_options_are_the_config_fields_typed_and_unknown_ones_rejected(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from pmgen.cli import app
+    from pmgen.train.generator import main as entry
+
+    seen = {}
+    monkeypatch.setattr(entry, "main", lambda given, resume, write_card: seen.update(given, resume=resume) or 0)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "generator", "--out", "x", "--lr", "1e-4", "--unet-channels", "32,64",
+                                 "--max-steps", "none"])
+    assert result.exit_code == 0, result.output
+    # only what was given, plus the invocation's own fields at their defaults
+    assert seen == {"out": "x", "minutes": 600.0, "train_dir": None, "data_dir": None, "lr": 1e-4,
+                    "unet_channels": (32, 64), "max_steps": None, "resume": False}
+    result = runner.invoke(app, ["train", "generator", "--out", "x", "--learning-rate", "1"])
+    assert result.exit_code == 2 and "No such option: --learning-rate" in result.output
+    result = runner.invoke(app, ["train", "generator", "--out", "x", "--vae-channels", "8,a"])
+    assert result.exit_code == 2 and "--vae-channels" in result.output
+    help_text = runner.invoke(app, ["train", "generator", "--help"], env={"COLUMNS": "200"}).output
+    assert "--composite-share" in help_text and "share of each UNet batch drawn from composites" in help_text
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +263,7 @@ def _assert_same_state(a: dict, b: dict, path: str = "") -> None:
 
 def test_trainer_resume_matches_uninterrupted_training(tiny_encoder, tmp_path: Path) -> None:
     data = synthetic_data()
-    quiet = lambda msg: None  # noqa: E731
+    quiet = lambda msg: None
 
     straight = train.GeneratorTrainer(tiny_config(tmp_path / "a", decoder_steps=1), data, tiny_encoder, log=quiet)
     straight.run()
@@ -294,31 +318,39 @@ def test_trainer_data_order_skips_heldout_and_thins_skintones(tiny_encoder, tmp_
     assert sum(k in (5, 6) for k in seen) < 0.1 * len(seen)
 
 
-def test_cli_starts_refuses_to_overwrite_and_resumes(tiny_encoder, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(train, "load_catalog", lambda cfg: synthetic_data())
+def test_cli_starts_refuses_to_overwrite_and_resumes(tiny_encoder, tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from pmgen.cli import app
+    from pmgen.train.generator import main as entry
+
+    monkeypatch.setattr(entry, "load_train_data", lambda cfg: synthetic_data())
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test session's setting
     import signal
 
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave the test session's handlers alone
-    common = ["--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "train"), "--minutes", "5"]
-    model = [f"text_encoder={tiny_encoder.path}", "vae_channels=8,16,16", "vae_norm_groups=8", "vae_steps=1",
-             "vae_batch_size=4", "unet_channels=32,64", "unet_attention_levels=1", "unet_head_dim=16",
-             "batch_size=3", f"text_max_length={L}", "warmup_steps=1", "holdout=1", "sample_steps=2",
-             "sample_strengths=0.5"]
-    sets = [x for m in model for x in ("--set", m)]
-    assert train.main([*common, *sets, "--set", "max_steps=1"]) == 0
-    assert train.main([*common, *sets, "--set", "max_steps=1"]) == 2
-    assert "pass --resume" in capsys.readouterr().err
-    assert train.main([*common, "--resume", "--set", "lr=1e-2"]) == 2
-    assert "cannot change lr" in capsys.readouterr().err
-    assert train.main([*common, "--resume", "--set", "max_steps=2"]) == 0
+    common = ["train", "generator", "--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "train"),
+              "--minutes", "5"]
+    model = ["--text-encoder", str(tiny_encoder.path), "--vae-channels", "8,16,16", "--vae-norm-groups", "8",
+             "--vae-steps", "1", "--vae-batch-size", "4", "--unet-channels", "32,64", "--unet-attention-levels", "1",
+             "--unet-head-dim", "16", "--batch-size", "3", "--text-max-length", str(L), "--warmup-steps", "1",
+             "--holdout", "1", "--sample-steps", "2", "--sample-strengths", "0.5"]
+    runner = CliRunner()
+    run = lambda *args: runner.invoke(app, [*common, *args])
+    assert run(*model, "--max-steps", "1").exit_code == 0
+    again = run(*model, "--max-steps", "1")
+    assert again.exit_code == 2 and "pass --resume" in again.output
+    changed = run("--resume", "--lr", "1e-2")
+    assert changed.exit_code == 2 and "cannot change lr" in changed.output
+    assert run("--resume", "--max-steps", "2").exit_code == 0
     meta = json.loads((tmp_path / "out" / "pmgen_generator.json").read_text())
     assert meta["info"]["trained_steps"] == 2
+    assert "--vae-steps 1 --decoder-steps 0" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_vae_init_from_checkpoint_or_pipeline_folder(tiny_encoder, tmp_path: Path) -> None:
     data = synthetic_data()
-    quiet = lambda msg: None  # noqa: E731
+    quiet = lambda msg: None
     first = train.GeneratorTrainer(tiny_config(tmp_path / "a", max_steps=1), data, tiny_encoder, log=quiet)
     first.run()
     trained = first.vae.state_dict()
@@ -335,7 +367,7 @@ def test_vae_init_from_checkpoint_or_pipeline_folder(tiny_encoder, tmp_path: Pat
 
 def test_warm_start_from_an_export_when_the_cache_is_gone(tiny_encoder, tmp_path: Path) -> None:
     data = synthetic_data()
-    quiet = lambda msg: None  # noqa: E731
+    quiet = lambda msg: None
     first = train.GeneratorTrainer(tiny_config(tmp_path / "a", max_steps=2), data, tiny_encoder, log=quiet)
     first.run()
     out = Path(first.cfg.out)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
 
 L = 8
@@ -161,16 +160,26 @@ def test_hinge_is_bounded_below_by_the_positive_loss() -> None:
     assert objective(pos, torch.tensor([0.0, 0.0]), 1.0, 0.0) == pytest.approx(0.15 + 0.15)
 
 
-def test_config_rejects_bad_values_and_parses_overrides() -> None:
-    from pmgen.train.checkpoint import parse_overrides
+def test_config_rejects_bad_values_and_the_cli_types_options(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from pmgen.cli import app
     from pmgen.train.soft_prompt import SoftPromptTrainConfig
+    from pmgen.train.soft_prompt import main as entry
 
     with pytest.raises(ValueError, match="t_max"):
         SoftPromptTrainConfig(out="x", t_max=0)
-    assert parse_overrides(["prefix_length=0", "use_img_tokens=false", "lr=1e-4"], SoftPromptTrainConfig) == {
+    seen = {}
+    monkeypatch.setattr(entry, "main", lambda given, resume, preset: seen.update(given) or 0)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "soft-prompt", "--out", "x", "--prefix-length", "0", "--no-use-img-tokens",
+                                 "--lr", "1e-4"])
+    assert result.exit_code == 0, result.output
+    assert {k: seen[k] for k in ("prefix_length", "use_img_tokens", "lr")} == {
         "prefix_length": 0, "use_img_tokens": False, "lr": 1e-4}
-    with pytest.raises(SystemExit, match="unknown config field"):
-        parse_overrides(["nope=1"], SoftPromptTrainConfig)
+    assert "n_img" not in seen  # left at its default: not "given"
+    result = runner.invoke(app, ["train", "soft-prompt", "--out", "x", "--nope", "1"])
+    assert result.exit_code == 2 and "No such option" in result.output
 
 
 def test_examples_from_sticker_users(data_root) -> None:
@@ -218,31 +227,37 @@ def test_ablation_weights_are_found_beside_the_presets_soft_prompt(tmp_path) -> 
     assert soft_prompt_ablations(get_preset("sticker-tiny", soft_prompt="")) == {}
 
 
-def test_cli_resume_keeps_the_runs_settings_and_refuses_changes(tiny, tmp_path, monkeypatch, capsys) -> None:
+def test_cli_resume_keeps_the_runs_settings_and_refuses_changes(tiny, tmp_path, monkeypatch) -> None:
     """`pmgen train soft-prompt --resume` needs only the run control again (the run's settings come from
     its checkpoint); changing a training setting on resume is refused with its name."""
     import signal
 
-    from pmgen.train import soft_prompt
+    from typer.testing import CliRunner
+
+    from pmgen.cli import app
+    from pmgen.train.soft_prompt import main as entry
+    from pmgen.train.soft_prompt.trainer import SoftPromptTrainer
 
     monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     seen = []
 
     def fake_prepare(cfg, preset, log):
         seen.append(cfg)
         llm, te, gen, latents = tiny
-        return soft_prompt.SoftPromptTrainer(cfg, llm, te, gen, latents, examples(3), examples(2),
-                                             text_max_length=L, log=lambda m: None, llm_name="tiny-llama")
+        return SoftPromptTrainer(cfg, llm, te, gen, latents, examples(3), examples(2), text_max_length=L,
+                                 log=lambda m: None, llm_name="tiny-llama")
 
-    monkeypatch.setattr(soft_prompt, "prepare", fake_prepare)
-    common = ["--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "train")]
-    first = ["--set", "batch_size=2", "--set", "val_users=2", "--set", "prefix_length=2", "--set", "n_img=2",
-             "--set", "val_every=100", "--set", "max_steps=1"]
-    assert soft_prompt.main([*common, *first]) == 0
-    assert soft_prompt.main([*common, *first]) == 2
-    assert "pass --resume" in capsys.readouterr().err
-    assert soft_prompt.main([*common, "--resume", "--set", "max_steps=2"]) == 0
+    monkeypatch.setattr(entry, "prepare", fake_prepare)
+    runner = CliRunner()
+    common = ["train", "soft-prompt", "--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "train")]
+    first = ["--batch-size", "2", "--val-users", "2", "--prefix-length", "2", "--n-img", "2", "--val-every", "100",
+             "--max-steps", "1"]
+    assert runner.invoke(app, [*common, *first]).exit_code == 0
+    again = runner.invoke(app, [*common, *first])
+    assert again.exit_code == 2 and "pass --resume" in again.output
+    assert runner.invoke(app, [*common, "--resume", "--max-steps", "2"]).exit_code == 0
     assert (seen[-1].prefix_length, seen[-1].n_img, seen[-1].val_every, seen[-1].max_steps) == (2, 2, 100, 2)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["info"]["steps"] == 2
-    assert soft_prompt.main([*common, "--resume", "--set", "n_img=3", "--set", "max_steps=3"]) == 2
-    assert "n_img" in capsys.readouterr().err
+    changed = runner.invoke(app, [*common, "--resume", "--n-img", "3", "--max-steps", "3"])
+    assert changed.exit_code == 2 and "n_img" in changed.output

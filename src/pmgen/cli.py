@@ -32,7 +32,6 @@ models_app = typer.Typer(help="Inspect and check the models of a preset.", no_ar
 app.add_typer(models_app, name="models")
 train_app = typer.Typer(help="Train the models pmgen ships (runs resumably; see each --help).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 # piped output (logs, CI) gets wide lines instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -231,7 +230,9 @@ def _load_pmg(preset: str, overrides: dict, no_cache: bool = False, **preset_ove
 
 WeightsOpt = Annotated[Optional[str], typer.Option(help="Candidate preference weights, e.g. '0,1,2' (0 is always "
                                                    "included: the non-personalized baseline). Default 0,0.5,1,1.5,2.")]
-AlphaOpt = Annotated[Optional[float], typer.Option(help="Balance α in z = α·log d_p + (1−α)·log d_t (default 2/3).")]
+AlphaOpt = Annotated[Optional[float], typer.Option(
+    help="Balance α in z = α·log d_p + (1−α)·log d_t. Default: the user's α learned from feedback "
+         "(`pmgen feedback`, the service) when there is some, else the preset's (2/3).")]
 ModeOpt = Annotated[Optional[str], typer.Option(help="Weighting mode: concat (paper) or guidance (continuous).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed shared by all candidates (default 0).")]
 StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image strength (default: the preset's).")]
@@ -247,6 +248,21 @@ PresetOpt = Annotated[str, typer.Option(help="Model preset (see `pmgen models li
 GeneratorOpt = Annotated[Optional[str], typer.Option(
     help="Generator weights to use instead of the preset's (a folder or zoo:..., e.g. "
          "zoo:sticker-tiny/generator-compose).")]
+
+
+def _learned_alpha(pmg, data_root: Optional[Path]):
+    """``user_id → (α, source)`` from the feedback in the shared store, or ``None`` for a user without any."""
+    from pmgen.feedback import balance_from_store, open_store
+
+    store = open_store(data_root)
+
+    def alpha_of(user_id: str):
+        if store is None:
+            return None
+        b = balance_from_store(store, user_id, pmg.settings.alpha)
+        return b.alpha(pmg.settings.alpha) if b.n_events else None
+
+    return alpha_of
 
 
 def _soft(soft_prompt: Optional[str], generator: Optional[str] = None) -> dict:
@@ -293,7 +309,8 @@ def generate(
             _fail(str(e), 2)
         pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
         try:
-            done, failed = rq.run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed)
+            done, failed = rq.run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed,
+                                        alpha_of=None if alpha is not None else _learned_alpha(pmg, data_dir_))
         except UnsafePathError as e:
             _fail(str(e), 2)
         if failed:
@@ -316,10 +333,12 @@ def generate(
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
     pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
+    learned = _learned_alpha(pmg, data_dir_)(req.user.user_id) if alpha is None else None
     try:
         res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
                            history_images=req.history_images, user_id=req.user.user_id,
-                           **({"seed": req.seed} if req.seed is not None else {}))
+                           **({"seed": req.seed} if req.seed is not None else {}),
+                           **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
         folder = res.save(folder)
     except ValueError as e:  # an image over the limits, an output folder that became foreign meanwhile
         _fail(str(e), 2)
@@ -543,6 +562,95 @@ def evaluate_movielens(
     console.print(f"[green]✓[/] {js}, {md}", highlight=False)
 
 
+@app.command()
+def feedback(
+    run_dir: Annotated[Path, typer.Argument(help="A result folder of `pmgen generate` (holds record.json).")],
+    pick: Annotated[Optional[int], typer.Option(help="The user picked candidate N (0 = the w = 0 baseline).")] = None,
+    like: Annotated[Optional[int], typer.Option(help="The user liked candidate N.")] = None,
+    dislike: Annotated[Optional[int], typer.Option(help="The user disliked candidate N.")] = None,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Record a user's feedback on a result; their next generations use the α learned from it."""
+    from pmgen.feedback import balance_from_store, open_store
+    from pmgen.paths import check_id
+    from pmgen.select import DEFAULT_ALPHA
+    from pmgen.types import GenerationRecord
+
+    given = [(s, n) for s, n in (("pick", pick), ("like", like), ("dislike", dislike)) if n is not None]
+    if len(given) != 1:
+        _fail("give exactly one of --pick N, --like N, --dislike N", 2)
+    signal, candidate = given[0]
+    path = run_dir / "record.json"
+    try:
+        record = GenerationRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+        check_id(record.user_id, "the record's user_id")
+    except FileNotFoundError:
+        _fail(f"{path}: not found (expected a result folder of `pmgen generate`)", 2)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, KeyError) as e:
+        _fail(f"{path}: not a pmgen generation record ({e})", 2)
+    if not 0 <= candidate < len(record.candidates):
+        _fail(f"--{signal} {candidate}: the record has candidates 0..{len(record.candidates) - 1}", 2)
+    store = open_store(data_dir_, create=True)
+    import hashlib
+
+    gen_id = "cli-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    if store.generation(gen_id) is None:
+        store.add_generation(gen_id, record.user_id, {"source": "cli", "run_dir": str(run_dir.resolve())})
+        store.finish(gen_id, record.to_json())
+    store.add_feedback(gen_id, record.user_id, candidate, record.candidates[candidate].weight, signal)
+    b = balance_from_store(store, record.user_id, DEFAULT_ALPHA)
+    console.print(f"[green]✓[/] {signal} w = {record.candidates[candidate].weight:g} for user {record.user_id}: "
+                  f"α {b.posterior.mean:.2f} ± {b.posterior.std:.2f} from {b.n_events} feedback event(s) "
+                  "(used by their next generations)", highlight=False)
+
+
+@app.command("evaluate-feedback")
+def evaluate_feedback(
+    n_users: Annotated[int, typer.Option(help="Users per split (seeded subset).", min=1)] = 40,
+    rounds: Annotated[int, typer.Option(help="Requests (and picks) per user.", min=1)] = 10,
+    noise: Annotated[float, typer.Option(help="Std of the simulated users' pick noise (utility units).",
+                                         min=0.0)] = 0.01,
+    out: Annotated[Path, typer.Option(help="Output folder (feedback.json, feedback.md, feedback_regret.png; "
+                                           "candidate caches, resumable).")] = Path("runs/eval"),
+    seed: Annotated[int, typer.Option(help="Seed of the users, their hidden α*, the noise and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Simulated users with a hidden α*: does learning each user's α from their picks beat one α for all?"""
+    from rich.progress import Progress
+
+    from pmgen import feedback_eval as fe
+    from pmgen.datasets.sticker_users import TASTES
+    from pmgen.evaluate import Grader
+    from pmgen.presets import load_scorer
+
+    pmg = _load_pmg(preset, {})
+    ds = datasets.load("sticker-users", data_dir_)
+    grader = Grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), datasets.load("stickers", data_dir_),
+                    perceptual=False, tastes=[t.description for t in TASTES])
+    tables = {}
+    with Progress(console=console) as bar:
+        for split in ("val", "test"):
+            task = bar.add_task(f"candidates ({split} users)", total=n_users * rounds)
+            tables[split] = fe.candidate_rounds(pmg, grader, ds, split, n_users, rounds,
+                                                out / f"feedback_candidates_{split}.jsonl", seed,
+                                                progress=lambda i, n, t=task: bar.update(t, completed=i))
+    stars = {s: fe.simulated_users(list(t), seed=seed + (0 if s == "test" else 1)) for s, t in tables.items()}
+    temperature = fe.tune_temperature(tables["val"], stars["val"], noise, seed)
+    global_alpha = fe.tune_global_alpha(tables["val"], stars["val"], noise, seed)
+    rows = fe.simulate(tables["test"], stars["test"], noise, global_alpha=global_alpha, temperature=temperature,
+                       seed=seed)
+    summary = fe.summarize(rows)
+    separable = [r["separable"] for r in rows if r["method"] == "fixed"]
+    result = {"split": "test", "n_users": len(tables["test"]), "n_rounds": rounds, "noise": noise,
+              "global_alpha": global_alpha, "temperature": temperature,
+              "separable_share": sum(separable) / max(len(separable), 1), "summary": summary, "rows": rows,
+              "models": pmg.models(), "evaluator": grader.evaluator.name}
+    js, md = fe.write_outputs(out, result)
+    console.print(md.read_text(), highlight=False, markup=False)
+    console.print(f"[green]✓[/] {js}, {md}, {out / 'feedback_regret.png'}", highlight=False)
+
+
 @app.command("evaluate-stability")
 def evaluate_stability(
     n_users: Annotated[int, typer.Option(help="Test users (seeded subset).", min=1)] = 30,
@@ -652,28 +760,52 @@ def models_report(
     console.print(f"[green]✓[/] {folder}/quality.json, strength_curve.png, samples.png")
 
 
-@train_app.command("scorer", context_settings=PASSTHROUGH)
-def train_scorer(ctx: typer.Context) -> None:
-    """Train the selector or evaluator scorer (options: see `pmgen train scorer --help`)."""
-    from pmgen.train.scorer import main as scorer_main
+# The training commands' options are their config dataclasses' fields (pmgen.config.config_options);
+# see pmgen.train.run for the resume rule they share.
+from pmgen.config import config_options
+from pmgen.train.generator.config import GeneratorTrainConfig
+from pmgen.train.scorer.config import ScorerTrainConfig
+from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 
-    scorer_main(ctx.args)
-
-
-@train_app.command("generator", context_settings=PASSTHROUGH)
-def train_generator(ctx: typer.Context) -> None:
-    """Train the sticker generator (options: see `pmgen train generator --help`)."""
-    from pmgen.train.generator import main as generator_main
-
-    raise typer.Exit(generator_main(ctx.args) or 0)
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run whose checkpoint is in the train dir "
+                                         "(its settings come from the checkpoint; only run control may change).")]
 
 
-@train_app.command("soft-prompt", context_settings=PASSTHROUGH)
-def train_soft_prompt(ctx: typer.Context) -> None:
-    """Train the soft preference embeddings (options: see `pmgen train soft-prompt --help`)."""
-    from pmgen.train.soft_prompt import main as soft_main
+@train_app.command("scorer")
+@config_options(ScorerTrainConfig, always=ScorerTrainConfig.INVOCATION_FIELDS)
+def train_scorer(given: dict, resume: ResumeOpt = False) -> None:
+    """Train the selector or evaluator scorer on the sticker catalog."""
+    from pmgen.train.scorer.main import main as scorer_main
 
-    raise typer.Exit(soft_main(ctx.args) or 0)
+    raise typer.Exit(scorer_main(given, resume=resume))
+
+
+@train_app.command("generator")
+@config_options(GeneratorTrainConfig, always=GeneratorTrainConfig.INVOCATION_FIELDS)
+def train_generator(given: dict, resume: ResumeOpt = False,
+                    write_card: Annotated[bool, typer.Option("--write-card", help="Only (re)write the model card of --out from "
+                                                             "the training logs, then exit.")] = False) -> None:
+    """Train the sticker generator (from scratch, or a composition fine-tune with --init-from)."""
+    from pmgen.train.generator.main import main as generator_main
+
+    raise typer.Exit(generator_main(given, resume=resume, write_card=write_card))
+
+
+@train_app.command("soft-prompt")
+@config_options(SoftPromptTrainConfig, always=SoftPromptTrainConfig.INVOCATION_FIELDS)
+def train_soft_prompt(given: dict, resume: ResumeOpt = False,
+                      preset: Annotated[str, typer.Option(help="Preset whose LLM, text encoder and generator "
+                                                          "to use.")] = "sticker-tiny") -> None:
+    """Train the soft preference embeddings against the preset's frozen generator."""
+    from pmgen.train.soft_prompt.main import main as soft_main
+
+    raise typer.Exit(soft_main(given, resume=resume, preset=preset))
+
+
+from pmgen.serve.cli import bench_serve, serve  # noqa: E402  (light: FastAPI/uvicorn load when the command runs)
+
+app.command("serve")(serve)
+app.command("bench-serve")(bench_serve)
 
 
 def main() -> None:  # pragma: no cover

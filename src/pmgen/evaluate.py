@@ -561,7 +561,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
                   "100 names and the user's hidden taste first of the 12 (95% CI over users).\n",
                   "| method | both at once | personalized results |", "|---|---|---|"]
         parts += [f"| {m} | {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | {v['n']} of {v['n_results']} |"
-                  for m, v in both.items()]
+                  if v["n"] else f"| {m} | – | 0 of {v['n_results']} |" for m, v in both.items()]
     for w, summ in fixed.items():
         parts += [f"\n## Fixed preference weight w = {w:g} (no selection; the ablation view)\n",
                   markdown_table(summ, ("acc_text", "lpips_target", *PERSONALIZATION), baseline)]

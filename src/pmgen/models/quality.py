@@ -57,12 +57,13 @@ def quality_report(generator: Any, text_encoder: Any, evaluator: Any, out: Path,
                    guidance: float = 4.0, seed: int = 0, data_root: Path | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Compute the figures above and write them (and the pictures) into ``out``."""
+    from pmgen.catalog import load_catalog
     from pmgen.models.generator import StickerGenerator
-    from pmgen.train.scorer import load_catalog
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items, images, groups = load_catalog(data_root)
+    catalog = load_catalog(data_root)
+    items, images, groups = catalog.items, catalog.images, catalog.groups
     titles = [it.title for it in items]
     uniq_titles = sorted(set(titles))
     tindex = {t: i for i, t in enumerate(uniq_titles)}
@@ -129,10 +130,9 @@ def quality_report(generator: Any, text_encoder: Any, evaluator: Any, out: Path,
     if cfg.get("holdout"):
         import numpy as np
 
-        from pmgen.train.generator import choose_heldout
+        from pmgen.catalog import choose_heldout
 
-        mask = choose_heldout([it.id for it in items], np.array([bool(it.attributes.get("skintone")) for it in items]),
-                              int(cfg["holdout"]))
+        mask = choose_heldout(catalog.ids, catalog.skintone, int(cfg["holdout"]))
         heldout_ids = {items[k].id for k in np.flatnonzero(mask)}
     seen_rows = [r for r, k in enumerate(pick) if items[k].id not in heldout_ids]
     held = [k for k, it in enumerate(items) if it.id in heldout_ids]

@@ -1,102 +1,28 @@
-"""Train a CLIP-style scorer (selector or evaluator) on the OpenMoji catalog.
+"""The scorer trainer: contrastive image tower against frozen text vectors, resumable; its model card.
 
-    python -m pmgen.train.scorer --role selector          # ~10–20 min on 2 cores
-    python -m pmgen.train.scorer --role evaluator
-
-The image tower learns to match each sticker with texts drawn from its name, aliases and tags,
-against the frozen all-MiniLM-L6-v2 pooled vectors (symmetric InfoNCE, learned temperature).
-Skin-tone variants of one emoji form one group: a batch never holds two of a group, and a group is
-either trained on or held out. The two roles differ in seed, architecture and held-out groups.
-Augmentations (small zoom/shift on white, blur, noise) make the scorer robust to generated images.
-
-Resume state lives in ``<cache dir>/train/scorer-<role>/``; the shippable model (fp16) goes to
-``--out`` (default ``src/pmgen/zoo/sticker-tiny/<role>``) with a model card and loss curve.
+See :mod:`pmgen.train.scorer` for the recipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pmgen.catalog import ImageCatalog, load_catalog
 from pmgen.data import Item
 from pmgen.models.scorer import DualEncoder, ScorerConfig, candidate_matrix, topk_hits
-from pmgen.paths import cache_dir
-from pmgen.train.checkpoint import load_checkpoint, save_checkpoint
-
-ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "selector": {"arch": "resnet", "widths": (32, 64, 128, 256), "depth": 1, "seed": 1, "holdout_seed": 101,
-                 "steps": 1500},
-    "evaluator": {"arch": "convnext", "widths": (32, 64, 128, 256), "depth": 1, "seed": 2, "holdout_seed": 202,
-                  "steps": 800},
-}
-
-
-@dataclass
-class ScorerTrainConfig:
-    """Settings of one scorer training run.
-
-    Attributes:
-        role: ``selector`` or ``evaluator``; fills in the architecture, seeds and steps below when
-            they are left at ``None``.
-        out: folder for the shippable model (default ``src/pmgen/zoo/sticker-tiny/<role>`` when run from a
-            checkout, else ``<cache dir>/zoo/sticker-tiny/<role>``).
-        arch, widths, depth, embed_dim: image tower (see :class:`pmgen.models.scorer.ScorerConfig`).
-        seed: initialization, batch order and augmentation seed.
-        holdout_seed, holdout_fraction: which catalog groups are held out from training.
-        batch_size, steps, lr, weight_decay, warmup: optimization (AdamW, cosine decay after warmup).
-        eval_every: steps between held-out loss / accuracy checks.
-        checkpoint_minutes: minutes between resume checkpoints.
-        threads: torch CPU threads.
-        resume: continue from the checkpoint in the cache directory when there is one.
-        data_root: dataset directory holding ``stickers`` (default: pmgen's data directory).
-    """
-
-    role: str = "selector"
-    out: Path | None = None
-    arch: str | None = None
-    widths: tuple[int, ...] | None = None
-    depth: int | None = None
-    embed_dim: int = 256
-    seed: int | None = None
-    holdout_seed: int | None = None
-    holdout_fraction: float = 0.1
-    batch_size: int = 128
-    steps: int | None = None
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup: int = 100
-    eval_every: int = 250
-    checkpoint_minutes: float = 3.0
-    threads: int = 2
-    resume: bool = True
-    data_root: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLE_DEFAULTS:
-            raise ValueError(f"role must be one of {tuple(ROLE_DEFAULTS)}, got {self.role!r}")
-        for k, v in ROLE_DEFAULTS[self.role].items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
-        if not 0 < self.holdout_fraction < 0.5:
-            raise ValueError(f"holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
-        if self.batch_size < 8 or (self.steps or 0) < 1 or self.lr <= 0:
-            raise ValueError("batch_size >= 8, steps >= 1 and lr > 0 are required")
-        if self.out is None:
-            repo_zoo = Path(__file__).resolve().parents[1] / "zoo"
-            base = repo_zoo if repo_zoo.parent.joinpath("cli.py").is_file() else cache_dir() / "zoo"
-            self.out = base / "sticker-tiny" / self.role
-        self.out = Path(self.out)
+from pmgen.train.run import atomic_save, load_checkpoint, save_checkpoint, set_rng_state
+from pmgen.train.scorer.config import ScorerTrainConfig
 
 
 def text_variants(item: Item) -> list[str]:
@@ -110,19 +36,6 @@ def text_variants(item: Item) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def load_catalog(data_root: Path | None = None) -> tuple[list[Item], torch.Tensor, list[str]]:
-    """Catalog items, their 64×64 images as uint8 ``[N, 3, 64, 64]``, and each item's group key."""
-    from PIL import Image
-
-    from pmgen import datasets
-
-    ds = datasets.load("stickers", data_root)
-    items = list(ds.items.values())
-    imgs = np.stack([np.asarray(Image.open(ds.image_path(it)).convert("RGB")) for it in items])
-    groups = [it.attributes.get("skintone_base") or it.id for it in items]
-    return items, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), groups
-
-
 def pooled_text_vectors(texts: list[str], text_encoder: Any, cache: Path) -> torch.Tensor:
     """MiniLM pooled vectors ``[T, 384]`` of ``texts``, cached on disk by content hash."""
     key = hashlib.sha256(("\n".join(texts) + "|" + text_encoder.name).encode()).hexdigest()[:16]
@@ -130,9 +43,7 @@ def pooled_text_vectors(texts: list[str], text_encoder: Any, cache: Path) -> tor
     if path.is_file():
         return torch.load(path)
     vecs = torch.cat([text_encoder.pooled(texts[i:i + 256]) for i in range(0, len(texts), 256)])
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(vecs, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    atomic_save(vecs, path)
     return vecs
 
 
@@ -163,20 +74,25 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print,
-          catalog: tuple[list[Item], torch.Tensor, list[str]] | None = None, text_encoder: Any = None,
-          work: Path | None = None) -> dict[str, Any]:
-    """Train (or resume) one scorer and write it to ``cfg.out``; returns the final metrics.
+def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: ImageCatalog | None = None,
+          text_encoder: Any = None, resume: bool = False, stop: Callable[[], bool] = lambda: False
+          ) -> dict[str, Any] | None:
+    """Train one scorer (with ``resume``: continue its checkpoint in ``cfg.run_dir``) and write it to
+    ``cfg.out``; returns the final metrics, or ``None`` when the time budget or ``stop()`` ended the
+    run first (it is then checkpointed, not exported: ``--resume`` finishes it).
 
-    ``catalog`` (items, uint8 images ``[N, 3, 64, 64]``, group keys), ``text_encoder`` and ``work``
-    (the resume folder) default to the sticker catalog, MiniLM and ``<cache dir>/train/scorer-<role>``.
+    ``catalog`` and ``text_encoder`` default to the sticker catalog and MiniLM.
+
+    Raises:
+        ValueError: ``resume`` and the checkpoint was made with other settings.
     """
     from pmgen.models.text_encoder import TextEncoder
 
     torch.set_num_threads(cfg.threads)
-    work = work or cache_dir() / "train" / f"scorer-{cfg.role}"
+    work = cfg.run_dir
     work.mkdir(parents=True, exist_ok=True)
-    items, images, groups = catalog if catalog is not None else load_catalog(cfg.data_root)
+    catalog = catalog if catalog is not None else load_catalog(cfg.data_dir)
+    items, images, groups = catalog.items, catalog.images, catalog.groups
     text_encoder = text_encoder if text_encoder is not None else TextEncoder.minilm()
     variants = [text_variants(it) for it in items]
     flat = sorted({t for v in variants for t in v} | {it.title for it in items})
@@ -206,9 +122,13 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print,
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     step, history, seconds = 0, [], 0.0
-    ckpt_path = work / "resume.pt"
-    state = load_checkpoint(ckpt_path) if cfg.resume else None
-    if state is not None and state.get("config_key") == _config_key(cfg):
+    ckpt_path = cfg.checkpoint_path
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None and state.get("config_key") != _config_key(cfg):
+        raise ValueError(f"{ckpt_path} was made with other settings: resume with the same settings or start a new "
+                         "run with another --train-dir")
+    if state is not None:
+        set_rng_state(state["rng"])
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -216,17 +136,16 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print,
         rng.setstate(state["py_rng"])
         step, history, seconds = state["step"], state["history"], state["seconds"]
         log(f"resumed {cfg.role} from step {step}")
-    elif state is not None:
-        log(f"ignoring checkpoint {ckpt_path}: it was made with other settings")
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                         gen=gen.get_state(), py_rng=rng.getstate(), step=step, history=history,
-                        seconds=seconds, config_key=_config_key(cfg))
+                        seconds=seconds, config_key=_config_key(cfg), config=cfg.to_json())
 
     last_ckpt = time.time()
+    deadline = time.monotonic() + 60 * cfg.minutes
     model.train()
-    while step < cfg.steps:
+    while step < cfg.steps and time.monotonic() < deadline and not stop():
         t_step = time.time()
         keys = rng.sample(group_keys, cfg.batch_size)
         idx = torch.tensor([rng.choice(train_groups[k]) for k in keys])
@@ -246,13 +165,16 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print,
             rec.update(evaluate(model, images, vecs, title_idx, held_idx, groups, seed=cfg.seed))
             model.train()
             log(json.dumps(rec))
-        elif step % 25 == 0:
+        elif step % cfg.log_every == 0:
             log(json.dumps(rec))
         history.append(rec)
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()
     checkpoint()
+    if step < cfg.steps:
+        log(f"stopped at step {step} of {cfg.steps}; checkpoint {ckpt_path} (continue with --resume)")
+        return None
     model.eval()
     final = evaluate(model, images, vecs, title_idx, held_idx, groups, seed=cfg.seed)
     final_train = evaluate(model, images, vecs, title_idx,
@@ -265,15 +187,15 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print,
         "heldout": final, "train_subset": {k.replace("heldout", "train"): v for k, v in final_train.items()},
         "final_loss": history[-1]["loss"],
     }
-    model.save(cfg.out)
+    model.save(Path(cfg.out))
     write_model_card(cfg, model, history)
     log(json.dumps({"done": True, **model.cfg.info}))
     return model.cfg.info
 
 
 def _config_key(cfg: ScorerTrainConfig) -> str:
-    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "resume", "threads",
-                                                                              "checkpoint_minutes", "data_root")}
+    # the run-control fields may change on resume (the same key as before they were RunConfig fields)
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in cfg.RUN_FIELDS}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -332,22 +254,3 @@ Reproduce: `pmgen train scorer --role {cfg.role}` (seed {cfg.seed}).
 ![loss](loss.png)
 """
     (out / "README.md").write_text(card)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="pmgen train scorer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--role", default="selector", choices=tuple(ROLE_DEFAULTS))
-    p.add_argument("--out", type=Path)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-resume", action="store_true")
-    a = p.parse_args(argv)
-    cfg = ScorerTrainConfig(role=a.role, out=a.out, steps=a.steps, batch_size=a.batch_size, threads=a.threads,
-                            resume=not a.no_resume)
-    train(cfg, log=lambda s: print(s, flush=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,78 @@
+"""The soft prompt's model card: ``loss.png`` and ``README.md`` in the exported folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
+
+if TYPE_CHECKING:
+    from pmgen.train.soft_prompt.trainer import SoftPromptTrainer
+
+
+def _option(name: str, value: Any) -> str:
+    """The command-line spelling of one setting (``--max-steps 480``, ``--no-match-norm``)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def write_model_card(trainer: SoftPromptTrainer) -> None:
+    """``loss.png`` (train loss, validation L_pos / L_neg / target-only) and ``README.md`` in ``cfg.out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, out = trainer.cfg, Path(trainer.cfg.out)
+    tr = [h for h in trainer.history if "loss" in h]
+    va = [h for h in trainer.history if "val_pos" in h]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    if tr:
+        ax.plot([h["step"] for h in tr], [h["pos"] for h in tr], lw=0.7, alpha=0.6, label="train L_pos")
+    for key, style in (("val_pos", "o-"), ("val_neg", "s--"), ("val_target_only", ":"), ("val_other_user", "^-.")):
+        pts = [(h["step"], h[key]) for h in va if key in h]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key.replace("val_", "val ").replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("generator loss")
+    ax.legend(fontsize=7)
+    ax.set_title(f"soft prompt: prefix {cfg.prefix_length}, [IMG] {cfg.n_img}"
+                 + ("" if cfg.use_img_tokens else " (pooled, no [IMG])"))
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    last = va[-1] if va else {}
+    first = va[0] if va else {}
+    info = trainer.encoder.cfg.info
+    overrides = " ".join(_option(k, v) for k, v in cfg.to_json().items()
+                         if k == "max_steps" or (k not in SoftPromptTrainConfig.RUN_FIELDS
+                                                 and v != SoftPromptTrainConfig.__dataclass_fields__[k].default))
+    card = f"""# sticker-tiny soft prompt{'' if cfg.prefix_length and cfg.use_img_tokens else ' (ablation)'}
+
+The bias-correction LLM's trained parts: a P-Tuning-v2 prefix ({cfg.prefix_length} positions per
+layer), {cfg.n_img} [IMG] embeddings {'appended after the prompt' if cfg.use_img_tokens else '(unused: pooled prompt states instead)'}
+and a linear map into the text encoder's width, around the frozen {trainer.encoder.cfg.llm_name}. Trained
+against the frozen sticker generator (`{trainer.generator.info.get('name', 'zoo:sticker-tiny/generator')}`,
+UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users of `sticker-users`.
+
+| | |
+|---|---|
+| training examples / validation users | {len(trainer.train_ex)} / {len(trainer.val_ex)} |
+| steps × batch | {trainer.step} × {cfg.batch_size} (epoch {trainer.epoch}) |
+| objective | L_pos + {cfg.neg_weight:g}·hinge(negative image, m = {cfg.margin:g}) + {cfg.user_weight:g}·hinge(other user's soft, m = {cfg.user_margin:g}) |
+| soft vector norm | {f"{trainer.encoder.cfg.norm:.2f} (the text encoder's mean token norm)" if trainer.encoder.cfg.norm else "unconstrained"} |
+| training time | {info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} threads) |
+| validation L_pos at start → end | {first.get('val_pos', float('nan')):.5f} → {last.get('val_pos', float('nan')):.5f} |
+| validation L_neg at end | {last.get('val_neg', float('nan')):.5f} |
+| validation target-only loss | {last.get('val_target_only', float('nan')):.5f} |
+| val_gain (target-only − with soft) | {last.get('val_gain', float('nan')):+.5f} |
+| val_user_gain (another user's soft − own) | {last.get('val_user_gain', float('nan')):+.5f} |
+
+Reproduce: `pmgen train soft-prompt --out {out.as_posix()} {overrides}`.
+
+![loss](loss.png)
+"""
+    (out / "README.md").write_text(card)
