@@ -22,6 +22,12 @@ from pmgen import datasets
 from pmgen.data import DataError, Dataset
 from pmgen.paths import data_dir
 from pmgen.validate import validate_file, validate_folder
+# light imports: the trainers' settings classes and the service's commands load torch / FastAPI only when run
+from pmgen.config import config_options
+from pmgen.serve.cli import bench_serve, serve
+from pmgen.train.generator.config import GeneratorTrainConfig
+from pmgen.train.scorer.config import ScorerTrainConfig
+from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 from pmgen.verbalize import verbalize_history
 
 app = typer.Typer(help="pmgen: personalized multimodal generation (PMG) on a laptop CPU.",
@@ -760,12 +766,6 @@ def models_report(
     console.print(f"[green]✓[/] {folder}/quality.json, strength_curve.png, samples.png")
 
 
-# The training commands' options are their config dataclasses' fields (pmgen.config.config_options);
-# see pmgen.train.run for the resume rule they share.
-from pmgen.config import config_options
-from pmgen.train.generator.config import GeneratorTrainConfig
-from pmgen.train.scorer.config import ScorerTrainConfig
-from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run whose checkpoint is in the train dir "
                                          "(its settings come from the checkpoint; only run control may change).")]
@@ -801,8 +801,6 @@ def train_soft_prompt(given: dict, resume: ResumeOpt = False,
 
     raise typer.Exit(soft_main(given, resume=resume, preset=preset))
 
-
-from pmgen.serve.cli import bench_serve, serve  # noqa: E402  (light: FastAPI/uvicorn load when the command runs)
 
 app.command("serve")(serve)
 app.command("bench-serve")(bench_serve)
