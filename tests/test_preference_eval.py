@@ -118,17 +118,18 @@ def test_movielens_benchmark_structure_and_ranges(ml):
 
     seen_progress = []
     res = movielens_benchmark(ml, hashing_vectors, kw, n_users=12, k=10, seed=3,
-                              progress=lambda i, n: seen_progress.append((i, n)))
+                              progress=lambda i, n: seen_progress.append((i, n)), rerank=None)
     assert res["n_users"] == 12 and len(res["users"]) == 12 and len(calls) == 12
     assert seen_progress[-1] == (12, 12)
-    assert res["methods"] == list(MOVIELENS_METHODS) and set(res["summary"]) == set(MOVIELENS_METHODS)
+    methods = [m for m in MOVIELENS_METHODS if m != "popularity>keywords"]
+    assert res["methods"] == methods and set(res["summary"]) == set(methods)
     test_users = {s.user_id for s in ml.split("test") if s.heldout}
     for row in res["users"]:
         assert row["user_id"] in test_users
         user = ml.users[row["user_id"]]
         assert row["n_candidates"] == len(ml.items) - len({e.item_id for e in user.events})
         assert row["n_heldout"] >= 1 and row["keyword_info"]["n_kept"] == len(user.events)
-        for m in MOVIELENS_METHODS:
+        for m in methods:
             hr, ndcg = row["metrics"][m]["hr@10"], row["metrics"][m]["ndcg@10"]
             assert hr in (0.0, 1.0) and 0.0 <= ndcg <= 1.0 and (ndcg > 0) == (hr > 0)
     for m, st in res["summary"].items():
@@ -139,7 +140,7 @@ def test_movielens_benchmark_structure_and_ranges(ml):
                                   "keywords - popularity", "popularity+keywords - popularity",
                                   "popularity+keywords - popularity+history"}
     # deterministic: same seed, same users and numbers
-    again = movielens_benchmark(ml, hashing_vectors, top_genres, n_users=12, k=10, seed=3)
+    again = movielens_benchmark(ml, hashing_vectors, top_genres, n_users=12, k=10, seed=3, rerank=None)
     assert [r["user_id"] for r in again["users"]] == [r["user_id"] for r in res["users"]]
     assert again["summary"] == res["summary"]
     md = movielens_markdown(res)
@@ -348,3 +349,86 @@ def test_popularity_blend_reranks_the_popular_by_the_profile():
     # the two popular movies stay on top; the profile decides their order
     assert torch.argsort(blend, descending=True)[:2].tolist() == [1, 0]
     assert torch.equal(_standardize(torch.ones(3)), torch.zeros(3))
+
+
+# ------------------------------------------------ leak check, taste hits, re-ranking, multilingual (issue 20)
+
+
+def _sticker_users() -> tuple[list[User], dict[str, Item]]:
+    items = {"c": Item("c", "cat face", "tags: cat, kitten", attributes={"tags": ["cat", "kitten"]}),
+             "r": Item("r", "rocket", "tags: space, launch", attributes={"tags": ["space", "launch"]}),
+             "b": Item("b", "open book", "tags: book, reading", attributes={"tags": ["book", "reading"]})}
+    users = [User("u1", [Event("social", item_id="c", value="send", time=1.0)], {"taste": "cats"}),
+             User("u2", [Event("social", item_id="r", value="send", time=1.0)], {"taste": "space"}),
+             User("u3", [Event("social", item_id="b", value="send", time=1.0)], {"taste": "cats"})]
+    return users, items
+
+
+def test_taste_hit_uses_direct_synonyms():
+    from pmgen.preference_eval import taste_hit
+
+    assert taste_hit(["Kittens", "fun"], "cats") and taste_hit(["cute cats"], "cats")
+    assert taste_hit(["outer space"], "space") and taste_hit(["rockets"], "space")
+    assert not taste_hit(["catalog", "category"], "cats") and not taste_hit(["dogs"], "cats")
+
+
+def test_leak_check_counts_unsupported_few_shot_words_fallbacks_and_tastes():
+    from pmgen.preference_eval import leak_check, leak_markdown
+
+    users, items = _sticker_users()
+    answers = {"u1": Keywords(["cats", "fashion"], fallback=None),  # fashion: a few-shot word, unsupported
+               "u2": Keywords(["space", "books"], fallback="padded: model gave 1 of 2; 1 history keywords added"),
+               "u3": Keywords(["books", "reading"], fallback=None)}  # books: a few-shot word, but supported here
+    res = leak_check(users, items, lambda ev, it: answers[next(u.user_id for u in users if u.events == ev)],
+                     shot_keywords=["fashion", "books", "reading"])
+    rows = {r["user_id"]: r for r in res["users"]}
+    assert rows["u1"]["leaked"] == ["fashion"] and rows["u2"]["leaked"] == ["books"] and rows["u3"]["leaked"] == []
+    s = res["summary"]
+    assert s["leak_rate"]["mean"] == pytest.approx(2 / 3) and s["fallback_rate"]["mean"] == pytest.approx(1 / 3)
+    assert s["taste_hit_rate"]["mean"] == pytest.approx(2 / 3) and s["replaced_rate"]["mean"] == 0.0
+    assert res["counts"]["leaked_words"] == {"fashion": 1, "books": 1}
+    assert "| few-shot leak (users) |" in leak_markdown(res)
+
+
+def test_rerank_with_full_popularity_weight_is_popularity():
+    from pmgen.preference_eval import rerank_scores
+
+    pop = torch.tensor([5.0, 50.0, 20.0, 1.0, 0.0, 30.0])
+    sims = torch.tensor([0.9, 0.1, 0.2, 0.95, 0.3, 0.8])
+    mask = torch.tensor([True, True, True, True, True, False])  # item 5 is in the history
+    order = lambda sc: torch.argsort(sc.masked_fill(~mask, float("-inf")), descending=True, stable=True)[:5].tolist()  # noqa: E731
+    assert order(rerank_scores(pop, sims, mask, 3, 1.0)) == order(pop) == [1, 2, 0, 3, 4]
+    # w = 0: the top 3 popular are re-ordered by the keywords only; the rest stay below in popularity order
+    assert order(rerank_scores(pop, sims, mask, 3, 0.0)) == [0, 2, 1, 3, 4]
+
+
+def test_tune_rerank_reads_val_users_only_and_the_benchmark_reports_the_choice(ml):
+    from pmgen.preference_eval import tune_rerank
+
+    seen = []
+
+    def kw(events, items):
+        seen.append(tuple(events))
+        return top_genres(events, items)
+
+    val_users = {s.user_id for s in ml.split("val") if s.heldout}
+    t = tune_rerank(ml, hashing_vectors, kw, k=10, n_users=8)
+    assert t["split"] == "val" and t["n_users"] == 8 and len(seen) == 8
+    assert all(any(ml.users[u].events == list(ev) for u in val_users) for ev in seen)
+    assert t["ndcg"] >= t["popularity_ndcg"] - 1e-12  # w = 1 (popularity) is in the grid
+    res = movielens_benchmark(ml, hashing_vectors, top_genres, n_users=6, k=10, rerank=(t["top_n"], t["w"]))
+    assert "popularity>keywords" in res["summary"] and "popularity>keywords - popularity" in res["paired"]
+    assert res["rerank"] == {"top_n": t["top_n"], "w": t["w"]}
+
+
+def test_multilingual_set_and_english_keywords():
+    from pmgen.preference_eval import multilingual_check, multilingual_users
+
+    users = multilingual_users()
+    assert len(users) == 12 and len({u.attributes["language"] for u in users}) >= 6
+    items = {"1F600": Item("1F600", "grinning face", "tags: face, smile"),
+             "1F44D": Item("1F44D", "thumbs up", "tags: hand, ok"),
+             "d": Item("d", "dog face", "tags: dog, puppy")}
+    res = multilingual_check(items, lambda ev, it: ["dog", "perrito", "felis"], users=users[:2])
+    assert res["summary"]["english_rate"]["mean"] == pytest.approx(1 / 3)
+    assert res["summary"]["taste_hit_rate"]["mean"] == 1.0 and res["users"][0]["non_english"] == ["perrito", "felis"]

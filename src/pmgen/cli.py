@@ -657,6 +657,45 @@ def evaluate_feedback(
     console.print(f"[green]✓[/] {js}, {md}, {out / 'feedback_regret.png'}", highlight=False)
 
 
+@app.command("evaluate-leaks")
+def evaluate_leaks(
+    n_users: Annotated[Optional[int], typer.Option(help="Users (seeded subset; default: every user of the split).",
+                                                   min=1)] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path, typer.Option(help="Output folder (leaks.json, leaks.md).")] = Path("runs/eval"),
+    seed: Annotated[int, typer.Option(help="Seed of the user subset and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Few-shot leaks, fallbacks and the hidden taste in the preference keywords of sticker users."""
+    from rich.progress import Progress
+
+    from pmgen.preference_eval import evaluation_users, leak_check, leak_table, write_leak_outputs
+    from pmgen.preferences import KeywordCache, PreferenceExtractor, few_shot_keywords, model_id
+
+    if split not in ("train", "val", "test"):
+        _fail(f"unknown split {split!r}; choose train, val or test", 2)
+    try:
+        ds = datasets.load("sticker-users", data_dir_)
+        users = evaluation_users(ds, n_users, split, seed)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    p, llm, _ = _load_keyword_models(preset, text_encoder=False)
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    with Progress(console=console) as bar:
+        task = bar.add_task("keywords", total=len(users))
+        try:
+            result = leak_check(users, ds.items, extractor.extract, few_shot_keywords(extractor.prompt_version),
+                                seed=seed, progress=lambda i, n: bar.update(task, completed=i))
+        except ValueError as e:
+            _fail(str(e))
+    result = {"dataset": "sticker-users", "split": split, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
+    js, md = write_leak_outputs(result, out)
+    header, rows = leak_table(result)
+    _print_table(f"Keyword leaks, {result['n_users']} sticker-users {split} users (mean [95% CI])", header, rows)
+    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
+
+
 @app.command("evaluate-stability")
 def evaluate_stability(
     n_users: Annotated[int, typer.Option(help="Test users (seeded subset).", min=1)] = 30,

@@ -22,7 +22,12 @@ HR@k (a held-out like in the top k) and NDCG@k (binary relevance; ideal DCG has
 * ``keywords+history`` — the normalized sum of the two (unit) vectors above;
 * ``popularity+keywords`` / ``popularity+history`` — the personalized score re-ranking the
   popular: ``z(log(1 + popularity)) + z(cosine)``, each standardized over the catalog, equal weights
-  (fixed, not tuned on these users).
+  (fixed, not tuned on these users);
+* ``popularity>keywords`` — recommender-style re-ranking: popularity's top ``N`` candidates are
+  re-scored by ``w·z(log(1 + popularity)) + (1 − w)·z(keyword cosine)`` (standardized over those
+  ``N``), the rest keep popularity order below them. ``N`` and ``w`` are chosen on **val** users
+  (:func:`tune_rerank`, grids :data:`RERANK_TOP_N` × :data:`RERANK_WEIGHTS`, best mean NDCG@k; ties
+  go to the larger ``w``), never on the test users reported.
 
 Ties in cosine similarity keep catalog order (a stable sort). The held-out likes never reach any
 method: histories come from ``users.jsonl`` only.
@@ -73,6 +78,15 @@ __all__ = [
     "movielens_benchmark",
     "movielens_markdown",
     "movielens_table",
+    "rerank_scores",
+    "tune_rerank",
+    "leak_check",
+    "leak_markdown",
+    "leak_table",
+    "multilingual_check",
+    "multilingual_users",
+    "taste_hit",
+    "write_leak_outputs",
     "popularity_counts",
     "shuffled_order",
     "stability_markdown",
@@ -89,10 +103,15 @@ Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each user."""
 
 MOVIELENS_METHODS = ("random", "popularity", "history-embedding", "keywords", "keywords+history",
-                     "popularity+history", "popularity+keywords")
+                     "popularity+history", "popularity+keywords", "popularity>keywords")
+RERANK_TOP_N = (20, 50, 100, 200)
+"""Grid of ``N`` (popularity's top-N re-ranked by the keywords) tried on val users."""
+RERANK_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+"""Grid of the popularity weight ``w`` of the re-ranking blend tried on val users (1.0 = popularity)."""
 LIKED_MIN_RATING = 4.0
 PAIRED = (("keywords", "history-embedding"), ("keywords+history", "history-embedding"), ("keywords", "popularity"),
-          ("popularity+keywords", "popularity"), ("popularity+keywords", "popularity+history"))
+          ("popularity+keywords", "popularity"), ("popularity+keywords", "popularity+history"),
+          ("popularity>keywords", "popularity"))
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -217,9 +236,86 @@ def evaluation_users(ds: Dataset, n_users: int | None = None, split: str = "test
 # ------------------------------------------------------------------------- MovieLens benchmark
 
 
+def rerank_scores(pop_scores: torch.Tensor, sims: torch.Tensor, cand_mask: torch.Tensor, top_n: int,
+                  w: float) -> torch.Tensor:
+    """Scores of ``popularity>keywords``: popularity's ``top_n`` candidates re-scored by the blend.
+
+    ``w·z(log(1 + pop)) + (1 − w)·z(sims)`` over the top ``top_n`` candidates (``cand_mask``), each
+    standardized over them, placed above every other candidate (which keep popularity order).
+    ``w = 1`` reproduces popularity's top ``top_n`` order exactly.
+    """
+    pop = pop_scores.masked_fill(~cand_mask, float("-inf"))
+    top = torch.argsort(pop, descending=True, stable=True)[: min(top_n, int(cand_mask.sum()))]
+    out = torch.log1p(pop_scores.clamp(min=0)) / 1e6 - 1e3  # below the re-ranked block, popularity order
+    lp, sm = torch.log1p(pop_scores[top]), sims[top]
+    blend = w * _standardize(lp) + (1 - w) * _standardize(sm) if len(top) > 1 else lp
+    out[top] = blend
+    return out
+
+
+def _user_parts(u: User, index: Mapping[str, int], n_items: int, sample: Sample) -> tuple[torch.Tensor, list[str]]:
+    seen = {e.item_id for e in u.events if e.item_id in index}
+    cand_mask = torch.ones(n_items, dtype=torch.bool)
+    if seen:
+        cand_mask[torch.tensor([index[i] for i in seen], dtype=torch.long)] = False
+    relevant = [i for i in sample.heldout if i in index and i not in seen]
+    return cand_mask, relevant
+
+
+def tune_rerank(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn: KeywordsFn, k: int = 10,
+                split: str = "val", n_users: int | None = None, seed: int = 0,
+                item_vecs: torch.Tensor | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Choose ``(N, w)`` of ``popularity>keywords`` on ``split`` users (best mean NDCG@k; ties → larger ``w``).
+
+    Returns ``{"split", "n_users", "top_n", "w", "ndcg", "grid"}`` (``grid``: ``"N,w" → mean NDCG@k``).
+
+    Raises:
+        ValueError: when the split has no users with held-out likes.
+    """
+    samples: dict[str, Sample] = {}
+    for s_ in ds.split(split):
+        if s_.heldout:
+            samples.setdefault(s_.user_id, s_)
+    users = [u for u in evaluation_users(ds, None, split) if u.user_id in samples] if samples else []
+    if not users:
+        raise ValueError(f"dataset {ds.name!r} has no {split!r} users with held-out likes to tune the re-ranking on")
+    if n_users is not None and n_users < len(users):
+        picked = set(random.Random(seed).sample([u.user_id for u in users], n_users))
+        users = [u for u in users if u.user_id in picked]
+    ids = list(ds.items)
+    index = {iid: i for i, iid in enumerate(ids)}
+    if item_vecs is None:
+        item_vecs = _vectors(text_vectors_fn, [movie_text(ds.items[i]) for i in ids])
+    pop = popularity_counts(ds.users.values())
+    pop_scores = torch.tensor([float(pop.get(i, 0)) for i in ids])
+    kws = []
+    for n, u in enumerate(users):
+        kws.append(_keywords_of(keywords_fn(u.events, ds.items))[0])
+        if progress is not None:
+            progress(n + 1, len(users))
+    kw_vecs = _vectors(text_vectors_fn, [", ".join(x) for x in kws])
+    grid: dict[str, float] = {}
+    parts = [_user_parts(u, index, len(ids), samples[u.user_id]) for u in users]
+    sims = [item_vecs @ kw_vecs[n] for n in range(len(users))]
+    for top_n in RERANK_TOP_N:
+        for w in RERANK_WEIGHTS:
+            vals = []
+            for (mask, relevant), sim in zip(parts, sims):
+                sc = rerank_scores(pop_scores, sim, mask, top_n, w).masked_fill(~mask, float("-inf"))
+                order = torch.argsort(sc, descending=True, stable=True)[:k].tolist()
+                vals.append(hr_ndcg_at_k([ids[i] for i in order], relevant, k)[1])
+            grid[f"{top_n},{w}"] = _mean(vals)
+    best = max(grid, key=lambda key: (round(grid[key], 12), float(key.split(",")[1]), -int(key.split(",")[0])))
+    top_n, w = best.split(",")
+    return {"split": split, "n_users": len(users), "top_n": int(top_n), "w": float(w), "ndcg": grid[best],
+            "popularity_ndcg": grid[f"{RERANK_TOP_N[0]},1.0"], "grid": grid}
+
+
 def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn: KeywordsFn,
                         n_users: int | None = None, k: int = 10, seed: int = 0,
-                        progress: Progress | None = None) -> dict[str, Any]:
+                        progress: Progress | None = None,
+                        rerank: tuple[int, float] | str | None = "tune",
+                        tune_users: int | None = None) -> dict[str, Any]:
     """Rank held-out likes of MovieLens test users with each profile method (see the module docstring).
 
     Args:
@@ -231,6 +327,10 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
         k: the cut-off of HR@k and NDCG@k.
         seed: the user subset, the ``random`` method and the bootstrap.
         progress: called as ``progress(done, total)`` after each user's keywords.
+        rerank: ``(N, w)`` of ``popularity>keywords``; ``"tune"`` (default) chooses them on val users
+            with :func:`tune_rerank` (their keywords come from ``keywords_fn`` too); ``None`` leaves the
+            method out.
+        tune_users: tune on a seeded subset of this many val users (default: all of them).
 
     Returns:
         ``{"protocol", "dataset", "n_users", "k", "seed", "methods", "summary", "paired", "counts",
@@ -266,6 +366,16 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
     pop = popularity_counts(ds.users.values())  # histories of every split; samples are never read
     pop_scores = torch.tensor([float(pop.get(i, 0)) for i in ids])
     pop_z = _standardize(torch.log1p(pop_scores))
+    tuned: dict[str, Any] | None = None
+    rerank_note = None
+    if rerank == "tune":
+        try:
+            tuned = tune_rerank(ds, text_vectors_fn, keywords_fn, k=k, split="val", n_users=tune_users, seed=seed,
+                                item_vecs=item_vecs)
+            rerank = (tuned["top_n"], tuned["w"])
+        except ValueError as e:  # no val users with held-out likes: the method is left out, and it says why
+            rerank, rerank_note = None, str(e)
+    methods = [m for m in MOVIELENS_METHODS if rerank is not None or m != "popularity>keywords"]
 
     # keywords first (the slow part, cached by the extractor), then one batched encoder call
     keywords: list[list[str]] = []
@@ -308,8 +418,10 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
             "popularity+history": pop_z + _standardize(item_vecs @ hist_vec),
             "popularity+keywords": pop_z + _standardize(item_vecs @ kw_vec),
         }
+        if rerank is not None:
+            scores["popularity>keywords"] = rerank_scores(pop_scores, item_vecs @ kw_vec, cand_mask, *rerank)
         metrics: dict[str, dict[str, float]] = {}
-        for method in MOVIELENS_METHODS:
+        for method in methods:
             s = scores[method].masked_fill(~cand_mask, float("-inf"))
             order = torch.argsort(s, descending=True, stable=True)[: int(cand_mask.sum())]
             hr, ndcg = hr_ndcg_at_k([ids[i] for i in order[:k].tolist()], relevant, k)
@@ -321,9 +433,9 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
     names = (f"hr@{k}", f"ndcg@{k}")
     uids = [r["user_id"] for r in rows]
     summary = {m: {name: _stat([r["metrics"][m][name] for r in rows], uids, seed) for name in names}
-               for m in MOVIELENS_METHODS}
+               for m in methods}
     paired = {f"{a} - {b}": {name: _stat([r["metrics"][a][name] - r["metrics"][b][name] for r in rows], uids, seed)
-                             for name in names} for a, b in PAIRED}
+                             for name in names} for a, b in PAIRED if a in methods and b in methods}
     n_fallback = sum(1 for i in infos if i.get("fallback"))
     n_cached = sum(1 for i in infos if i.get("cached"))
     fresh = [t for t, i in zip(t_kw, infos) if not i.get("cached")]
@@ -333,7 +445,11 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
                      f"ratings >= 4 stars; candidates = every movie not in the history; ranked by cosine similarity "
                      f"of a profile vector to 'title (year): genres' text vectors; HR@{k} and NDCG@{k} (binary "
                      "relevance), means with 95% bootstrap intervals over users"),
-        "dataset": ds.name, "n_users": len(rows), "k": k, "seed": seed, "methods": list(MOVIELENS_METHODS),
+        "dataset": ds.name, "n_users": len(rows), "k": k, "seed": seed, "methods": methods,
+        "rerank": {"skipped": rerank_note} if rerank is None and rerank_note else None if rerank is None else {"top_n": rerank[0], "w": rerank[1],
+                                                **({"tuned_on": {x: tuned[x] for x in ("split", "n_users", "ndcg",
+                                                                                        "popularity_ndcg")}}
+                                                   if tuned else {})},
         "summary": summary, "paired": paired,
         "counts": {"items": len(ids),
                    "mean_candidates": _mean([r["n_candidates"] for r in rows]),
@@ -539,3 +655,196 @@ def stability_markdown(result: Mapping[str, Any]) -> str:
 def write_stability_outputs(result: Mapping[str, Any], out: str | Path) -> tuple[Path, Path]:
     """``out/stability.json`` and ``out/stability.md``; returns both paths."""
     return _write(result, Path(out), "stability", stability_markdown(result))
+
+
+# ------------------------------------------------------------------ leak check and taste hits (sticker users)
+
+TASTE_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "cats": ("cat", "kitten", "kitty", "feline", "cat face"),
+    "dogs": ("dog", "puppy", "pup", "doggy", "canine", "dog face"),
+    "hearts": ("heart", "love", "romance", "romantic", "valentine"),
+    "food": ("food", "fruit", "snack", "dessert", "sweets", "dish", "meal", "cooking", "cuisine", "foodie"),
+    "space": ("space", "outer space", "rocket", "planet", "astronomy", "cosmos", "galaxy", "universe", "spaceship"),
+    "sports": ("sport", "athletics", "athlete", "ball game", "fitness", "workout"),
+    "plants": ("plant", "flower", "garden", "gardening", "botany", "tree"),
+    "ocean": ("ocean", "sea", "marine", "sea life", "sea animal", "underwater"),
+    "music": ("music", "musical", "musician", "musical instrument", "instrument", "song"),
+    "weather": ("weather", "sky", "climate", "rain", "cloud", "sun"),
+    "spooky": ("spooky", "halloween", "ghost", "horror", "scary", "creepy", "monster"),
+    "vehicles": ("vehicle", "car", "transport", "transportation", "automobile"),
+}
+"""Each hidden sticker-user taste → its direct synonyms (the taste word itself included by :func:`taste_hit`).
+Compared by :func:`pmgen.preferences.keyword_key` (plural/case-insensitive) against whole keywords and their words."""
+
+
+def taste_hit(keywords: Sequence[str], taste: str) -> bool:
+    """Whether a keyword (or one word of a keyword) is the hidden taste word or a direct synonym of it."""
+    from pmgen.preferences import keyword_key
+
+    wanted = {keyword_key(x) for x in (taste, *TASTE_SYNONYMS.get(taste, ()))}
+    for kw in keywords:
+        if keyword_key(kw) in wanted or any(keyword_key(w) in wanted for w in kw.split()):
+            return True
+    return False
+
+
+def leak_check(users: Sequence[User], items: Mapping[str, Item], extract_fn: KeywordsFn,
+               shot_keywords: Iterable[str], seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    """Keywords of each user's history checked for few-shot leaks, fallbacks and the hidden taste.
+
+    A *leak* is a keyword equal (:func:`~pmgen.preferences.keyword_key`) to a few-shot answer keyword
+    (``shot_keywords``) that the user's history does not support (:func:`~pmgen.preferences.is_grounded`
+    over :func:`~pmgen.preferences.history_vocabulary`). A *fallback* is a record whose ``fallback`` is
+    set (``padded``/``short``: the model gave fewer than ``k``; ``history``: it gave none). A *taste hit*
+    is :func:`taste_hit` with the user's hidden ``attributes.taste`` (users without one are not counted).
+
+    Returns:
+        ``{"benchmark", "protocol", "n_users", "seed", "summary", "counts", "timing_s", "users"}``;
+        ``summary`` holds ``leak_rate``, ``fallback_rate``, ``replaced_rate`` (no model keyword at all)
+        and ``taste_hit_rate`` as ``{"mean", "ci95", "n"}``.
+    """
+    from pmgen.preferences import history_vocabulary, is_grounded, keyword_key
+
+    if not users:
+        raise ValueError("leak_check needs at least one user")
+    shots = {keyword_key(s) for s in shot_keywords}
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for n, u in enumerate(users):
+        try:
+            kws, info = _keywords_of(extract_fn(u.events, items))
+        except ValueError as e:
+            raise ValueError(f"keywords of user {u.user_id} failed: {e}") from e
+        vocab = history_vocabulary(u.events, items)
+        leaked = [kw for kw in kws if keyword_key(kw) in shots and not is_grounded(kw, vocab)]
+        fb = info.get("fallback") or None
+        taste = u.attributes.get("taste")
+        rows.append({"user_id": u.user_id, "taste": taste, "keywords": kws, "leaked": leaked, "fallback": fb,
+                     "taste_hit": taste_hit(kws, taste) if taste else None})
+        if progress is not None:
+            progress(n + 1, len(users))
+    elapsed = time.perf_counter() - t0
+    uids = [r["user_id"] for r in rows]
+    tasted = [r for r in rows if r["taste_hit"] is not None]
+    summary = {
+        "leak_rate": _stat([float(bool(r["leaked"])) for r in rows], uids, seed),
+        "fallback_rate": _stat([float(r["fallback"] is not None) for r in rows], uids, seed),
+        "replaced_rate": _stat([float(str(r["fallback"] or "").startswith("history:")) for r in rows], uids, seed),
+        "taste_hit_rate": _stat([float(r["taste_hit"]) for r in tasted], [r["user_id"] for r in tasted], seed)
+        if tasted else {"mean": float("nan"), "ci95": [float("nan")] * 2, "n": 0},
+    }
+    leaked_words = Counter(w for r in rows for w in r["leaked"])
+    return {
+        "benchmark": "keyword-leaks",
+        "protocol": ("keywords of each user's full history; leak = a few-shot answer keyword the history does not "
+                     "support; fallback = keywords padded or replaced by history words; taste hit = the hidden taste "
+                     "word or a direct synonym among the keywords; rates with 95% bootstrap intervals over users"),
+        "n_users": len(rows), "seed": seed, "summary": summary,
+        "counts": {"leaked_words": dict(leaked_words.most_common()),
+                   "users_with_leaks": sum(1 for r in rows if r["leaked"])},
+        "timing_s": {"total": elapsed, "per_user": elapsed / len(rows)},
+        "users": rows,
+    }
+
+
+def leak_table(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the leak-check summary: measure, rate (mean [95% CI]), users."""
+    s = result["summary"]
+    names = (("few-shot leak (users)", "leak_rate"), ("fallback used (users)", "fallback_rate"),
+             ("model gave no keyword (users)", "replaced_rate"), ("hidden taste in keywords", "taste_hit_rate"))
+    return ["measure", "rate", "users"], [[label, _ci(s[key]), str(s[key]["n"])] for label, key in names]
+
+
+def leak_markdown(result: Mapping[str, Any]) -> str:
+    """The Markdown report of :func:`leak_check`."""
+    header, rows = leak_table(result)
+    models = result.get("models", {})
+    lines = ["# Preference keywords: few-shot leaks, fallbacks, hidden taste", "", result["protocol"] + ".", "",
+             f"{result['n_users']} users of `{result.get('dataset', '?')}` ({result.get('split', '?')} split); "
+             f"seed {result['seed']}; {result['timing_s']['per_user']:.2f} s per user."]
+    if models:
+        lines.append("Models: " + ", ".join(f"{k} `{v}`" for k, v in models.items()) + ".")
+    leaked = result["counts"]["leaked_words"]
+    lines += ["", _md_table(header, rows), "",
+              "Leaked words: " + (", ".join(f"{w} ({n})" for w, n in leaked.items()) if leaked else "none") + ".", ""]
+    return "\n".join(lines)
+
+
+def write_leak_outputs(result: Mapping[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """``out/leaks.json`` and ``out/leaks.md``; returns both paths."""
+    return _write(result, Path(out), "leaks", leak_markdown(result))
+
+
+# ------------------------------------------------------------------ non-English histories → English keywords
+
+_MULTILINGUAL: tuple[tuple[str, str, str, tuple[str, str, str]], ...] = (
+    # (user id, hidden taste, language, (a chat turn, a search, another chat turn))
+    ("ml-es-dogs", "dogs", "es", ("perrito feliz", "pegatinas de perros", "me encantan los perros")),
+    ("ml-zh-dogs", "dogs", "zh", ("我非常喜欢小狗的表情包", "小狗", "狗狗太可爱了")),
+    ("ml-fr-cats", "cats", "fr", ("j'adore les chats", "chat mignon", "mon chat dort")),
+    ("ml-de-cats", "cats", "de", ("Ich liebe Katzen", "Katze Sticker", "meine Katze ist süß")),
+    ("ml-ja-cats", "cats", "ja", ("猫が大好き", "猫", "子猫かわいい")),
+    ("ml-es-food", "food", "es", ("me encanta la comida", "pastel de chocolate", "tengo hambre, quiero pizza")),
+    ("ml-it-food", "food", "it", ("amo la pizza e la pasta", "gelato", "che fame!")),
+    ("ml-pt-music", "music", "pt", ("adoro música", "guitarra", "vamos dançar")),
+    ("ml-fr-space", "space", "fr", ("j'adore les fusées et les planètes", "fusée", "la lune est belle")),
+    ("ml-de-plants", "plants", "de", ("ich liebe Blumen", "Blume", "mein Garten blüht")),
+    ("ml-es-ocean", "ocean", "es", ("me encanta el mar", "pez", "ballenas y delfines")),
+    ("ml-zh-space", "space", "zh", ("我喜欢火箭和月亮", "火箭", "太空很酷")),
+)
+
+
+def multilingual_users(generic_items: Sequence[str] = ("1F600", "1F44D")) -> list[User]:
+    """A small hand-written set of 12 users whose taste is written only in another language.
+
+    Spanish, French, German, Italian, Portuguese, Chinese and Japanese; each user has two chat turns
+    and a search in that language (the taste: dogs, cats, food, music, space, plants, ocean) and
+    sent two generic stickers (``generic_items``: grinning face, thumbs up), so only the
+    non-English text says what the person likes. ``attributes``: ``taste``, ``language``.
+    """
+    users = []
+    for uid, taste, lang, (chat1, search, chat2) in _MULTILINGUAL:
+        events = [Event("social", item_id=generic_items[0], value="send", time=1.0),
+                  Event("conversation", speaker="user", text=chat1, time=2.0),
+                  Event("search", text=search, time=3.0),
+                  Event("social", item_id=generic_items[-1], value="send", time=4.0),
+                  Event("conversation", speaker="user", text=chat2, time=5.0)]
+        users.append(User(uid, events, attributes={"taste": taste, "language": lang}))
+    return users
+
+
+def is_english_keyword(keyword: str, english: Collection[str]) -> bool:
+    """Whether every word of a keyword is an English word (``english``: catalog and emoji-name words)."""
+    from pmgen.preferences import STOPWORDS, keyword_key
+
+    words = [w for w in keyword.lower().replace("-", " ").split() if w]
+    return bool(words) and all(w in STOPWORDS or w in english or keyword_key(w) in english for w in words)
+
+
+def multilingual_check(items: Mapping[str, Item], extract_fn: KeywordsFn, users: Sequence[User] | None = None,
+                       seed: int = 0) -> dict[str, Any]:
+    """Keywords of :func:`multilingual_users`: are they English, and do they name the taste?
+
+    English words: every word of the catalog (titles, texts) and of the ``emoji`` package's English
+    names, keyed with :func:`~pmgen.preferences.keyword_key`. Reported per user and as
+    ``english_rate`` (mean share of a user's keywords that are English) and ``taste_hit_rate``
+    (:func:`taste_hit`), with 95% bootstrap intervals over users.
+    """
+    from pmgen.preferences import _TOKEN, english_words, keyword_key
+
+    users = list(users) if users is not None else multilingual_users()
+    english = {keyword_key(w) for it in items.values() for w in _TOKEN.findall(f"{it.title} {it.text}".lower())}
+    english |= {keyword_key(w) for w in english_words()}
+    rows = []
+    for u in users:
+        kws, info = _keywords_of(extract_fn(u.events, items))
+        eng = [k for k in kws if is_english_keyword(k, english)]
+        rows.append({"user_id": u.user_id, "language": u.attributes.get("language"), "taste": u.attributes["taste"],
+                     "keywords": kws, "non_english": [k for k in kws if k not in eng],
+                     "english_share": len(eng) / len(kws) if kws else 0.0,
+                     "taste_hit": taste_hit(kws, u.attributes["taste"]), "fallback": info.get("fallback")})
+    uids = [r["user_id"] for r in rows]
+    return {"benchmark": "multilingual-keywords", "n_users": len(rows), "seed": seed,
+            "summary": {"english_rate": _stat([r["english_share"] for r in rows], uids, seed),
+                        "taste_hit_rate": _stat([float(r["taste_hit"]) for r in rows], uids, seed)},
+            "users": rows}

@@ -23,7 +23,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
@@ -37,6 +37,123 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
 Message = dict[str, str]
+
+
+_LOOKALIKE = {"<": "\u2039", ">": "\u203a", "[": "\u2045", "]": "\u2046", "|": "\u00a6", "{": "\u2774", "}": "\u2775"}
+"""Look-alike characters used to break a control-token string inside user text (``<`` → ``‹``, …)."""
+
+
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """Every string the tokenizer would turn into a special/control token when it appears in text.
+
+    The tokenizer's special tokens plus its added tokens that are special or look like markup
+    (``<|im_start|>``, ``<filename>``, ``[INST]``), longest first. Whitespace-only entries are skipped.
+    """
+    strings = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        content = str(getattr(tok, "content", tok))
+        if getattr(tok, "special", False) or content[:1] in _LOOKALIKE:
+            strings.add(content)
+    return sorted((s for s in strings if s and s.strip()), key=lambda s: (-len(s), s))
+
+
+def _break_token(s: str) -> str:
+    first = s[0]
+    return _LOOKALIKE.get(first, first + "\u200b") + s[1:]
+
+
+def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
+    """``text`` with every occurrence of a control-token string (``specials``) broken by a look-alike.
+
+    ``"<|im_start|>system"`` → ``"‹|im_start|>system"``: the same to a reader, but the tokenizer
+    now reads plain text, never a real chat-control token. Repeated until no special string is left
+    (breaking one can never create another: each step removes one markup character).
+    """
+    for _ in range(len(text) + 1):
+        hit = next((s for s in specials if s in text), None)
+        if hit is None:
+            return text
+        text = text.replace(hit, _break_token(hit))
+    return text
+
+
+class PromptInjectionError(ValueError):
+    """A chat prompt holds control tokens its template did not put there (user text became control)."""
+
+
+def control_tokens(tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> list[str]:
+    """The special/added tokens of ``ids`` (a 1-D sequence), in order, as strings (``unk`` excluded)."""
+    if torch.is_tensor(ids):
+        ids = ids.reshape(-1).tolist()
+    specials = set(special_token_strings(tokenizer))
+    special_ids = {int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                   if str(getattr(t, "content", t)) in specials}
+    special_ids |= {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    special_ids.discard(getattr(tokenizer, "unk_token_id", None))  # unknown characters are not control
+    return [str(tokenizer.convert_ids_to_tokens(int(i))) for i in ids if int(i) in special_ids]
+
+
+def chat_roles(tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> list[str]:
+    """The role of every turn of a tokenized chat prompt, as the model will read it.
+
+    For templates with turn-start control tokens (ChatML ``<|im_start|>role``, Llama-3
+    ``<|start_header_id|>role``, Gemma ``<start_of_turn>role``) the role is the text after each
+    real start token (a neutralized ``‹|im_start|>`` in user text is not one). For plain-text
+    templates (``role: content`` per line) the role is read from each line's head.
+    """
+    import re
+
+    if torch.is_tensor(ids):
+        ids = ids.reshape(-1).tolist()
+    ids = [int(i) for i in ids]
+    toks = [str(tokenizer.convert_ids_to_tokens(i)) for i in ids]
+    ctrl = set(control_tokens(tokenizer, ids))
+    starts = [i for i, t in enumerate(toks) if t in ctrl and "start" in t.lower()]
+    if starts:
+        roles = []
+        for i in starts:
+            j = i + 1
+            while j < len(ids) and toks[j] not in ctrl:
+                j += 1
+            text = tokenizer.decode(ids[i + 1:j])
+            roles.append(re.split(r"[\n:]", text.strip(), maxsplit=1)[0].strip().lower() if text.strip() else "")
+        return roles
+    unk = re.escape(str(getattr(tokenizer, "unk_token", None) or "\x00"))  # a newline may decode as <unk>
+    roles: list[str] = []
+    # decoded text, or the tokens joined (character-level tokenizers decode with spaces in between)
+    for text in (tokenizer.decode(ids, skip_special_tokens=False), "".join(toks)):
+        roles = [m.group(1).lower() for m in re.finditer(rf"(?:^|\n|{unk})(system|user|assistant):", text)]
+        if roles:
+            break
+    return roles
+
+
+def check_chat_ids(tokenizer: Any, messages: Sequence[Message], ids: Sequence[int] | torch.Tensor,
+                   add_generation_prompt: bool = True) -> list[str]:
+    """Verify that a tokenized prompt holds only the control tokens its template adds, and its turns.
+
+    The control tokens of ``ids`` must be exactly those of the same messages with neutral content
+    (``"x"``), and :func:`chat_roles` must list exactly the messages' roles (plus ``assistant`` for
+    the generation prompt when the template marks it). Returns the roles.
+
+    Raises:
+        PromptInjectionError: naming the extra control tokens / turns — user text became control.
+    """
+    skeleton = [{"role": m["role"], "content": "x"} for m in messages]
+    ref = tokenizer.apply_chat_template(skeleton, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ref, Mapping):
+        ref = ref["input_ids"]
+    if torch.is_tensor(ref):
+        ref = ref.reshape(-1).tolist()
+    expected, got = control_tokens(tokenizer, ref), control_tokens(tokenizer, ids)
+    if got != expected:
+        raise PromptInjectionError(f"the prompt holds control tokens its template did not add: expected "
+                                   f"{len(expected)} ({' '.join(expected[:12])}), got {len(got)} "
+                                   f"({' '.join(got[:12])}); neutralize user text first")
+    roles, ref_roles = chat_roles(tokenizer, ids), chat_roles(tokenizer, ref)
+    if roles != ref_roles:
+        raise PromptInjectionError(f"the prompt's turns are {roles}, expected {ref_roles}")
+    return roles
 
 
 class ModelNotAvailable(FileNotFoundError):
@@ -116,6 +233,7 @@ class LLM:
         self.name = name
         self.content_hash = content_hash
         self.path: Path | None = None
+        self.special_tokens = special_token_strings(self.tokenizer)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -166,11 +284,28 @@ class LLM:
         """Number of tokens of ``text`` (no special tokens) — a token counter for verbalization budgets."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> torch.Tensor:
-        """Token ids ``[1, T]`` of the chat-formatted messages."""
-        out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+    def neutralize(self, text: str) -> str:
+        """``text`` with this tokenizer's control-token strings broken (see :func:`neutralize_special_tokens`)."""
+        return neutralize_special_tokens(text, self.special_tokens)
+
+    def safe_messages(self, messages: Sequence[Message]) -> list[Message]:
+        """The messages with every content neutralized: no text can become a control token."""
+        return [{**m, "content": self.neutralize(m["content"])} for m in messages]
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    check: bool = False) -> torch.Tensor:
+        """Token ids ``[1, T]`` of the chat-formatted messages.
+
+        Message contents are neutralized first (:meth:`neutralize`), so a chat-control string in any
+        content stays text. With ``check=True`` the ids are verified with :func:`check_chat_ids`
+        (raises :class:`PromptInjectionError`).
+        """
+        safe = self.safe_messages(messages)
+        out = self.tokenizer.apply_chat_template(safe, add_generation_prompt=add_generation_prompt,
                                                  return_tensors="pt")
         ids = out if torch.is_tensor(out) else out["input_ids"]
+        if check:
+            check_chat_ids(self.tokenizer, safe, ids[0], add_generation_prompt)
         return ids
 
     @torch.no_grad()
