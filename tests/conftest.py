@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pmgen.data import Event, Item, User
+from pmgen.data.schema import Event, Item, User
 from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A data directory with every built-in dataset built once per test session (~20 s)."""
-    from pmgen import datasets
+    from pmgen.data import datasets
 
     root = tmp_path_factory.mktemp("pmgen-data")
     for name in datasets.NAMES:
@@ -48,7 +48,7 @@ def tiny_pmg(tmp_path_factory):
     from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig
     from pmgen.models.text_encoder import TextEncoder
     from pmgen.pipeline import PMG, Settings
-    from pmgen.preferences import KeywordCache
+    from pmgen.stages.keywords import KeywordCache
     from pmgen.presets import get_preset
 
     root = tmp_path_factory.mktemp("tiny-pmg")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from pmgen.data import Dataset, Event, Item, User
+from pmgen.data.schema import Dataset, Event, Item, User
 
 TESTS = Path(__file__).parent
 
@@ -49,7 +49,7 @@ def build_tiny_pmg(root: Path):
     from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig
     from pmgen.models.text_encoder import TextEncoder
     from pmgen.pipeline import PMG, Settings
-    from pmgen.preferences import KeywordCache
+    from pmgen.stages.keywords import KeywordCache
     from pmgen.presets import get_preset
 
     torch.manual_seed(0)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pmgen.condition import ConditionBuilder
-from pmgen.data import Item, Sample
-from pmgen.preferences import target_keywords
+from pmgen.stages.condition import ConditionBuilder
+from pmgen.data.schema import Item, Sample
+from pmgen.stages.keywords import target_keywords
 from pmgen.train import composites as comp
 from pmgen.train import generator as train
 
@@ -85,7 +85,7 @@ def test_heldout_items_are_never_composed(catalog) -> None:
 
 
 def test_natural_pairs_are_the_catalogs_own_families(catalog) -> None:
-    from pmgen.datasets.sticker_users import TASTES
+    from pmgen.data.datasets.sticker_users import TASTES
 
     pairs = set(comp.natural_pairs(catalog, TASTES))
     assert ("f1", "cats", "f2", None) in pairs  # grinning face -> grinning cat

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pmgen.condition import ConditionBuilder, keywords_text
-from pmgen.select import select, to_unit, weight_grid, z_score
+from pmgen.stages.condition import ConditionBuilder, keywords_text
+from pmgen.stages.select import select, to_unit, weight_grid, z_score
 
 
 class FakeTextEncoder:
@@ -153,7 +153,7 @@ def test_weight_grid():
 
 
 def test_min_accuracy_guard_refuses_candidates_that_lose_the_target():
-    from pmgen.select import argmax_z, keeps_target
+    from pmgen.stages.select import argmax_z, keeps_target
 
     d_t = [0.80, 0.78, 0.50]  # w = 0, 1, 2: the last one lost the target
     z = [-0.5, -0.4, -0.1]  # ... but scores best on z

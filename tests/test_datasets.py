@@ -6,10 +6,11 @@ import re
 import numpy as np
 from PIL import Image
 
-from pmgen import datasets
-from pmgen.data import SPLITS, load_dataset
-from pmgen.datasets import sticker_users
-from pmgen.datasets.base import file_sha256, user_disjoint_splits
+from pmgen.data import datasets
+from pmgen.data.schema import SPLITS
+from pmgen.data.validate import load_dataset
+from pmgen.data.datasets import sticker_users
+from pmgen.data.datasets.base import file_sha256, user_disjoint_splits
 
 
 def test_stickers_catalog(data_root):
@@ -35,7 +36,7 @@ def test_stickers_catalog(data_root):
 
 
 def test_stickers_extra_size(tmp_path):
-    from pmgen.datasets import stickers
+    from pmgen.data.datasets import stickers
 
     r = stickers.GlyphRenderer()
     imgs = r.render("1F431", sizes=(64, 128))
@@ -161,7 +162,7 @@ def test_build_is_skipped_when_present(data_root):
 def test_demo_picks_users_of_different_tastes_for_one_target(data_root):
     import pytest as _pytest
 
-    from pmgen import datasets
+    from pmgen.data import datasets
     from pmgen.demo import pick_samples
 
     ds = datasets.load("sticker-users", data_root)
@@ -180,7 +181,7 @@ def test_concurrent_builds_do_not_break_each_other(tmp_path):
     """Two builds of the same dataset at once (two processes): each writes its own temp folder."""
     import threading
 
-    from pmgen.datasets.base import build_atomically
+    from pmgen.data.datasets.base import build_atomically
 
     barrier = threading.Barrier(2)
     errors = []

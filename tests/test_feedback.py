@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pmgen.feedback import GRID, AlphaPosterior, WeightStats, choice_log_likelihood, z_values
+from pmgen.stages.feedback import GRID, AlphaPosterior, WeightStats, choice_log_likelihood, z_values
 
 
 def cands():
@@ -76,7 +76,7 @@ def test_weights_never_chosen_are_skipped_after_enough_feedback():
 
 
 def test_simulation_learned_alpha_beats_fixed_on_separable_users():
-    from pmgen.feedback_eval import Round, simulate, summarize
+    from pmgen.eval.feedback import Round, simulate, summarize
 
     # users whose best candidate depends on α*: the learner should find it within a few rounds
     rounds, stars = {}, {}
@@ -100,10 +100,10 @@ def test_simulation_learned_alpha_beats_fixed_on_separable_users():
 
 
 def test_candidate_rounds_are_generated_once_and_cached(tiny_pmg, data_root, tmp_path):
-    from pmgen import datasets
-    from pmgen.datasets.sticker_users import TASTES
-    from pmgen.evaluate import Grader
-    from pmgen.feedback_eval import candidate_rounds
+    from pmgen.data import datasets
+    from pmgen.data.datasets.sticker_users import TASTES
+    from pmgen.eval.evaluate import Grader
+    from pmgen.eval.feedback import candidate_rounds
 
     ds = datasets.load("sticker-users", data_root)
     grader = Grader(tiny_pmg.selector, datasets.load("stickers", data_root), perceptual=False,
@@ -135,7 +135,7 @@ def test_cli_feedback_is_stored_and_moves_only_that_users_alpha(tiny_pmg, toy_da
     from typer.testing import CliRunner
 
     from pmgen.cli import _learned_alpha, app
-    from pmgen.data import User
+    from pmgen.data.schema import User
 
     root, items, user = toy_data
     res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png")

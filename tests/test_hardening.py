@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pmgen.cli import app
-from pmgen.data import DataError, Event, User
-from pmgen.images import ImageError, check_image, load_image
+from pmgen.data.schema import DataError, Event, User
+from pmgen.data.images import ImageError, check_image, load_image
 from pmgen.limits import Limits
 from pmgen.paths import (RESULT_MARKER, UnsafePathError, check_id, inside, prepare_batch_root, write_result_dir)
 
@@ -127,7 +127,7 @@ def test_batch_root_refuses_foreign_folders(tmp_path):
 
 
 def test_batch_request_ids_cannot_escape_or_delete(tiny_pmg, toy_data, tmp_path):
-    from pmgen.requests import run_batch
+    from pmgen.batch.local import run_batch
 
     root, items, user = toy_data
     work = tmp_path / "work"
@@ -148,7 +148,7 @@ def test_batch_request_ids_cannot_escape_or_delete(tiny_pmg, toy_data, tmp_path)
 
 
 def test_a_foreign_folder_in_the_batch_output_is_not_replaced(tiny_pmg, toy_data, tmp_path):
-    from pmgen.requests import run_batch
+    from pmgen.batch.local import run_batch
 
     root, items, user = toy_data
     out = prepare_batch_root(tmp_path / "out")
@@ -216,7 +216,7 @@ def test_validate_and_generate_name_the_oversized_image(tmp_path, no_model_load)
 
 
 def test_huge_texts_and_histories_are_refused_with_the_limit(tmp_path):
-    from pmgen.requests import from_files
+    from pmgen.data.requests import from_files
 
     items = write_items(tmp_path / "d")
     beh = tmp_path / "u.json"
@@ -244,7 +244,7 @@ def test_long_texts_within_the_limit_are_shortened_and_the_record_says_so(tiny_p
 
 
 def test_batch_file_limits(tmp_path):
-    from pmgen.requests import read_batch
+    from pmgen.data.requests import read_batch
 
     p = tmp_path / "b.jsonl"
     p.write_text('{"dataset": "stickers"}\n' * 3)
@@ -358,7 +358,7 @@ def _mutations(rng: random.Random, good: dict) -> dict | list | str | int | None
 def test_fuzz_malformed_requests_no_traceback_nothing_outside(tiny_pmg, toy_data, tmp_path):
     """300 seeded malformed request lines (+ raw garbage lines): every line is either done or reported,
     no exception escapes, and nothing is written outside the output root."""
-    from pmgen.requests import run_batch
+    from pmgen.batch.local import run_batch
 
     root, items, user = toy_data
     rng = random.Random(1234)

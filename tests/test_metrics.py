@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pmgen.metrics import STLPIPS, check_images, ms_ssim, ssim
+from pmgen.eval.metrics import STLPIPS, check_images, ms_ssim, ssim
 
 
 def sticker(seed: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ class FixedKeywords:
         self.kw = kw
 
     def extract(self, events, items):
-        from pmgen.preferences import Keywords
+        from pmgen.stages.keywords import Keywords
 
         return Keywords(keywords=list(self.kw), n_events=len(events), n_kept=len(events))
 
@@ -58,8 +58,8 @@ def shipped_pmg():
 
 @pytest.mark.parametrize("sample_id", sorted(KEYWORDS))
 def test_shipped_models_reproduce_the_pinned_candidates(shipped_pmg, data_root, sample_id):
-    from pmgen import datasets
-    from pmgen.requests import from_dataset
+    from pmgen.data import datasets
+    from pmgen.data.requests import from_dataset
 
     expected = json.loads((PINNED / "expected.json").read_text())[sample_id]
     shipped_pmg.extractor = lambda k=None, b=None: FixedKeywords(KEYWORDS[sample_id])

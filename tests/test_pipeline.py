@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pmgen.data import Event, Item, User
+from pmgen.data.schema import Event, Item, User
 
 
 def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
@@ -27,7 +27,7 @@ def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
     assert res.images.shape == (3, 3, 64, 64)
     # w = 0 is the non-personalized baseline, bit for bit: same seed, same init, target-only condition
     b = tiny_pmg.builder("concat").build(rec["target_keywords"], [], 0.0)
-    from pmgen.images import load_image
+    from pmgen.data.images import load_image
 
     base = tiny_pmg.generator.image_to_image(load_image(root / "img" / "a.png", 64), b.prompt_embeds,
                                              b.negative_prompt_embeds, strength=0.6, seed=0, num_inference_steps=3,
@@ -71,7 +71,7 @@ def test_no_target_image_draws_from_noise(tiny_pmg, toy_data):
 
 
 def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
-    from pmgen.requests import run_batch
+    from pmgen.batch.local import run_batch
 
     root, items, user = toy_data
     lines = [{"request_id": f"r{i}", "user": user.to_json(), "items": str(root / "items.jsonl"), "target_id": t}
@@ -108,11 +108,11 @@ def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
 
 
 def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
-    from pmgen.data import Dataset, Sample
-    from pmgen.evaluate import (Grader, Method, alpha_sweep, at_weight, paired_margin, reselect, run_methods, selected,
+    from pmgen.data.schema import Dataset, Sample
+    from pmgen.eval.evaluate import (Grader, Method, alpha_sweep, at_weight, paired_margin, reselect, run_methods, selected,
                                 summarize, write_outputs)
-    from pmgen.metrics import STLPIPS
-    from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
+    from pmgen.eval.metrics import STLPIPS
+    from pmgen.stages.soft import SoftPromptConfig, SoftPromptEncoder
 
     root, items, user = toy_data
     user.attributes["taste_description"] = "loves cats"
@@ -165,7 +165,7 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
 
 
 def test_both_at_once_counts_only_personalized_results():
-    from pmgen.evaluate import both_at_once
+    from pmgen.eval.evaluate import both_at_once
 
     def row(user, method, w, both, chosen=True):
         return {"user_id": user, "sample_id": user, "method": method, "weight": w, "both": both, "chosen": chosen}
@@ -179,7 +179,7 @@ def test_both_at_once_counts_only_personalized_results():
 
 
 def test_bootstrap_ci_resamples_users():
-    from pmgen.evaluate import bootstrap_ci
+    from pmgen.eval.evaluate import bootstrap_ci
 
     mean, lo, hi = bootstrap_ci([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"], n=500)
     assert mean == 0.5 and lo == 0.0 and hi == 1.0  # two users: resampling users gives 0, 0.5 or 1
@@ -188,7 +188,7 @@ def test_bootstrap_ci_resamples_users():
 
 
 def test_soft_embeddings_enter_the_condition_and_keep_the_w0_baseline(tiny_pmg, toy_data):
-    from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
+    from pmgen.stages.soft import SoftPromptConfig, SoftPromptEncoder
 
     root, items, user = toy_data
     enc = SoftPromptEncoder(SoftPromptConfig(llm_name="tiny", llm_hidden=tiny_pmg.llm.hidden_size, text_width=32,
@@ -207,9 +207,9 @@ def test_soft_embeddings_enter_the_condition_and_keep_the_w0_baseline(tiny_pmg, 
 def test_demo_shows_each_user_with_and_without_soft_embeddings(tiny_pmg, data_root, tmp_path):
     from PIL import Image as PILImage
 
-    from pmgen import datasets
+    from pmgen.data import datasets
     from pmgen.demo import run_demo
-    from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
+    from pmgen.stages.soft import SoftPromptConfig, SoftPromptEncoder
 
     ds = datasets.load("sticker-users", data_root)
     enc = SoftPromptEncoder(SoftPromptConfig(llm_name="tiny", llm_hidden=tiny_pmg.llm.hidden_size, text_width=32,

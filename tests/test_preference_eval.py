@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmgen.data import Dataset, Event, Item, Sample, User
-from pmgen.preference_eval import (
+from pmgen.data.schema import Dataset, Event, Item, Sample, User
+from pmgen.eval.preferences import (
     MOVIELENS_METHODS,
     evaluation_users,
     hr_ndcg_at_k,
@@ -30,8 +30,8 @@ from pmgen.preference_eval import (
     stability_markdown,
     write_movielens_outputs,
 )
-from pmgen.preferences import Keywords
-from pmgen.verbalize import newest_first
+from pmgen.stages.keywords import Keywords
+from pmgen.stages.verbalize import newest_first
 
 DIM = 512
 
@@ -54,7 +54,7 @@ def top_genres(events, items, n=3):
 @pytest.fixture(scope="module")
 def ml_root(tmp_path_factory) -> Path:
     """A data directory with only ``movielens`` built (~1 s; the full ``data_root`` takes ~20 s)."""
-    from pmgen import datasets
+    from pmgen.data import datasets
 
     root = tmp_path_factory.mktemp("ml-data")
     datasets.build("movielens", root)
@@ -63,7 +63,7 @@ def ml_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ml(ml_root):
-    from pmgen import datasets
+    from pmgen.data import datasets
 
     return datasets.load("movielens", ml_root)
 
@@ -341,7 +341,7 @@ def test_cli_commands_with_fake_models(ml_root, tmp_path, monkeypatch):
 
 
 def test_popularity_blend_reranks_the_popular_by_the_profile():
-    from pmgen.preference_eval import _standardize
+    from pmgen.eval.preferences import _standardize
 
     pop = _standardize(torch.log1p(torch.tensor([100.0, 90.0, 1.0, 0.0])))
     cos = torch.tensor([0.5, 0.9, 0.95, 0.1])
@@ -365,7 +365,7 @@ def _sticker_users() -> tuple[list[User], dict[str, Item]]:
 
 
 def test_taste_hit_uses_direct_synonyms():
-    from pmgen.preference_eval import taste_hit
+    from pmgen.eval.preferences import taste_hit
 
     assert taste_hit(["Kittens", "fun"], "cats") and taste_hit(["cute cats"], "cats")
     assert taste_hit(["outer space"], "space") and taste_hit(["rockets"], "space")
@@ -373,7 +373,7 @@ def test_taste_hit_uses_direct_synonyms():
 
 
 def test_leak_check_counts_unsupported_few_shot_words_fallbacks_and_tastes():
-    from pmgen.preference_eval import leak_check, leak_markdown
+    from pmgen.eval.preferences import leak_check, leak_markdown
 
     users, items = _sticker_users()
     answers = {"u1": Keywords(["cats", "fashion"], fallback=None),  # fashion: a few-shot word, unsupported
@@ -391,7 +391,7 @@ def test_leak_check_counts_unsupported_few_shot_words_fallbacks_and_tastes():
 
 
 def test_rerank_with_full_popularity_weight_is_popularity():
-    from pmgen.preference_eval import rerank_scores
+    from pmgen.eval.preferences import rerank_scores
 
     pop = torch.tensor([5.0, 50.0, 20.0, 1.0, 0.0, 30.0])
     sims = torch.tensor([0.9, 0.1, 0.2, 0.95, 0.3, 0.8])
@@ -403,7 +403,7 @@ def test_rerank_with_full_popularity_weight_is_popularity():
 
 
 def test_tune_rerank_reads_val_users_only_and_the_benchmark_reports_the_choice(ml):
-    from pmgen.preference_eval import tune_rerank
+    from pmgen.eval.preferences import tune_rerank
 
     seen = []
 
@@ -422,7 +422,7 @@ def test_tune_rerank_reads_val_users_only_and_the_benchmark_reports_the_choice(m
 
 
 def test_multilingual_set_and_english_keywords():
-    from pmgen.preference_eval import multilingual_check, multilingual_users
+    from pmgen.eval.preferences import multilingual_check, multilingual_users
 
     users = multilingual_users()
     assert len(users) == 12 and len({u.attributes["language"] for u in users}) >= 6

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pmgen.data import Event, Item
+from pmgen.data.schema import Event, Item
 from pmgen.models.llm import Decoding
-from pmgen.preferences import (
+from pmgen.stages.keywords import (
     KeywordCache,
     Keywords,
     PreferenceExtractor,
@@ -403,7 +403,7 @@ def _injected_history() -> list[Event]:
 
 
 def test_control_markup_in_user_text_is_neutralized():
-    from pmgen.preferences import neutralize_control_text
+    from pmgen.stages.keywords import neutralize_control_text
 
     out = neutralize_control_text(CONTROL_INJECTION)
     for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "<filename>", "[INST]"):
@@ -531,7 +531,7 @@ def test_renderings_depend_on_the_history_content_not_its_order():
 
 
 def test_self_consistency_votes_over_renderings():
-    from pmgen.preferences import vote_keywords
+    from pmgen.stages.keywords import vote_keywords
 
     voted = vote_keywords([["cats", "kittens", "rockets"], ["kittens", "cat", "pets"], ["cat", "pets", "dogs"]], k=4)
     assert voted == ["cats", "kittens", "pets", "rockets"]  # 3 votes, 2 (ranked higher first), then 1
@@ -551,7 +551,7 @@ def test_self_consistency_votes_over_renderings():
 
 
 def test_grounding_drops_few_shot_words_and_unsupported_keywords():
-    from pmgen.preferences import few_shot_keywords, history_vocabulary, is_grounded
+    from pmgen.stages.keywords import few_shot_keywords, history_vocabulary, is_grounded
 
     vocab = history_vocabulary(CAT_HISTORY, ITEMS)
     assert is_grounded("cute kittens", vocab) and is_grounded("pets", vocab) and is_grounded("animals", vocab)
@@ -566,7 +566,7 @@ def test_grounding_drops_few_shot_words_and_unsupported_keywords():
 
 
 def test_non_english_history_gets_english_glosses():
-    from pmgen.preferences import Glossary, gloss_history
+    from pmgen.stages.keywords import Glossary, gloss_history
 
     glossary = Glossary({"perrito": "dog", "perros": "dog", "狗": "dog", "gato": "cat"}, english={"dog", "cat", "happy"})
     assert glossary.translate("perrito feliz") == ["dog"] and glossary.translate("我非常喜欢小狗的表情包") == ["dog"]
@@ -588,7 +588,7 @@ def test_non_english_history_gets_english_glosses():
 
 @pytest.mark.slow
 def test_glossary_from_the_emoji_package_names():
-    from pmgen.preferences import Glossary
+    from pmgen.stages.keywords import Glossary
 
     g = Glossary.from_emoji()
     assert "dog" in g.translate("perrito feliz") and "cat" in g.translate("j'adore les chats")
@@ -597,7 +597,7 @@ def test_glossary_from_the_emoji_package_names():
 
 
 def test_generate_batch_matches_one_by_one_generation(tiny_llm):
-    from pmgen.preferences import generate_batch
+    from pmgen.stages.keywords import generate_batch
 
     dec = Decoding(repetition_penalty=1.3, no_repeat_ngram_size=2)
     msgs = [preference_messages(t, 3) for t in ('- Sent "cat face".', '- Sent "rocket".\n- Sent "moon".',

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from serve_helpers import bomb_png, png_bytes, toy_catalog  # noqa: E402
 
 from pmgen.limits import LIMITS  # noqa: E402
-from pmgen.select import z_score  # noqa: E402
+from pmgen.stages.select import z_score  # noqa: E402
 from pmgen.serve.app import create_app  # noqa: E402
 
 EVENTS = [{"type": "social", "item_id": "b", "value": "send", "time": 1},
@@ -338,7 +338,7 @@ def test_feedback_moves_the_next_generations_alpha_for_that_user_only(make_clien
     prof = c.get("/v1/users/alice").json()["alpha"]
     # the library's posterior over the stored candidates' scores (tiny random models score candidates
     # almost alike, so the direction is tested in test_feedback.py; here: the wiring)
-    from pmgen.feedback import FeedbackEvent, learn
+    from pmgen.stages.feedback import FeedbackEvent, learn
 
     expected = learn([FeedbackEvent.from_record(g["record"], 0, "pick")] * 3, 2 / 3).posterior
     assert prof["source"] == "learned" and prof["n_feedback"] == 3

@@ -21,8 +21,8 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from serve_helpers import free_port, toy_catalog  # noqa: E402
 
-from pmgen.data import Event, User  # noqa: E402
-from pmgen.select import z_score  # noqa: E402
+from pmgen.data.schema import Event, User  # noqa: E402
+from pmgen.stages.select import z_score  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -31,7 +31,7 @@ CHAT_LINE = "I love cats"
 
 
 def library_choice(cands: list[dict], alpha: float) -> int:
-    """pmgen.select's rule: argmax z, ties (to 1e-9) → the smaller weight."""
+    """pmgen.stages.select's rule: argmax z, ties (to 1e-9) → the smaller weight."""
     z = z_score(torch.tensor([c["d_t"] for c in cands], dtype=torch.float64),
                 torch.tensor([c["d_p"] for c in cands], dtype=torch.float64), alpha)
     return max(range(len(cands)), key=lambda i: (round(float(z[i]), 9), -i))
@@ -75,7 +75,7 @@ def server(tiny_pmg, toy_data, tmp_path_factory):
 def _seed_where_alpha_matters(pmg, catalog) -> int:
     """A seed whose candidates are chosen differently at α = 0 and α = 1 (tiny random models), for the
     request the page will send (the same user history, target and image as the service uses)."""
-    from pmgen.requests import history_image_paths
+    from pmgen.data.requests import history_image_paths
 
     items = catalog.items
     user = User("walker", [Event("social", item_id="b", value="send"), Event("social", item_id="b", value="send"),

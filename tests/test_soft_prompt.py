@@ -84,7 +84,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path) -> None:
 
 
 def test_export_loads_back_and_writes_a_model_card(tiny, tmp_path) -> None:
-    from pmgen.soft import SoftPromptEncoder
+    from pmgen.stages.soft import SoftPromptEncoder
 
     llm = tiny[0]
     trainer = make(tiny, tmp_path)
@@ -183,8 +183,8 @@ def test_config_rejects_bad_values_and_the_cli_types_options(monkeypatch) -> Non
 
 
 def test_examples_from_sticker_users(data_root) -> None:
-    from pmgen import datasets
-    from pmgen.datasets.sticker_users import taste_by_name
+    from pmgen.data import datasets
+    from pmgen.data.datasets.sticker_users import taste_by_name
     from pmgen.train.soft_prompt import build_examples, one_per_user, with_positives
 
     ds = datasets.load("sticker-users", data_root)

@@ -95,7 +95,7 @@ def test_soft_prompt_trainer_conditions_are_the_inference_conditions(tiny, tmp_p
     with no preference keywords), and what the trainer used to build by hand."""
     from test_soft_prompt import make
 
-    from pmgen.condition import ConditionBuilder, keywords_text
+    from pmgen.stages.condition import ConditionBuilder, keywords_text
 
     trainer = make(tiny, tmp_path)
     _, te, _, _ = tiny

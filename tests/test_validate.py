@@ -5,8 +5,9 @@ import json
 import pytest
 from PIL import Image
 
-from pmgen.data import DataError, load_dataset
-from pmgen.validate import validate_file, validate_folder
+from pmgen.data.schema import DataError
+from pmgen.data.validate import load_dataset
+from pmgen.data.validate import validate_file, validate_folder
 
 ITEM_LINES = [
     json.dumps({"id": "a", "title": "grinning face", "text": "happy"}),

@@ -1,5 +1,5 @@
-from pmgen.data import EVENT_TYPES, Event, Item
-from pmgen.verbalize import VERBALIZERS, approx_token_count, newest_first, verbalize_event, verbalize_history
+from pmgen.data.schema import EVENT_TYPES, Event, Item
+from pmgen.stages.verbalize import VERBALIZERS, approx_token_count, newest_first, verbalize_event, verbalize_history
 
 ITEMS = {
     "m1": Item("m1", "Toy Story (1995)", "genres: Animation, Children's, Comedy"),
@@ -97,7 +97,7 @@ def _agg_history():
 
 
 def test_aggregate_history_counts_items_and_tags():
-    from pmgen.verbalize import aggregate_history
+    from pmgen.stages.verbalize import aggregate_history
 
     h = aggregate_history(_agg_history(), AGG_ITEMS, budget_tokens=200)
     assert h.lines[0] == "Most frequent tags: cat (4), kitten (3), pet (3)."  # tags seen once left out; "face" generic
@@ -109,7 +109,7 @@ def test_aggregate_history_counts_items_and_tags():
 def test_aggregate_history_is_order_invariant_without_recency_ties():
     import random
 
-    from pmgen.verbalize import aggregate_history
+    from pmgen.stages.verbalize import aggregate_history
 
     events = _agg_history()
     base = aggregate_history(events, AGG_ITEMS, recency_ties=False).text
@@ -125,7 +125,7 @@ def test_aggregate_history_is_order_invariant_without_recency_ties():
 
 
 def test_aggregate_history_budget_cuts_the_least_frequent_and_ratings_sort_by_value():
-    from pmgen.verbalize import aggregate_history
+    from pmgen.stages.verbalize import aggregate_history
 
     h = aggregate_history(_agg_history(), AGG_ITEMS, budget_tokens=35)
     assert h.lines[1:] == ('Sent "cat face" (3 times).',) and h.truncated and h.n_kept == 3 and h.n_tokens <= 35

@@ -18,9 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pmgen.data import Dataset, Sample
+from pmgen.data.schema import Dataset, Sample
 from pmgen.report import CREDIT, side_by_side
-from pmgen.requests import from_dataset
+from pmgen.data.requests import from_dataset
 
 
 def pick_samples(ds: Dataset, n_users: int = 4, split: str = "test", target_key: str | None = None) -> list[Sample]:

@@ -1,6 +1,7 @@
 """The PMG pipeline end to end: behaviors → keywords (+ soft embeddings) → conditions → candidates → choice.
 
-    from pmgen import PMG, datasets
+    from pmgen import PMG
+    from pmgen.data import datasets
     pmg = PMG.from_preset("sticker-tiny")
     ds = datasets.load("sticker-users")
     sample = ds.split("test")[0]
@@ -24,13 +25,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from pmgen.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
-from pmgen.data import Event, Item, User
-from pmgen.images import load_image
+from pmgen.stages.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
+from pmgen.data.schema import Event, Item, User
+from pmgen.data.images import load_image
 from pmgen.presets import Preset, get_preset
-from pmgen.select import DEFAULT_ALPHA, select, weight_grid
+from pmgen.stages.select import DEFAULT_ALPHA, select, weight_grid
 from pmgen.types import (Candidate, ChatLLM, GenerationRecord, Generator, Scorer, SoftPrompt, TextEncoder)
-from pmgen.verbalize import TEXT_CHARS, shortened_texts
+from pmgen.stages.verbalize import TEXT_CHARS, shortened_texts
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -43,14 +44,14 @@ class Settings:
     Attributes:
         weights: preference weights of the candidates (0 = non-personalized baseline, always included).
         alpha: balance in ``z = α·log d_p + (1−α)·log d_t`` (1 = all personalization).
-        mode: weighting mode, ``"concat"`` (paper) or ``"guidance"`` (continuous); see :mod:`pmgen.condition`.
+        mode: weighting mode, ``"concat"`` (paper) or ``"guidance"`` (continuous); see :mod:`pmgen.stages.condition`.
         k: number of preference keywords.
         n_target_keywords: number of target keywords used.
         seed: noise seed shared by every candidate.
         strength, num_inference_steps, guidance_scale: generator settings.
         history_weight: share of history-image similarity in d_p (0 = text only).
         min_accuracy: a candidate is chosen only if its d_t is at least this share of the ``w = 0``
-            baseline's (0 = no guard; see :func:`pmgen.select.keeps_target`).
+            baseline's (0 = no guard; see :func:`pmgen.stages.select.keeps_target`).
         budget_tokens: token budget of the verbalized history given to the LLM.
         use_soft: use soft preference embeddings (needs trained weights in the preset).
         use_keywords: use the preference keywords in the condition and in d_p (``False`` = the
@@ -154,7 +155,7 @@ class PMG:
         soft_prompt: the trained soft-prompt encoder, or ``None`` (soft embeddings off); a call can
             pass another one (:meth:`generate`'s ``soft_prompt``).
         settings: default :class:`Settings`.
-        keyword_cache: a :class:`pmgen.preferences.KeywordCache` or ``None`` (no caching).
+        keyword_cache: a :class:`pmgen.stages.keywords.KeywordCache` or ``None`` (no caching).
     """
 
     def __init__(self, preset: Preset, llm: ChatLLM, text_encoder: TextEncoder, generator: Generator,
@@ -186,7 +187,7 @@ class PMG:
         selector = load_scorer(preset, "selector", text_encoder)
         soft = load_soft_prompt(preset, llm)
         if keyword_cache == "default":
-            from pmgen.preferences import KeywordCache
+            from pmgen.stages.keywords import KeywordCache
 
             keyword_cache = KeywordCache()
         return cls(preset, llm, text_encoder, generator, selector, soft, settings, keyword_cache)
@@ -201,8 +202,8 @@ class PMG:
         return out
 
     def extractor(self, k: int | None = None, budget_tokens: int | None = None) -> Any:
-        """The :class:`pmgen.preferences.PreferenceExtractor` for ``k`` keywords and a history budget."""
-        from pmgen.preferences import PreferenceExtractor
+        """The :class:`pmgen.stages.keywords.PreferenceExtractor` for ``k`` keywords and a history budget."""
+        from pmgen.stages.keywords import PreferenceExtractor
 
         key = (k or self.settings.k, budget_tokens or self.settings.budget_tokens)
         if key not in self._extractors:
@@ -217,14 +218,14 @@ class PMG:
 
     # ------------------------------------------------------------------ stages
     def extract(self, user: User | Sequence[Event], items: Mapping[str, Item]) -> Any:
-        """Preference keywords of a user (cached); see :class:`pmgen.preferences.Keywords`."""
+        """Preference keywords of a user (cached); see :class:`pmgen.stages.keywords.Keywords`."""
         events = user.events if isinstance(user, User) else list(user)
         return self.extractor().extract(events, items)
 
     def target_keywords(self, target: Item, context: Sequence[Event] = (), n: int | None = None) -> list[str]:
         """Keywords of the target: the item's title and tags, then the emotion/action cues of the
-        conversation's last user turn when there is one (deterministic; see :mod:`pmgen.preferences`)."""
-        from pmgen.preferences import target_keywords
+        conversation's last user turn when there is one (deterministic; see :mod:`pmgen.stages.keywords`)."""
+        from pmgen.stages.keywords import target_keywords
 
         n = n or self.settings.n_target_keywords
         return list(target_keywords(item=target, conversation=list(context) or None, k=n).keywords)
@@ -234,7 +235,7 @@ class PMG:
         """``[n_img, D]`` soft preference embeddings of a history (``soft_prompt`` default: the PMG's own).
 
         The history is verbalized with the soft prompt's own budget and token counter
-        (:meth:`pmgen.soft.SoftPromptEncoder.history_text`), the way it was trained.
+        (:meth:`pmgen.stages.soft.SoftPromptEncoder.history_text`), the way it was trained.
         """
         sp = soft_prompt if soft_prompt is not None else self.soft_prompt
         if sp is None:

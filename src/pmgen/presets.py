@@ -204,7 +204,7 @@ def load_soft_prompt(preset: Preset, llm: Any) -> Any:
     """The preset's trained soft-prompt encoder, or ``None`` when it names none (soft embeddings off)."""
     if not preset.soft_prompt:
         return None
-    from pmgen.soft import SoftPromptEncoder
+    from pmgen.stages.soft import SoftPromptEncoder
 
     path = resolve(preset.soft_prompt)
     if not isinstance(path, Path):

@@ -34,7 +34,7 @@ def write_request_report(folder: Path, record: GenerationRecord, history_images:
                          target_image: Path | None = None, max_history: int = 12) -> Path:
     """Write ``folder/report.html`` for one generation record, with small PNG copies (at most 256 px a side)
     of the history and target images it shows (inputs are never copied whole)."""
-    from pmgen.images import save_thumbnail
+    from pmgen.data.images import save_thumbnail
 
     folder = Path(folder)
     hist_html = []

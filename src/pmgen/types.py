@@ -122,7 +122,7 @@ class Candidate:
 class GenerationRecord:
     """Everything one generation decided (DESIGN.md section 4); ``chosen`` indexes ``candidates``.
 
-    ``preference`` is the keyword stage's own record (:meth:`pmgen.preferences.Keywords.to_json`);
+    ``preference`` is the keyword stage's own record (:meth:`pmgen.stages.keywords.Keywords.to_json`);
     ``models`` maps role → ``{"name", "hash"}``; ``warnings`` gathers every truncation and fallback.
     ``reason`` says why a result is not personalized (``personalized`` false). ``alpha_source`` says
     where ``alpha`` came from: ``"preset"``, ``"request"``, or the user's feedback (``"learned from …"``).

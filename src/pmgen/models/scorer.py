@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmgen.metrics import check_images
+from pmgen.data.images import check_images
 
 ARCHS = ("resnet", "convnext")
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from pmgen.metrics import check_images
+from pmgen.data.images import check_images
 from pmgen.models.llm import ModelNotAvailable, folder_hash
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

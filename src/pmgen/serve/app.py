@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from pmgen.data import Dataset
+from pmgen.data.schema import Dataset
 from pmgen.limits import LIMITS, Limits
 from pmgen.serve.service import MAX_WAIT_S, Invalid, Service, ServiceError, TooLarge, problem
 from pmgen.serve.store import STORE_FILE, Store, sqlite_url

@@ -55,10 +55,10 @@ def _free_port() -> int:
 
 def in_process(preset: str, n: int, data_dir: Path | None, log: Callable[[str], None]) -> list[float]:
     """Seconds of ``n`` 3-weight generations with the PMG in this process (after one warm-up)."""
-    from pmgen import datasets
-    from pmgen.data import Event, User
+    from pmgen.data import datasets
+    from pmgen.data.schema import Event, User
     from pmgen.pipeline import PMG
-    from pmgen.requests import history_image_paths
+    from pmgen.data.requests import history_image_paths
 
     ds = datasets.load("stickers", data_dir)
     pmg = PMG.from_preset(preset)
@@ -129,7 +129,7 @@ def _send(c: httpx.Client, rec: Recorder, name: str, method: str, url: str, body
 def run_bench(preset: str = "sticker-tiny", clients: int = 16, requests: int = 200, n_sequential: int = 5,
               data_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the three phases (see the module docstring) and print the table; returns the numbers."""
-    from pmgen import datasets
+    from pmgen.data import datasets
 
     load0 = os.getloadavg()
     log(f"machine: {os.cpu_count()} cores, load average {load0[0]:.2f} (1 min) at the start; "

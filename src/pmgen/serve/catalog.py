@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from pmgen.data import Event, Item
+from pmgen.data.schema import Event, Item
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -63,8 +63,8 @@ class Catalog:
 
     def target_from_message(self, message: str) -> Item | None:
         """The catalog item a chat message asks for: its emotion/action cues (the words the target
-        keywords use, :func:`pmgen.preferences.deterministic_target_keywords`), then its words."""
-        from pmgen.preferences import deterministic_target_keywords
+        keywords use, :func:`pmgen.stages.keywords.deterministic_target_keywords`), then its words."""
+        from pmgen.stages.keywords import deterministic_target_keywords
 
         convo = [Event("conversation", text=message, speaker="user")]
         cues = deterministic_target_keywords(None, convo, k=8)

@@ -42,7 +42,7 @@ def serve(
     except ImportError as e:
         _fail(f"{e.name} is not installed: install the service's dependencies with "
               "`pip install -e '.[serve]'` (or `make setup`)")
-    from pmgen import datasets
+    from pmgen.data import datasets
     from pmgen.paths import data_dir as pmgen_data_dir
 
     if not is_loopback(host) and not token:

@@ -2,7 +2,7 @@
 
 The web layer (:mod:`pmgen.serve.app`) only maps HTTP to these methods and their errors to status
 codes; the model work is :meth:`pmgen.pipeline.PMG.generate` on the worker thread, the records
-are the library's own (``GenerationRecord.to_json()``), the validation is :mod:`pmgen.validate`'s.
+are the library's own (``GenerationRecord.to_json()``), the validation is :mod:`pmgen.data.validate`'s.
 
 Files (all under ``root``, default ``<data dir>/serve``)::
 
@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pmgen.feedback import UserBalance, balance_from_store
-from pmgen.data import DataError, Dataset, Event, Item, User
-from pmgen.images import ImageError, check_image
+from pmgen.stages.feedback import UserBalance, balance_from_store
+from pmgen.data.schema import DataError, Dataset, Event, Item, User
+from pmgen.data.images import ImageError, check_image
 from pmgen.limits import LIMITS, Limits, describe_bytes
 from pmgen.paths import UnsafePathError, check_id, inside
-from pmgen.select import DEFAULT_ALPHA, weight_grid
+from pmgen.stages.select import DEFAULT_ALPHA, weight_grid
 from pmgen.serve.catalog import Catalog
 from pmgen.serve.store import SIGNALS, Generation, Store
 from pmgen.serve.worker import Worker
@@ -218,7 +218,7 @@ class Service:
     # ------------------------------------------------------------------ users and events
     def _parse_events(self, raw: Any, where: str, prefix: str = "") -> list[Event]:
         """Events in the README's format, checked by the same validator as users.jsonl files."""
-        from pmgen.requests import user_from_json
+        from pmgen.data.requests import user_from_json
 
         if not isinstance(raw, list):
             raise Invalid("expected a list of events", [problem(f"{prefix}events", "expected a list of events")])
@@ -558,7 +558,7 @@ class Service:
 
     # ------------------------------------------------------------------ the worker's job
     def _materialize(self, gen: Generation) -> tuple[User, Item, list[Event], Path | None, list[Path]]:
-        from pmgen.requests import history_image_paths
+        from pmgen.data.requests import history_image_paths
 
         req = gen.request
         u = req["user"]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import sqlalchemy as sa
 
-from pmgen.data import Event
+from pmgen.data.schema import Event
 
 STORE_FILE = "pmgen-serve.sqlite"
 """The store's file name under the service root (``<data dir>/serve`` by default; the CLI shares it)."""

@@ -3,7 +3,7 @@
 The catalog almost never shows two concepts together, so a generator trained on it alone draws
 either the target or a blob of the taste. This module makes deterministic (seeded) pairs of
 (target sticker, taste) whose **image** shows both, and whose **condition** is exactly what PMG
-feeds at inference (:meth:`pmgen.condition.ConditionBuilder.build` on the target's keywords,
+feeds at inference (:meth:`pmgen.stages.condition.ConditionBuilder.build` on the target's keywords,
 the taste's preference keywords and a weight ``w`` of the inference grid):
 
 * ``badge``   — a small sticker of the taste (its catalog items) in a corner of the full-size target;
@@ -203,7 +203,7 @@ def render(spec: CompositeSpec, image_of: Mapping[str, np.ndarray], hues: Mappin
 # ---------------------------------------------------------------------------------------------- keywords
 def taste_keyword_pool(taste: object, items: Sequence[object]) -> list[str]:
     """Words an LLM might extract for a taste: its name, searches, description words, frequent tags
-    and names of its stickers (``taste`` is a :class:`~pmgen.datasets.sticker_users.Taste`)."""
+    and names of its stickers (``taste`` is a :class:`~pmgen.data.datasets.sticker_users.Taste`)."""
     words: list[str] = [taste.name, *taste.searches]  # type: ignore[attr-defined]
     words += [w for w in re.findall(r"[a-z]+", taste.description.lower()) if w not in _STOP and len(w) > 2]  # type: ignore[attr-defined]
     tags = Counter(t for it in items for t in it.attributes.get("tags") or [])  # type: ignore[attr-defined]
@@ -240,7 +240,7 @@ class Catalog:
 
 
 def _target_keywords(item: object) -> tuple[str, ...]:
-    from pmgen.preferences import target_keywords
+    from pmgen.stages.keywords import target_keywords
 
     return tuple(target_keywords(item=item, k=N_TARGET_KEYWORDS).keywords)  # type: ignore[arg-type]
 
@@ -310,7 +310,7 @@ def make_specs(catalog: Catalog, n: int, seed: int = 0, modes: Sequence[str] = M
         targets: restrict targets to these ids (default: every eligible catalog item not held out);
             the held-out rule is not applied to an explicit list (used for validation composites).
     """
-    from pmgen.datasets.sticker_users import TASTES
+    from pmgen.data.datasets.sticker_users import TASTES
 
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -359,7 +359,7 @@ def make_specs(catalog: Catalog, n: int, seed: int = 0, modes: Sequence[str] = M
 
 def taste_hues(catalog: Catalog) -> dict[str, float]:
     """Dominant hue of each taste's catalog stickers (the ``palette`` mode's colour)."""
-    from pmgen.datasets.sticker_users import TASTES
+    from pmgen.data.datasets.sticker_users import TASTES
 
     return {t.name: dominant_hue(catalog.images[i] for i in sorted(catalog.items)
                                  if i in catalog.images and t.matches(catalog.items[i]))  # type: ignore[arg-type]
@@ -434,8 +434,8 @@ def catalog_from_training_data(items: Mapping[str, object], ids: Sequence[str], 
 def load_composites(cfg: object, ids: Sequence[str], images: torch.Tensor, heldout: np.ndarray) -> CompositeSet:
     """The composite set of a generator training run (``cfg``: a ``GeneratorTrainConfig``): builds the
     ``stickers`` and ``sticker-users`` datasets under ``cfg.data_dir`` if needed."""
-    from pmgen.data import load_dataset
-    from pmgen.datasets import sticker_users, stickers
+    from pmgen.data.validate import load_dataset
+    from pmgen.data.datasets import sticker_users, stickers
     from pmgen.paths import data_dir
 
     root = data_dir(cfg.data_dir)  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ and ``progress.log`` stay in the train dir (``<cache dir>/train/generator`` by d
 
 **Composition fine-tune** (``composite_share > 0``, issue 19): a share of every UNet batch is drawn
 from :mod:`pmgen.train.composites` — a target sticker shown with an element of a hidden taste, its
-condition built by :class:`pmgen.condition.ConditionBuilder` exactly as at inference (target keywords,
+condition built by :class:`pmgen.stages.condition.ConditionBuilder` exactly as at inference (target keywords,
 then ``w`` copies of the taste's preference keywords). The rest of the batch stays plain catalog
 items, so single objects are not forgotten. Rows of different condition lengths are padded and
 masked (``encoder_attention_mask``); a dropped condition is the builder's negative (the empty string

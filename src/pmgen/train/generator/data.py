@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pmgen.catalog import choose_heldout, load_catalog
+from pmgen.data.catalog import choose_heldout, load_catalog
 from pmgen.train.generator.config import GeneratorTrainConfig
 
 __all__ = ["TextStates", "TrainData", "choose_heldout", "load_train_data", "text_states_cached", "text_variants"]

@@ -151,7 +151,7 @@ class GeneratorTrainer:
         self.sample_states = states.to(torch.float16).float()  # same rounding as training states
         self.builder: Any = None
         if self.composites is not None:
-            from pmgen.condition import ConditionBuilder
+            from pmgen.stages.condition import ConditionBuilder
 
             self.builder = ConditionBuilder(text_encoder, cfg.text_max_length, "concat")
         if self.stage == "unet":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,10 @@ class ScorerTrainConfig(RunConfig):
             self.widths = tuple(int(w) for w in self.widths)
         if self.out is None and self.role in ROLE_DEFAULTS:
             from pmgen.paths import cache_dir
+            from pmgen.presets import ZOO
 
-            repo_zoo = Path(__file__).resolve().parents[2] / "zoo"
-            base = repo_zoo if repo_zoo.parent.joinpath("cli.py").is_file() else cache_dir() / "zoo"
+            # a writable checkout trains into its own zoo; an installed, read-only package into the cache
+            base = ZOO if os.access(ZOO, os.W_OK) else cache_dir() / "zoo"
             self.out = str(base / "sticker-tiny" / self.role)
 
     def checks(self) -> list[tuple[bool, str, str]]:

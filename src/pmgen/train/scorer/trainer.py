@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pmgen.catalog import ImageCatalog, load_catalog
-from pmgen.data import Item
+from pmgen.data.catalog import ImageCatalog, load_catalog
+from pmgen.data.schema import Item
 from pmgen.models.scorer import DualEncoder, ScorerConfig, candidate_matrix, topk_hits
 from pmgen.train.run import atomic_save, load_checkpoint, save_checkpoint, set_rng_state
 from pmgen.train.scorer.config import ScorerTrainConfig

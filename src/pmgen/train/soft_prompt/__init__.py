@@ -34,7 +34,7 @@ Validation (held-out users of the val split, fixed noise and timesteps): ``val_p
 taste) − L_pos with the user's own. ``val_gain`` also counts what any appended vectors do to the
 generator; ``val_user_gain`` is what the soft embeddings know about *this* user.
 
-The condition ``[T ; S]`` is built by :class:`pmgen.condition.ConditionBuilder` exactly as PMG
+The condition ``[T ; S]`` is built by :class:`pmgen.stages.condition.ConditionBuilder` exactly as PMG
 builds its w = 1 condition at inference (target keywords, no preference keywords, the soft
 embeddings); the loss is :func:`pmgen.train.losses.diffusion_mse`.
 

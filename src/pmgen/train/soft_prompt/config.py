@@ -22,7 +22,7 @@ class SoftPromptTrainConfig(RunConfig):
         minutes: wall-clock budget of this run (> 0).
         max_steps: stop after this many optimizer steps (the planned length of the run; >= 1).
         train_dir: resume state and logs; ``None`` → ``<cache dir>/train/soft-prompt-<name of out>``.
-        prefix_length: P-Tuning-v2 prefix positions per LLM layer (>= 0; see :class:`pmgen.soft.SoftPromptConfig`).
+        prefix_length: P-Tuning-v2 prefix positions per LLM layer (>= 0; see :class:`pmgen.stages.soft.SoftPromptConfig`).
         n_img: [IMG] embeddings, i.e. soft vectors handed to the generator (>= 1).
         use_img_tokens: read the soft vectors at appended [IMG] tokens (else pooled prompt states).
         budget_tokens: token budget of the verbalized history, newest events first (>= 16).

@@ -21,8 +21,8 @@ from pmgen.train.soft_prompt.trainer import SoftPromptTrainer
 def prepare(cfg: SoftPromptTrainConfig, preset: str = "sticker-tiny", log: Callable[[str], None] = print
             ) -> SoftPromptTrainer:
     """Load the preset's frozen models and the ``sticker-users`` examples, and build a trainer."""
-    from pmgen import datasets
-    from pmgen.catalog import load_catalog
+    from pmgen.data import datasets
+    from pmgen.data.catalog import load_catalog
     from pmgen.presets import get_preset, load_generator, load_llm, load_text_encoder
 
     p = get_preset(preset)

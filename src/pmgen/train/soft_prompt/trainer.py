@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pmgen.soft import SoftPromptConfig, SoftPromptEncoder
+from pmgen.stages.soft import SoftPromptConfig, SoftPromptEncoder
 from pmgen.train.losses import diffusion_mse
 from pmgen.train.run import load_checkpoint, save_checkpoint, set_rng_state
 from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
@@ -38,7 +38,7 @@ def objective(l_pos: torch.Tensor, l_neg: torch.Tensor, neg_weight: float, margi
 
 
 class SoftPromptTrainer:
-    """Trains a :class:`pmgen.soft.SoftPromptEncoder` against a frozen generator (injected models).
+    """Trains a :class:`pmgen.stages.soft.SoftPromptEncoder` against a frozen generator (injected models).
 
     Args:
         cfg: the run's settings.
@@ -56,7 +56,7 @@ class SoftPromptTrainer:
                  log: Callable[[str], None] = print, llm_name: str = ""):
         from diffusers import DDPMScheduler
 
-        from pmgen.condition import ConditionBuilder
+        from pmgen.stages.condition import ConditionBuilder
 
         if len(train) == 0 or len(val) == 0:
             raise ValueError(f"need training and validation examples, got {len(train)} and {len(val)}")
@@ -103,7 +103,7 @@ class SoftPromptTrainer:
 
     def conditions(self, target_texts: Sequence[str], softs: torch.Tensor | None) -> torch.Tensor:
         """The generator conditions ``[B, L (+ n_img), D]`` of targets and soft embeddings ``[B, n_img, D]``,
-        built by :class:`~pmgen.condition.ConditionBuilder` as PMG builds them at inference: the w = 1
+        built by :class:`~pmgen.stages.condition.ConditionBuilder` as PMG builds them at inference: the w = 1
         concat condition ``[T ; S]`` (no preference keywords), or the target alone (``softs=None``, w = 0)."""
         w = 0.0 if softs is None else 1.0
         return torch.cat([self.builder.build([text], [], w, None if softs is None else softs[k]).prompt_embeds

@@ -17,8 +17,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from pmgen.data import Event, Item, Sample, User, write_jsonl
-from pmgen.datasets.base import build_atomically, is_built, user_disjoint_splits
+from pmgen.data.datasets.base import build_atomically, is_built, user_disjoint_splits
+from pmgen.data.schema import Event, Item, Sample, User, write_jsonl
 from pmgen.paths import package_dir
 
 VERSION = 1

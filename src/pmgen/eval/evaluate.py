@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from pmgen.data import Dataset, Sample
-from pmgen.images import load_image
-from pmgen.requests import from_dataset
-from pmgen.select import argmax_z, keeps_target, z_score
+from pmgen.data.images import load_image
+from pmgen.data.requests import from_dataset
+from pmgen.data.schema import Dataset, Sample
+from pmgen.stages.select import argmax_z, keeps_target, z_score
 
 HIGHER_IS_BETTER = {"acc_text": True, "acc_image": True, "lpips_target": False, "ssim_target": True,
                     "target_top1": True, "target_top5": True,
@@ -160,7 +160,7 @@ class Grader:
     def grade(self, images: torch.Tensor, sample: Sample, user_taste: str | None, history_ids: list[str]
               ) -> list[dict[str, float]]:
         """Metrics of each generated image ``[N, 3, 64, 64]`` in [0, 1] (one dict per image)."""
-        from pmgen.metrics import ms_ssim, ssim
+        from pmgen.eval.metrics import ms_ssim, ssim
 
         n = images.shape[0]
         emb = self.evaluator.image_embeddings(images)
@@ -205,7 +205,7 @@ class Grader:
 
 def history_item_ids(user: Any, limit: int = 12) -> list[str]:
     """The user's most recent distinct history items (the personalization reference images)."""
-    from pmgen.verbalize import newest_first
+    from pmgen.stages.verbalize import newest_first
 
     out: list[str] = []
     for e in newest_first(user.events):
@@ -280,7 +280,7 @@ def at_weight(rows: list[dict[str, Any]], weight: float) -> list[dict[str, Any]]
 
 def reselect(rows: list[dict[str, Any]], alpha: float, min_accuracy: float = 0.0) -> list[dict[str, Any]]:
     """The candidate PMG's selection would keep at ``α`` (and ``min_accuracy``), recomputed from the
-    recorded d_t and d_p with the pipeline's own rule (:func:`pmgen.select.argmax_z`)."""
+    recorded d_t and d_p with the pipeline's own rule (:func:`pmgen.stages.select.argmax_z`)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["sample_id"], r["method"]), []).append(r)

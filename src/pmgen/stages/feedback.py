@@ -36,7 +36,7 @@ PRIOR_STRENGTH = 4.0
 
 
 def z_values(d_t: Sequence[float], d_p: Sequence[float], alpha: float) -> list[float]:
-    """``z_i(α)`` for every candidate (``d`` in (0, 1], clamped at 1e-6 like :mod:`pmgen.select`)."""
+    """``z_i(α)`` for every candidate (``d`` in (0, 1], clamped at 1e-6 like :mod:`pmgen.stages.select`)."""
     return [alpha * math.log(max(p, 1e-6)) + (1 - alpha) * math.log(max(t, 1e-6)) for t, p in zip(d_t, d_p)]
 
 

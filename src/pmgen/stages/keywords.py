@@ -1,7 +1,7 @@
 """Extract preferences and target keywords: the two frozen-LLM keyword stages of PMG.
 
 * :class:`PreferenceExtractor` — a user's behaviors → ``k`` preference keywords. The history is
-  verbalized **order-invariantly** (:func:`pmgen.verbalize.aggregate_history`: tag counts, distinct
+  verbalized **order-invariantly** (:func:`pmgen.stages.verbalize.aggregate_history`: tag counts, distinct
   items with counts; the newest-first listing stays available), non-English free text gets English
   glosses (:class:`Glossary`), and the text is put in a few-shot chat prompt that says the history
   is *data* (chat-control strings neutralized, the tokenized prompt checked). The frozen LLM answers
@@ -37,11 +37,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from pmgen.data import Event, Item
+from pmgen.data.schema import Event, Item
 from pmgen.models.llm import ChatModel, Decoding, Message
 from pmgen.paths import cache_dir
-from pmgen.verbalize import (History, aggregate_history, approx_token_count, clean_text, item_tags, newest_first,
-                             verbalize_history)
+from pmgen.stages.verbalize import (
+    History,
+    aggregate_history,
+    approx_token_count,
+    clean_text,
+    item_tags,
+    newest_first,
+    verbalize_history,
+)
 
 __all__ = [
     "DEFAULT_DECODING",
@@ -68,7 +75,7 @@ __all__ = [
 
 PROMPT_VERSION = "pref-v2"
 """Version of the preference prompt (:func:`preference_messages`); part of every cache key.
-``pref-v2``: few-shot logs in the aggregated, order-invariant format (:func:`pmgen.verbalize.aggregate_history`);
+``pref-v2``: few-shot logs in the aggregated, order-invariant format (:func:`pmgen.stages.verbalize.aggregate_history`);
 ``pref-v1``: the newest-first listing (still available)."""
 PROMPT_VERSIONS = ("pref-v1", "pref-v2")
 
@@ -551,8 +558,13 @@ def _decoding_kwargs(tok: Any, start: int, max_new_tokens: int, decoding: Decodi
     """``model.generate`` arguments shared by :func:`generate` and :func:`generate_batch`: penalties on the
     generated tokens only (from position ``start``), and a per-row early stop on ``stop(text_so_far)``."""
     import torch
-    from transformers import (LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor, StoppingCriteria,
-                              StoppingCriteriaList)
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
 
     class _GeneratedOnly(LogitsProcessor):
         def __init__(self, inner: Any):
@@ -1140,8 +1152,8 @@ class PreferenceExtractor:
         pad: fill up to ``k`` with :func:`history_keywords` when the model gives fewer (stated in
             ``fallback``); with ``pad=False`` only an output with no usable keyword falls back.
         history_format: ``"aggregated"`` (default: the order-invariant summary of
-            :func:`pmgen.verbalize.aggregate_history` — tag counts, distinct items with counts) or
-            ``"newest-first"`` (the raw listing of :func:`pmgen.verbalize.verbalize_history`).
+            :func:`pmgen.stages.verbalize.aggregate_history` — tag counts, distinct items with counts) or
+            ``"newest-first"`` (the raw listing of :func:`pmgen.stages.verbalize.verbalize_history`).
         n_permutations: permutation self-consistency — this many renderings of the history (the
             canonical one + shuffles of its item lines, seeded by the history's content) go through
             the LLM in **one** batched call and their keywords are voted (:func:`vote_keywords`).
@@ -1280,7 +1292,7 @@ class PreferenceExtractor:
         """Preference keywords of one user's history.
 
         Args:
-            events: the user's behaviors (any order; see :func:`pmgen.verbalize.newest_first`).
+            events: the user's behaviors (any order; see :func:`pmgen.stages.verbalize.newest_first`).
             items: the catalog (``item_id → Item``) the events refer to.
             exclude_titles: drop keywords equal to the title of an item in the history.
 

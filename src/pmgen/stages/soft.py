@@ -152,7 +152,7 @@ class SoftPromptEncoder(nn.Module):
 
     def history_text(self, events: Sequence[Any], items: Any) -> str:
         """The history this encoder reads: newest first, within :attr:`budget_tokens` of its LLM's tokens."""
-        from pmgen.verbalize import verbalize_history
+        from pmgen.stages.verbalize import verbalize_history
 
         return verbalize_history(events, items, self.budget_tokens, count_tokens=self.llm.count_tokens).text
 

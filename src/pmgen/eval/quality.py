@@ -57,7 +57,7 @@ def quality_report(generator: Any, text_encoder: Any, evaluator: Any, out: Path,
                    guidance: float = 4.0, seed: int = 0, data_root: Path | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Compute the figures above and write them (and the pictures) into ``out``."""
-    from pmgen.catalog import load_catalog
+    from pmgen.data.catalog import load_catalog
     from pmgen.models.generator import StickerGenerator
 
     out = Path(out)
@@ -130,7 +130,7 @@ def quality_report(generator: Any, text_encoder: Any, evaluator: Any, out: Path,
     if cfg.get("holdout"):
         import numpy as np
 
-        from pmgen.catalog import choose_heldout
+        from pmgen.data.catalog import choose_heldout
 
         mask = choose_heldout(catalog.ids, catalog.skintone, int(cfg["holdout"]))
         heldout_ids = {items[k].id for k in np.flatnonzero(mask)}

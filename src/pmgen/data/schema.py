@@ -18,7 +18,7 @@ A dataset is a folder with three JSONL files (one record per line, UTF-8):
 A folder may also hold ``dataset.json`` (name, license, counts, and ``"items": "../stickers"``
 when the items live in another dataset's folder).
 
-Loading goes through :mod:`pmgen.validate`: a file with any problem raises :class:`DataError`
+Loading goes through :mod:`pmgen.data.validate`: a file with any problem raises :class:`DataError`
 listing every problem (file, line, field, what was expected); no valid record is dropped silently.
 """
 
@@ -40,7 +40,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "social",
     "note",
 )
-"""The behavior types pmgen understands; each has a verbalizer in :mod:`pmgen.verbalize`."""
+"""The behavior types pmgen understands; each has a verbalizer in :mod:`pmgen.stages.verbalize`."""
 
 EVENTS_NEEDING_ITEM = frozenset({"click", "view", "purchase", "rating", "review"})
 EVENTS_NEEDING_TEXT = frozenset({"review", "search", "conversation", "note"})
@@ -233,21 +233,3 @@ def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         for i, raw in enumerate(f, start=1):
             if raw.strip():
                 yield i, raw
-
-
-def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
-    """Load a dataset folder (items, users, optional samples), validating every record.
-
-    Raises:
-        DataError: listing every problem found, with file, line and field.
-        FileNotFoundError: when the folder or its ``users.jsonl`` is missing.
-    """
-    from pmgen.validate import validate_folder
-
-    report = validate_folder(Path(folder))
-    if report.problems:
-        raise DataError(report.problems)
-    assert report.dataset is not None
-    if name:
-        report.dataset.name = name
-    return report.dataset

@@ -1,6 +1,6 @@
 """Built-in datasets, built locally from registry packages and cached under the data directory.
 
-    >>> from pmgen import datasets
+    >>> from pmgen.data import datasets
     >>> ds = datasets.load("sticker-users")     # builds stickers + sticker-users on first use
     >>> ds.split("test")[0].target_id
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from pmgen.data import Dataset, load_dataset
+from pmgen.data.schema import Dataset
+from pmgen.data.validate import load_dataset
 from pmgen.paths import data_dir
 
 from . import conversations, movielens, sticker_users, stickers

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pmgen.data import Event, User, write_jsonl
-from pmgen.datasets.base import build_atomically, is_built
+from pmgen.data.datasets.base import build_atomically, is_built
+from pmgen.data.schema import Event, User, write_jsonl
 from pmgen.paths import package_dir
 
 VERSION = 1

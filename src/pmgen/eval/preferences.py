@@ -1,6 +1,6 @@
 """Benchmarks of the preference-extraction stage on its own (no image is generated).
 
-Two questions about the keywords :class:`~pmgen.preferences.PreferenceExtractor` writes:
+Two questions about the keywords :class:`~pmgen.stages.keywords.PreferenceExtractor` writes:
 
 **1. Do they predict what a real user likes next?** — :func:`movielens_benchmark`
 (``pmgen evaluate-movielens``). On MovieLens-100k (dataset ``movielens``) each user's earliest 80%
@@ -11,7 +11,7 @@ text vector (``"title (year): genres"``, e.g. ``"Toy Story (1995): Animation, Ch
 sentence vectors of the preset's text encoder, all-MiniLM-L6-v2 for ``sticker-tiny``). Metrics are
 HR@k (a held-out like in the top k) and NDCG@k (binary relevance; ideal DCG has
 ``min(#likes, k)`` ones), averaged over users with 95% bootstrap intervals
-(:func:`pmgen.evaluate.bootstrap_ci`). Methods (profile vectors):
+(:func:`pmgen.eval.evaluate.bootstrap_ci`). Methods (profile vectors):
 
 * ``random`` — a seeded random order (per user, from ``seed`` and the user id);
 * ``popularity`` — the number of history events per movie over **all** users' histories (every
@@ -42,11 +42,11 @@ dropped, with 95% bootstrap intervals over users, and the share of users whose s
 A persona-consistent extractor scores close to 1 on both. Note that the extractor keeps only the
 newest events that fit its token budget: on long histories (MovieLens) a shuffle or a drop also
 changes *which* events the model sees, not only their order (``n_kept`` is recorded per variant
-when the extractor returns :class:`~pmgen.preferences.Keywords` records).
+when the extractor returns :class:`~pmgen.stages.keywords.Keywords` records).
 
 Both cores take their models as plain functions (text → vectors, events → keywords), so tests run
 them with a hashing bag-of-words encoder and a deterministic keyword function; the CLI passes the
-preset's text encoder and LLM (keywords cached in the SQLite :class:`~pmgen.preferences.KeywordCache`,
+preset's text encoder and LLM (keywords cached in the SQLite :class:`~pmgen.stages.keywords.KeywordCache`,
 so reruns are free).
 """
 
@@ -64,8 +64,8 @@ from typing import Any
 
 import torch
 
-from pmgen.data import Dataset, Event, Item, Sample, User
-from pmgen.evaluate import bootstrap_ci
+from pmgen.data.schema import Dataset, Event, Item, Sample, User
+from pmgen.eval.evaluate import bootstrap_ci
 
 __all__ = [
     "MOVIELENS_METHODS",
@@ -98,7 +98,7 @@ __all__ = [
 TextVectorsFn = Callable[[Sequence[str]], Any]
 """Texts → ``[len(texts), d]`` vectors (a tensor or anything ``torch.as_tensor`` takes)."""
 KeywordsFn = Callable[[Sequence[Event], Mapping[str, Item]], Any]
-"""``(events, items)`` → keywords: a list of strings, or a :class:`~pmgen.preferences.Keywords` record."""
+"""``(events, items)`` → keywords: a list of strings, or a :class:`~pmgen.stages.keywords.Keywords` record."""
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each user."""
 
@@ -674,12 +674,12 @@ TASTE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "vehicles": ("vehicle", "car", "transport", "transportation", "automobile"),
 }
 """Each hidden sticker-user taste → its direct synonyms (the taste word itself included by :func:`taste_hit`).
-Compared by :func:`pmgen.preferences.keyword_key` (plural/case-insensitive) against whole keywords and their words."""
+Compared by :func:`pmgen.stages.keywords.keyword_key` (plural/case-insensitive) against whole keywords and their words."""
 
 
 def taste_hit(keywords: Sequence[str], taste: str) -> bool:
     """Whether a keyword (or one word of a keyword) is the hidden taste word or a direct synonym of it."""
-    from pmgen.preferences import keyword_key
+    from pmgen.stages.keywords import keyword_key
 
     wanted = {keyword_key(x) for x in (taste, *TASTE_SYNONYMS.get(taste, ()))}
     for kw in keywords:
@@ -692,9 +692,9 @@ def leak_check(users: Sequence[User], items: Mapping[str, Item], extract_fn: Key
                shot_keywords: Iterable[str], seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
     """Keywords of each user's history checked for few-shot leaks, fallbacks and the hidden taste.
 
-    A *leak* is a keyword equal (:func:`~pmgen.preferences.keyword_key`) to a few-shot answer keyword
-    (``shot_keywords``) that the user's history does not support (:func:`~pmgen.preferences.is_grounded`
-    over :func:`~pmgen.preferences.history_vocabulary`). A *fallback* is a record whose ``fallback`` is
+    A *leak* is a keyword equal (:func:`~pmgen.stages.keywords.keyword_key`) to a few-shot answer keyword
+    (``shot_keywords``) that the user's history does not support (:func:`~pmgen.stages.keywords.is_grounded`
+    over :func:`~pmgen.stages.keywords.history_vocabulary`). A *fallback* is a record whose ``fallback`` is
     set (``padded``/``short``: the model gave fewer than ``k``; ``history``: it gave none). A *taste hit*
     is :func:`taste_hit` with the user's hidden ``attributes.taste`` (users without one are not counted).
 
@@ -703,7 +703,7 @@ def leak_check(users: Sequence[User], items: Mapping[str, Item], extract_fn: Key
         ``summary`` holds ``leak_rate``, ``fallback_rate``, ``replaced_rate`` (no model keyword at all)
         and ``taste_hit_rate`` as ``{"mean", "ci95", "n"}``.
     """
-    from pmgen.preferences import history_vocabulary, is_grounded, keyword_key
+    from pmgen.stages.keywords import history_vocabulary, is_grounded, keyword_key
 
     if not users:
         raise ValueError("leak_check needs at least one user")
@@ -815,7 +815,7 @@ def multilingual_users(generic_items: Sequence[str] = ("1F600", "1F44D")) -> lis
 
 def is_english_keyword(keyword: str, english: Collection[str]) -> bool:
     """Whether every word of a keyword is an English word (``english``: catalog and emoji-name words)."""
-    from pmgen.preferences import STOPWORDS, keyword_key
+    from pmgen.stages.keywords import STOPWORDS, keyword_key
 
     words = [w for w in keyword.lower().replace("-", " ").split() if w]
     return bool(words) and all(w in STOPWORDS or w in english or keyword_key(w) in english for w in words)
@@ -826,11 +826,11 @@ def multilingual_check(items: Mapping[str, Item], extract_fn: KeywordsFn, users:
     """Keywords of :func:`multilingual_users`: are they English, and do they name the taste?
 
     English words: every word of the catalog (titles, texts) and of the ``emoji`` package's English
-    names, keyed with :func:`~pmgen.preferences.keyword_key`. Reported per user and as
+    names, keyed with :func:`~pmgen.stages.keywords.keyword_key`. Reported per user and as
     ``english_rate`` (mean share of a user's keywords that are English) and ``taste_hit_rate``
     (:func:`taste_hit`), with 95% bootstrap intervals over users.
     """
-    from pmgen.preferences import _TOKEN, english_words, keyword_key
+    from pmgen.stages.keywords import _TOKEN, english_words, keyword_key
 
     users = list(users) if users is not None else multilingual_users()
     english = {keyword_key(w) for it in items.values() for w in _TOKEN.findall(f"{it.title} {it.text}".lower())}

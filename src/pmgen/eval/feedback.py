@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pmgen.feedback import DEFAULT_TEMPERATURE, AlphaPosterior, z_values
+from pmgen.stages.feedback import DEFAULT_TEMPERATURE, AlphaPosterior, z_values
 
 USER_TYPES = ((0.2, "item-keeper"), (0.5, "balanced"), (0.85, "taste-seeker"))
 METHODS = ("fixed", "global", "learned", "thompson")
@@ -56,7 +56,7 @@ def utility(r: Round, alpha_star: float) -> list[float]:
 
 
 def _argmax(values: Sequence[float]) -> int:
-    from pmgen.select import argmax_z
+    from pmgen.stages.select import argmax_z
 
     return argmax_z(values)
 
@@ -121,7 +121,7 @@ def tune_temperature(rounds: dict[str, list[Round]], alpha_star: dict[str, float
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     """Per method and round: mean and 95% CI over users of agreement, regret and α error."""
-    from pmgen.evaluate import bootstrap_ci
+    from pmgen.eval.evaluate import bootstrap_ci
 
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for m in dict.fromkeys(r["method"] for r in rows):
@@ -138,8 +138,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]
 def candidate_rounds(pmg: Any, grader: Any, ds: Any, split: str, n_users: int, n_rounds: int, cache: Path,
                      seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, list[Round]]:
     """Generate (or read from ``cache``, a JSONL file, resumable) ``n_rounds`` requests for ``n_users`` users."""
-    from pmgen.evaluate import history_item_ids
-    from pmgen.requests import from_dataset
+    from pmgen.data.requests import from_dataset
+    from pmgen.eval.evaluate import history_item_ids
 
     done: dict[tuple[str, int], Round] = {}
     if cache.is_file():

@@ -22,8 +22,8 @@ from typing import Any, Iterable
 
 from rich.progress import track
 
-from pmgen.data import Item, write_jsonl
-from pmgen.datasets.base import build_atomically, is_built
+from pmgen.data.datasets.base import build_atomically, is_built
+from pmgen.data.schema import Item, write_jsonl
 from pmgen.paths import package_dir
 
 VERSION = 1

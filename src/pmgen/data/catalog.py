@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pmgen.data import Item
+from pmgen.data.schema import Item
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def load_catalog(data_dir: str | Path | None = None) -> ImageCatalog:
     """
     from PIL import Image
 
-    from pmgen import datasets
+    from pmgen.data import datasets
 
     ds = datasets.load("stickers", data_dir)
     items = list(ds.items.values())

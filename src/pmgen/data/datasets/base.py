@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pmgen.data import write_json
+from pmgen.data.schema import write_json
 
 
 def is_built(folder: Path, version: int, params: dict[str, Any] | None = None) -> bool:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from pmgen.data import (
+from pmgen.data.schema import (
     EVENT_TYPES,
     EVENTS_NEEDING_ITEM,
     EVENTS_NEEDING_TEXT,
     SOCIAL_ACTIONS,
     SPLITS,
+    DataError,
     Dataset,
     Event,
     Item,
@@ -145,7 +146,7 @@ def _number(v: Any) -> float | None:
 
 def check_image_path(image: str, root: Path, ctx: _Ctx, fld: str = "image", check_content: bool = True) -> None:
     """An item image must be a relative path inside ``root`` that exists and is a readable image within
-    the size limits (:mod:`pmgen.images`)."""
+    the size limits (:mod:`pmgen.data.images`)."""
     p = Path(image)
     full = (root / p).resolve()
     if p.is_absolute() or not full.is_relative_to(root.resolve()):
@@ -156,7 +157,7 @@ def check_image_path(image: str, root: Path, ctx: _Ctx, fld: str = "image", chec
         ctx.add(fld, f"image file does not exist: {full}")
         return
     if check_content:
-        from pmgen.images import ImageError, check_image
+        from pmgen.data.images import ImageError, check_image
 
         try:
             check_image(full, ctx.limits)
@@ -464,3 +465,19 @@ def validate_folder(folder: Path, rating_scale: tuple[float, float] | None = Non
                                  users=users, samples=samples, meta=meta,
                                  items_root=ip.parent if ip else None)
     return report
+
+
+def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
+    """Load a dataset folder (items, users, optional samples), validating every record.
+
+    Raises:
+        DataError: listing every problem found, with file, line and field.
+        FileNotFoundError: when the folder or its ``users.jsonl`` is missing.
+    """
+    report = validate_folder(Path(folder))
+    if report.problems:
+        raise DataError(report.problems)
+    assert report.dataset is not None
+    if name:
+        report.dataset.name = name
+    return report.dataset

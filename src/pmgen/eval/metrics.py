@@ -25,24 +25,9 @@ from typing import Iterator
 
 import torch
 
+from pmgen.data.images import check_images
+
 LPIPS_NETS = ("alex", "vgg")
-
-
-def check_images(x: torch.Tensor, name: str = "images") -> torch.Tensor:
-    """Validate the [0, 1] float ``[B, 3, H, W]`` contract and return ``x`` as float32."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"{name}: expected a torch tensor [B, 3, H, W] in [0, 1], got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name}: expected shape [B, 3, H, W], got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a float tensor in [0, 1], got {x.dtype} "
-                         "(convert uint8 images with x.float() / 255)")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        hint = " — looks like 0–255 values; divide by 255" if hi > 2 else (
-            " — looks like [-1, 1] values; use (x + 1) / 2" if lo < -0.01 else "")
-        raise ValueError(f"{name}: values must lie in [0, 1], got min {lo:.3g}, max {hi:.3g}{hint}")
-    return x.float()
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from pmgen.data import EVENT_TYPES, Event, Item
+from pmgen.data.schema import EVENT_TYPES, Event, Item
 
 TokenCounter = Callable[[str], int]
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmgen.data import Event, Item, Sample, User, load_dataset, write_jsonl
-from pmgen.datasets.base import build_atomically, is_built, user_disjoint_splits
+from pmgen.data.datasets.base import build_atomically, is_built, user_disjoint_splits
+from pmgen.data.schema import Event, Item, Sample, User, write_jsonl
+from pmgen.data.validate import load_dataset
 
 VERSION = 2
 
@@ -181,7 +182,7 @@ def taste_by_name(name: str) -> Taste:
 
 def _chat_lines(seed: int) -> list[str]:
     """Short user-side lines from the chatterbot-corpus English dialogs (the conversations dataset)."""
-    from pmgen.datasets.conversations import read_corpus
+    from pmgen.data.datasets.conversations import read_corpus
 
     lines = []
     for dialog in read_corpus():
@@ -195,7 +196,7 @@ def _chat_lines(seed: int) -> list[str]:
 def build(data_root: Path, force: bool = False, n_users: int = 1000, samples_per_user: int = 3,
           seed: int = 0) -> Path:
     """Build ``sticker-users`` under ``data_root`` (needs the ``stickers`` dataset, built if missing)."""
-    from pmgen.datasets import stickers
+    from pmgen.data.datasets import stickers
 
     folder = data_root / "sticker-users"
     params = {"n_users": n_users, "samples_per_user": samples_per_user, "seed": seed}

@@ -54,10 +54,10 @@ def peak_rss_gb() -> float:
 def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None = None, cold: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every stage; returns the results dict (also what ``--json-out`` writes)."""
-    from pmgen import datasets
+    from pmgen.data import datasets
+    from pmgen.data.requests import from_dataset
     from pmgen.pipeline import PMG
-    from pmgen.preferences import KeywordCache
-    from pmgen.requests import from_dataset
+    from pmgen.stages.keywords import KeywordCache
 
     ds = datasets.load("sticker-users", data_root)
     test = ds.split("test")
@@ -94,7 +94,7 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
         tkw = pmg.target_keywords(r0.target, r0.context)
         pkw = list(pmg.extract(r0.user, r0.items).keywords)
         cond = pmg.builder(pmg.settings.mode).build(tkw, pkw, 1.0)
-        from pmgen.images import load_image
+        from pmgen.data.images import load_image
 
         init = load_image(r0.target_image, int(pmg.generator.image_size))
         s = pmg.settings

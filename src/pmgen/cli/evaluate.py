@@ -1,0 +1,299 @@
+"""The evaluation commands: `pmgen evaluate`, `evaluate-movielens`, `-feedback`, `-leaks`, `-stability`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# light imports: the trainers' settings classes and the service's commands load torch / FastAPI only when run
+from pmgen.cli.app import (
+    AlphaOpt,
+    DataDirOpt,
+    GeneratorOpt,
+    HistOpt,
+    MinAccOpt,
+    PresetOpt,
+    SeedOpt,
+    SoftOpt,
+    StrengthOpt,
+    WeightsOpt,
+    _fail,
+    _load_keyword_models,
+    _load_pmg,
+    _print_table,
+    _settings_overrides,
+    _soft,
+    app,
+    console,
+)
+from pmgen.data import datasets
+from pmgen.data.schema import DataError
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/eval"),
+    n_samples: Annotated[int, typer.Option(help="Held-out samples (one per user).")] = 60,
+    quick: Annotated[bool, typer.Option(help="A small subset (8 samples, weights 0,1,2) for CI-sized checks.")] = False,
+    methods: Annotated[Optional[str], typer.Option(
+        help="Comma-separated methods (default: every one whose models exist): none, keywords, keywords-guidance, "
+             "soft, pmg, and the soft-prompt ablations found in the zoo.")] = None,
+    lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
+    keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
+    split: Annotated[str, typer.Option(help="Users to evaluate on: test (report numbers) or val (choose settings "
+                                            "without touching the test users).")] = "test",
+    soft_prompt: SoftOpt = None,
+    preset: PresetOpt = "sticker-tiny",
+    weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
+    history_weight: HistOpt = None, min_accuracy: MinAccOpt = None, generator: GeneratorOpt = None,
+    reference: Annotated[bool, typer.Option(help="Also grade the real target images (the accuracy ceiling).")] = True,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """PMG vs. no personalization (and the ablations) on held-out sticker users, graded by the evaluator."""
+    import time as _time
+
+    from pmgen.eval.evaluate import (
+        Grader,
+        default_methods,
+        evaluation_samples,
+        run_methods,
+        write_outputs,
+    )
+    from pmgen.presets import load_scorer, soft_prompt_ablations
+    from pmgen.stages.soft import SoftPromptEncoder
+
+    overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
+                                    history_weight, min_accuracy)
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
+    ablations = soft_prompt_ablations(pmg.preset)
+    known = default_methods(pmg.soft_prompt is not None, ablations)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
+    bad = [m for m in names if m not in known]
+    if bad:
+        _fail(f"unknown or unavailable method(s) {bad}; available with preset {preset}: {', '.join(known)}"
+              + ("" if pmg.soft_prompt is not None else " (soft-embedding methods need trained soft-prompt weights)"),
+              2)
+    ds = datasets.load("sticker-users", data_dir_)
+    if split not in ("test", "val"):
+        _fail(f"--split must be test or val, got {split!r}", 2)
+    samples = evaluation_samples(ds, 8 if quick else n_samples, split=split)
+    evaluator = load_scorer(pmg.preset, "evaluator", pmg.text_encoder)
+    lp = None
+    if lpips:
+        from pmgen.eval.metrics import STLPIPS
+
+        lp = STLPIPS("alex")
+    from pmgen.data.datasets.sticker_users import TASTES
+
+    grader = Grader(evaluator, datasets.load("stickers", data_dir_), lp, tastes=[t.description for t in TASTES])
+    from rich.progress import Progress
+
+    t0 = _time.perf_counter()
+    with Progress(console=console) as bar:
+        task = bar.add_task(f"evaluating {len(names)} methods", total=len(samples))
+        rows, kept = run_methods(pmg, grader, ds, samples, [known[m] for m in names],
+                                 progress=lambda i, n: bar.update(task, completed=i), keep_images=keep_images,
+                                 soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm), reference=reference)
+    main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
+    meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
+            "method_descriptions": {**{m: known[m].description for m in names},
+                                    **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},
+            "evaluator": evaluator.name, "alpha": pmg.settings.alpha,
+            "min_accuracy": pmg.settings.min_accuracy, "weights": list(pmg.settings.weights),
+            "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(pmg.soft_prompt),
+            "seconds": round(_time.perf_counter() - t0, 1)}
+    report = write_outputs(out, rows, meta, kept, main_method=main)
+    console.print(report.read_text().split("## Fixed")[0], highlight=False)
+    console.print(f"[green]✓[/] {out}/report.md, metrics.json, tradeoff.png, alpha_sweep.png, samples.png "
+                  f"({meta['seconds']:.0f} s)")
+
+@app.command("evaluate-movielens")
+def evaluate_movielens(
+    n_users: Annotated[Optional[int], typer.Option(help="Test users (seeded subset; default: every test user "
+                                                   "with held-out likes, ~95).", min=1)] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (movielens.json, movielens.md).")] = Path("runs/eval"),
+    k: Annotated[int, typer.Option("--k", help="Cut-off of HR@k and NDCG@k.", min=1)] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the user subset, the random ranking and the bootstrap.")] = 0,
+    budget_tokens: Annotated[int, typer.Option(help="Token budget of the history the LLM reads (newest first; "
+                                                     "MovieLens histories are long).", min=16)] = 512,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Do the LLM's preference keywords predict real MovieLens users' later likes? HR@k / NDCG@k per method."""
+    from rich.progress import Progress
+
+    from pmgen.eval.preferences import (
+        encoder_text_vectors,
+        movielens_benchmark,
+        movielens_table,
+        write_movielens_outputs,
+    )
+    from pmgen.stages.keywords import KeywordCache, PreferenceExtractor, model_id
+
+    try:
+        ds = datasets.load("movielens", data_dir_)
+    except (DataError, FileNotFoundError) as e:
+        _fail(str(e))
+    p, llm, te = _load_keyword_models(preset)
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache(), budget_tokens=budget_tokens)
+    with Progress(console=console) as bar:
+        task = bar.add_task("preference keywords", total=n_users)
+        try:
+            result = movielens_benchmark(ds, encoder_text_vectors(te), extractor.extract, n_users=n_users, k=k,
+                                         seed=seed, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        except ValueError as e:
+            _fail(str(e))
+    result["models"] = {"llm": model_id(llm), "text_encoder": str(getattr(te, "name", type(te).__name__))}
+    result["preset"] = p.name
+    result["budget_tokens"] = budget_tokens
+    result["credit"] = ds.meta.get("license", "")
+    js, md = write_movielens_outputs(result, out)
+    header, rows = movielens_table(result)
+    _print_table(f"MovieLens-100k, {result['n_users']} test users (mean [95% CI])", header, rows)
+    t = result["timing_s"]
+    console.print(f"keywords: {t['keywords_per_user']:.2f} s per user ({result['counts']['keywords_cached']} cached, "
+                  f"{result['counts']['keyword_fallbacks']} with a fallback); movie vectors {t['item_vectors']:.1f} s",
+                  highlight=False)
+    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
+
+@app.command("evaluate-feedback")
+def evaluate_feedback(
+    n_users: Annotated[int, typer.Option(help="Users per split (seeded subset).", min=1)] = 40,
+    rounds: Annotated[int, typer.Option(help="Requests (and picks) per user.", min=1)] = 10,
+    noise: Annotated[float, typer.Option(help="Std of the simulated users' pick noise (utility units).",
+                                         min=0.0)] = 0.01,
+    out: Annotated[Path, typer.Option(help="Output folder (feedback.json, feedback.md, feedback_regret.png; "
+                                           "candidate caches, resumable).")] = Path("runs/eval"),
+    seed: Annotated[int, typer.Option(help="Seed of the users, their hidden α*, the noise and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Simulated users with a hidden α*: does learning each user's α from their picks beat one α for all?"""
+    from rich.progress import Progress
+
+    from pmgen.data.datasets.sticker_users import TASTES
+    from pmgen.eval import feedback as fe
+    from pmgen.eval.evaluate import Grader
+    from pmgen.presets import load_scorer
+
+    pmg = _load_pmg(preset, {})
+    ds = datasets.load("sticker-users", data_dir_)
+    grader = Grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), datasets.load("stickers", data_dir_),
+                    perceptual=False, tastes=[t.description for t in TASTES])
+    tables = {}
+    with Progress(console=console) as bar:
+        for split in ("val", "test"):
+            task = bar.add_task(f"candidates ({split} users)", total=n_users * rounds)
+            tables[split] = fe.candidate_rounds(pmg, grader, ds, split, n_users, rounds,
+                                                out / f"feedback_candidates_{split}.jsonl", seed,
+                                                progress=lambda i, n, t=task: bar.update(t, completed=i))
+    stars = {s: fe.simulated_users(list(t), seed=seed + (0 if s == "test" else 1)) for s, t in tables.items()}
+    temperature = fe.tune_temperature(tables["val"], stars["val"], noise, seed)
+    global_alpha = fe.tune_global_alpha(tables["val"], stars["val"], noise, seed)
+    rows = fe.simulate(tables["test"], stars["test"], noise, global_alpha=global_alpha, temperature=temperature,
+                       seed=seed)
+    summary = fe.summarize(rows)
+    separable = [r["separable"] for r in rows if r["method"] == "fixed"]
+    result = {"split": "test", "n_users": len(tables["test"]), "n_rounds": rounds, "noise": noise,
+              "global_alpha": global_alpha, "temperature": temperature,
+              "separable_share": sum(separable) / max(len(separable), 1), "summary": summary, "rows": rows,
+              "models": pmg.models(), "evaluator": grader.evaluator.name}
+    js, md = fe.write_outputs(out, result)
+    console.print(md.read_text(), highlight=False, markup=False)
+    console.print(f"[green]✓[/] {js}, {md}, {out / 'feedback_regret.png'}", highlight=False)
+
+
+@app.command("evaluate-leaks")
+def evaluate_leaks(
+    n_users: Annotated[Optional[int], typer.Option(help="Users (seeded subset; default: every user of the split).",
+                                                   min=1)] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path, typer.Option(help="Output folder (leaks.json, leaks.md).")] = Path("runs/eval"),
+    seed: Annotated[int, typer.Option(help="Seed of the user subset and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Few-shot leaks, fallbacks and the hidden taste in the preference keywords of sticker users."""
+    from rich.progress import Progress
+
+    from pmgen.eval.preferences import (
+        evaluation_users,
+        leak_check,
+        leak_table,
+        write_leak_outputs,
+    )
+    from pmgen.stages.keywords import (
+        KeywordCache,
+        PreferenceExtractor,
+        few_shot_keywords,
+        model_id,
+    )
+
+    if split not in ("train", "val", "test"):
+        _fail(f"unknown split {split!r}; choose train, val or test", 2)
+    try:
+        ds = datasets.load("sticker-users", data_dir_)
+        users = evaluation_users(ds, n_users, split, seed)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    p, llm, _ = _load_keyword_models(preset, text_encoder=False)
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    with Progress(console=console) as bar:
+        task = bar.add_task("keywords", total=len(users))
+        try:
+            result = leak_check(users, ds.items, extractor.extract, few_shot_keywords(extractor.prompt_version),
+                                seed=seed, progress=lambda i, n: bar.update(task, completed=i))
+        except ValueError as e:
+            _fail(str(e))
+    result = {"dataset": "sticker-users", "split": split, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
+    js, md = write_leak_outputs(result, out)
+    header, rows = leak_table(result)
+    _print_table(f"Keyword leaks, {result['n_users']} sticker-users {split} users (mean [95% CI])", header, rows)
+    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
+
+
+@app.command("evaluate-stability")
+def evaluate_stability(
+    n_users: Annotated[int, typer.Option(help="Test users (seeded subset).", min=1)] = 30,
+    out: Annotated[Path, typer.Option(help="Output folder (stability.json, stability.md).")] = Path("runs/eval"),
+    dataset: Annotated[str, typer.Option(help="sticker-users or movielens.")] = "sticker-users",
+    seed: Annotated[int, typer.Option(help="Seed of the user subset, the perturbations and the bootstrap.")] = 0,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Are preference keywords stable when the history is reordered or loses one event? (Jaccard per user)."""
+    from rich.progress import Progress
+
+    from pmgen.eval.preferences import (
+        evaluation_users,
+        keyword_stability,
+        stability_table,
+        write_stability_outputs,
+    )
+    from pmgen.stages.keywords import KeywordCache, PreferenceExtractor, model_id
+
+    if dataset not in ("sticker-users", "movielens"):
+        _fail(f"unknown dataset {dataset!r} for the stability benchmark; choose sticker-users or movielens", 2)
+    try:
+        ds = datasets.load(dataset, data_dir_)
+        users = evaluation_users(ds, n_users, "test", seed)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    p, llm, _ = _load_keyword_models(preset, text_encoder=False)
+    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    with Progress(console=console) as bar:
+        task = bar.add_task("keywords (3 histories per user)", total=len(users))
+        try:
+            result = keyword_stability(users, ds.items, extractor.extract, seed=seed,
+                                       progress=lambda i, n: bar.update(task, completed=i))
+        except ValueError as e:
+            _fail(str(e))
+    result = {"dataset": dataset, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
+    js, md = write_stability_outputs(result, out)
+    header, rows = stability_table(result)
+    _print_table(f"Keyword stability, {result['n_users']} {dataset} test users (mean [95% CI])", header, rows)
+    console.print(f"{result['timing_s']['per_user']:.2f} s per user (3 extractions, cached ones are free); "
+                  f"{result['counts']['keyword_fallbacks']} extractions used a fallback", highlight=False)
+    console.print(f"[green]✓[/] {js}, {md}", highlight=False)

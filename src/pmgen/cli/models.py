@@ -1,0 +1,95 @@
+"""`pmgen models`: list, check and report the models of a preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+# light imports: the trainers' settings classes and the service's commands load torch / FastAPI only when run
+from pmgen.cli.app import (
+    DataDirOpt,
+    PresetOpt,
+    SeedOpt,
+    _fail,
+    console,
+    err,
+    models_app,
+)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the presets and the model each one names per role."""
+    from pmgen.presets import PRESETS, ROLES
+
+    for p in PRESETS.values():
+        console.rule(f"[bold]{p.name}")
+        console.print(p.description, highlight=False)
+        for role in ROLES:
+            console.print(f"  {role:13s} {getattr(p, role)}", highlight=False)
+        console.print(f"  soft_prompt   {p.soft_prompt or '(off: no trained soft prompt in this preset)'}",
+                      highlight=False)
+        console.print(f"  settings      {p.image_size}px, strength {p.strength}, {p.num_inference_steps} steps, "
+                      f"guidance {p.guidance_scale}", highlight=False)
+
+
+@models_app.command("check")
+def models_check(
+    preset: Annotated[str, typer.Option(help="Preset to check.")] = "sticker-tiny",
+) -> None:
+    """Load every model of a preset offline; print name, size, content hash and load time.
+
+    Exits non-zero, naming what is missing, when any model cannot be loaded.
+    """
+    from pmgen.presets import check_preset, get_preset
+
+    try:
+        p = get_preset(preset)
+    except KeyError as e:
+        _fail(str(e.args[0]), 2)
+    t = Table("role", "model", "parameters", "size on disk", "content hash", "load s", "status")
+    statuses = check_preset(p)
+    for st in statuses:
+        t.add_row(st.role, st.name or st.ref, f"{st.parameters / 1e6:.2f} M" if st.parameters else "-",
+                  f"{st.size_bytes / 2**20:.1f} MiB" if st.size_bytes else "-", st.content_hash or "-",
+                  f"{st.load_seconds:.2f}" if st.ok else "-", "[green]ok[/]" if st.ok else "[red]missing[/]")
+    console.print(t)
+    bad = [st for st in statuses if not st.ok]
+    for st in bad:
+        err.print(f"[red]{st.role}[/] ({st.ref}): {st.error}", highlight=False)
+    if bad:
+        _fail(f"{len(bad)} model(s) of preset '{p.name}' could not be loaded offline")
+
+
+@models_app.command("report")
+def models_report(
+    preset: PresetOpt = "sticker-tiny",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <generator folder>/report).")] = None,
+    n_items: Annotated[int, typer.Option(help="Catalog items in the faithful / from-noise tests.")] = 150,
+    seed: SeedOpt = None,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Quality figures of the sticker generator (faithful, editable, from noise, speed), graded by the evaluator."""
+    from pmgen.eval.quality import quality_report
+    from pmgen.presets import (
+        get_preset,
+        load_generator,
+        load_scorer,
+        load_text_encoder,
+        resolve,
+    )
+
+    p = get_preset(preset)
+    if p.generator_kind != "sticker":
+        _fail("`models report` measures pmgen's own sticker generator (preset sticker-tiny)", 2)
+    gen = load_generator(p)
+    te = load_text_encoder(p, gen)
+    ev = load_scorer(p, "evaluator", te)
+    folder = out or Path(resolve(p.generator)) / "report"
+    quality_report(gen, te, ev, folder, n_items=n_items, default_strength=p.strength, steps=p.num_inference_steps,
+                   guidance=p.guidance_scale, seed=seed or 0, data_root=data_dir_,
+                   log=lambda m: console.print(m, highlight=False))
+    console.print(f"[green]✓[/] {folder}/quality.json, strength_curve.png, samples.png")

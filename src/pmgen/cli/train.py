@@ -1,0 +1,49 @@
+"""`pmgen train`: the trainers, their options from their config dataclasses."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pmgen.cli.app import train_app
+
+# light imports: the trainers' settings classes and the service's commands load torch / FastAPI only when run
+from pmgen.config import config_options
+from pmgen.train.generator.config import GeneratorTrainConfig
+from pmgen.train.scorer.config import ScorerTrainConfig
+from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run whose checkpoint is in the train dir "
+                                         "(its settings come from the checkpoint; only run control may change).")]
+
+
+@train_app.command("scorer")
+@config_options(ScorerTrainConfig, always=ScorerTrainConfig.INVOCATION_FIELDS)
+def train_scorer(given: dict, resume: ResumeOpt = False) -> None:
+    """Train the selector or evaluator scorer on the sticker catalog."""
+    from pmgen.train.scorer.main import main as scorer_main
+
+    raise typer.Exit(scorer_main(given, resume=resume))
+
+
+@train_app.command("generator")
+@config_options(GeneratorTrainConfig, always=GeneratorTrainConfig.INVOCATION_FIELDS)
+def train_generator(given: dict, resume: ResumeOpt = False,
+                    write_card: Annotated[bool, typer.Option("--write-card", help="Only (re)write the model card of --out from "
+                                                             "the training logs, then exit.")] = False) -> None:
+    """Train the sticker generator (from scratch, or a composition fine-tune with --init-from)."""
+    from pmgen.train.generator.main import main as generator_main
+
+    raise typer.Exit(generator_main(given, resume=resume, write_card=write_card))
+
+
+@train_app.command("soft-prompt")
+@config_options(SoftPromptTrainConfig, always=SoftPromptTrainConfig.INVOCATION_FIELDS)
+def train_soft_prompt(given: dict, resume: ResumeOpt = False,
+                      preset: Annotated[str, typer.Option(help="Preset whose LLM, text encoder and generator "
+                                                          "to use.")] = "sticker-tiny") -> None:
+    """Train the soft preference embeddings against the preset's frozen generator."""
+    from pmgen.train.soft_prompt.main import main as soft_main
+
+    raise typer.Exit(soft_main(given, resume=resume, preset=preset))
