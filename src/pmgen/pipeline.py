@@ -257,6 +257,30 @@ class PMG:
         (used when ``use_soft``). ``alpha_source`` is recorded as where α came from (default:
         ``"request"`` when ``alpha`` is given here, else ``"preset"``). An empty history gives an explicit non-personalized result (only
         ``w = 0``; ``record.personalized`` is false with the reason).
+
+        Three steps, also usable one by one (the batch engines run :meth:`render` for many requests
+        at once): :meth:`plan` (keywords, soft embeddings, conditions), :meth:`render` (one candidate
+        per condition, each alone: the numerics every pin was made with), :meth:`finish` (selection, record).
+        """
+        plan = self.plan(user, target, items, context=context, target_image=target_image,
+                         history_images=history_images, user_id=user_id, settings=settings,
+                         soft_prompt=soft_prompt, alpha_source=alpha_source, **overrides)
+        t = time.perf_counter()
+        images = self.render(plan)
+        plan.timings["generate"] = time.perf_counter() - t
+        return self.finish(plan, images)
+
+    def plan(self, user: User | Sequence[Event], target: Item, items: Mapping[str, Item], *,
+             context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
+             user_id: str | None = None, settings: Settings | None = None,
+             soft_prompt: SoftPrompt | None = None, alpha_source: str | None = None,
+             keywords: Any = None, soft: torch.Tensor | None = None, **overrides: Any) -> "Plan":
+        """Everything before the generator: target and preference keywords, soft embeddings, conditions.
+
+        Arguments as in :meth:`generate`. ``keywords`` (a :class:`pmgen.stages.keywords.Keywords`)
+        and ``soft`` (``[n_img, D]``) are used instead of computing them when given (a batch engine
+        computes them for many users at once); they must be what :meth:`extract` /
+        :meth:`soft_embeddings` give for this history and settings.
         """
         s = dataclasses.replace(settings or self.settings, **overrides) if overrides else (settings or self.settings)
         sp = soft_prompt if soft_prompt is not None else self.soft_prompt
@@ -280,7 +304,7 @@ class PMG:
             personalized, reason = False, "neither preference keywords nor soft embeddings are in use"
         elif s.use_keywords:
             t = time.perf_counter()
-            kw = self.extractor(s.k, s.budget_tokens).extract(events, items)
+            kw = keywords if keywords is not None else self.extractor(s.k, s.budget_tokens).extract(events, items)
             timings["preference_keywords"] = time.perf_counter() - t
             pref_kw = list(kw.keywords)
             pref_record = kw.to_json()
@@ -294,10 +318,10 @@ class PMG:
         n_short = shortened_texts(events) if personalized else 0
         if n_short:
             warnings.append(f"{n_short} event text(s) longer than {TEXT_CHARS} characters were shortened for the LLM")
-        soft = None
+        soft_t = None
         if personalized and use_soft:
             t = time.perf_counter()
-            soft = self.soft_embeddings(events, items, sp)
+            soft_t = soft if soft is not None else self.soft_embeddings(events, items, sp)
             timings["soft_embeddings"] = time.perf_counter() - t
         weights = list(s.weights) if personalized else [0.0]
 
@@ -306,48 +330,87 @@ class PMG:
         hist = [load_image(p, size) for p in history_images]
         builder = self.builder(s.mode)
         t = time.perf_counter()
-        conds = [builder.build(tkw, pref_kw, w, soft) for w in weights]
+        conds = [builder.build(tkw, pref_kw, w, soft_t) for w in weights]
         timings["conditions"] = time.perf_counter() - t
         for c in conds:
             warnings += [w for w in c.warnings if w not in warnings]
+        return Plan(user_id=uid, target=target, settings=s, target_keywords=tkw, preference_keywords=pref_kw,
+                    preference=pref_record, personalized=personalized, reason=reason, soft=soft_t,
+                    soft_prompt=sp, conditions=conds, init=init, history=hist, warnings=warnings, timings=timings,
+                    t_start=t_all, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"),
+                    history_images=[Path(p) for p in history_images],
+                    target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)
 
+    def render(self, plan: "Plan") -> torch.Tensor:
+        """The plan's candidates ``[N, 3, H, W]``, one generator call per condition (same seed each)."""
+        s = plan.settings
         images = []
-        t = time.perf_counter()
-        for c in conds:
+        for c in plan.conditions:
             kwargs = dict(seed=s.seed, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
             if c.extra_prompt_embeds is not None:
                 kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale)
-            if init is not None:
-                img = self.generator.image_to_image(init, c.prompt_embeds, c.negative_prompt_embeds,
+            if plan.init is not None:
+                img = self.generator.image_to_image(plan.init, c.prompt_embeds, c.negative_prompt_embeds,
                                                     strength=s.strength, **kwargs)
             else:
                 img = self.generator.text_to_image(c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
             images.append(img)
-        timings["generate"] = time.perf_counter() - t
-        images_t = torch.cat(images)
+        return torch.cat(images)
 
+    def finish(self, plan: "Plan", images: torch.Tensor) -> GenerationResult:
+        """Score the candidates, choose one and write the record (``plan.timings["generate"]`` is the
+        caller's: the time its generator call took for this request)."""
+        s, conds, timings = plan.settings, plan.conditions, plan.timings
+        tkw, pref_kw = plan.target_keywords, plan.preference_keywords
         t = time.perf_counter()
-        hist_t = torch.cat(hist) if hist else None
-        sel = select(images_t, self.selector, keywords_text(tkw), keywords_text(pref_kw), s.alpha, hist_t,
+        hist_t = torch.cat(plan.history) if plan.history else None
+        sel = select(images, self.selector, keywords_text(tkw), keywords_text(pref_kw), s.alpha, hist_t,
                      s.history_weight, s.min_accuracy)
         timings["select"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_all
+        timings["total"] = time.perf_counter() - plan.t_start
 
         candidates = [Candidate(weight=c.weight, d_t=sel.d_t[i], d_p=sel.d_p[i], z=sel.z[i],
                                 preference_tokens=c.n_preference_tokens, eligible=sel.eligible[i],
                                 d_h=sel.d_h[i] if sel.d_h is not None else None) for i, c in enumerate(conds)]
+        sp, soft, init = plan.soft_prompt, plan.soft, plan.init
         record = GenerationRecord(
-            user_id=uid, target_id=target.id, target_title=target.title, personalized=personalized, reason=reason,
+            user_id=plan.user_id, target_id=plan.target.id, target_title=plan.target.title,
+            personalized=plan.personalized, reason=plan.reason,
             preference_keywords=pref_kw, keywords_used=bool(s.use_keywords and pref_kw), target_keywords=tkw,
-            preference=pref_record,
+            preference=plan.preference,
             soft_embeddings=("on" if soft is not None else
                              "off (no trained soft prompt in this preset)" if sp is None else "off"),
-            alpha=s.alpha, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"), mode=s.mode, candidates=candidates, chosen=sel.chosen, seed=s.seed,
-            strength=s.strength if init is not None else None,
+            alpha=s.alpha, alpha_source=plan.alpha_source, mode=s.mode, candidates=candidates, chosen=sel.chosen,
+            seed=s.seed, strength=s.strength if init is not None else None,
             init="target image" if init is not None else "noise (target has no image)",
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
             history_weight=s.history_weight, min_accuracy=s.min_accuracy, preset=self.preset.name,
             models=self.models(sp if soft is not None else None),
-            timings_s={k: round(v, 4) for k, v in timings.items()}, warnings=warnings)
-        return GenerationResult(record=record, images=images_t, history_images=[Path(p) for p in history_images],
-                                target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)
+            timings_s={k: round(v, 4) for k, v in timings.items()}, warnings=plan.warnings)
+        return GenerationResult(record=record, images=images, history_images=plan.history_images,
+                                target_image=plan.target_image)
+
+
+@dataclass
+class Plan:
+    """One request up to the generator (:meth:`PMG.plan`): its conditions and what the record needs."""
+
+    user_id: str
+    target: Item
+    settings: Settings
+    target_keywords: list[str]
+    preference_keywords: list[str]
+    preference: dict[str, Any]
+    personalized: bool
+    reason: str
+    soft: torch.Tensor | None
+    soft_prompt: SoftPrompt | None
+    conditions: list[Any]
+    init: torch.Tensor | None
+    history: list[torch.Tensor]
+    warnings: list[str]
+    timings: dict[str, float]
+    t_start: float
+    alpha_source: str
+    history_images: list[Path] = field(default_factory=list)
+    target_image: Path | None = None
