@@ -1,87 +1,138 @@
-"""The local batch engine: every request of a batch file, one after another, in this process.
+"""The local batch engine: every request of a batch file, in this process, in groups.
 
 Finished requests are folders ``<out>/<request_id>/`` written atomically
 (:func:`pmgen.paths.write_result_dir`); a re-run skips them. See :mod:`pmgen.data.requests` for the
-batch file format.
+batch file format and :mod:`pmgen.batch.common` for the index and the attempt log.
+
+``group_size = 1`` runs :meth:`pmgen.pipeline.PMG.generate` per request: exactly the images of
+``pmgen generate``. ``group_size > 1`` (the CLI's default, 8) takes the requests ``group_size`` at a
+time: keywords for the group's cache misses in one batched LLM call (when the extractor has
+``extract_many``), then the candidates of the whole group in shared fixed-shape UNet batches
+(:func:`pmgen.batch.grouped.render_many`): each request's images are then the same whatever group it is
+in (and the same as the Ray engine's), and within float rounding of ``pmgen generate``'s.
 """
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pmgen.batch.common import (
+    DEFAULT_GROUP_SIZE,  # noqa: F401  (re-exported for callers choosing a group size)
+    groups,
+    keywords_for_group,
+    message,
+    note_attempt,
+    plan_group,
+    soft_for_group,
+    triage,
+    write_index,
+)
+from pmgen.batch.grouped import DEFAULT_BATCH_SIZE, render_many
 from pmgen.data.requests import Request, read_batch
-from pmgen.paths import UnsafePathError, check_id, inside, prepare_batch_root
-
-
-def _message(e: Exception) -> str:
-    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+from pmgen.paths import inside, prepare_batch_root
 
 
 def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
               err: Any = None, requests: list[tuple[int, Request | Exception]] | None = None,
-              alpha_of: Callable[[str], tuple[float, str] | None] | None = None) -> tuple[int, int]:
+              alpha_of: Callable[[str], tuple[float, str] | None] | None = None, group_size: int = 1,
+              unet_batch: int = DEFAULT_BATCH_SIZE, stats: dict[str, Any] | None = None) -> tuple[int, int]:
     """Run every request of a batch file into ``out/<request_id>/``; skip finished ones.
 
     Returns ``(done, failed)``. Failures (bad lines, unknown ids) are reported with their line number
-    and do not stop the batch; ``out/index.jsonl`` lists every finished request's record path.
-    ``requests`` (from :func:`read_batch`) skips re-reading the file. ``out`` must be new, empty, or
-    a batch folder pmgen made (:func:`pmgen.paths.prepare_batch_root`); every request folder is
-    verified to stay inside it, and a folder pmgen did not write is never replaced. ``alpha_of(user_id)``
-    gives a user's learned ``(α, source)`` (or ``None``: the settings' α).
+    and do not stop the batch; ``out/index.jsonl`` lists every finished request
+    (:func:`pmgen.batch.common.write_index`). ``requests`` (from :func:`read_batch`) skips re-reading the
+    file. ``out`` must be new, empty, or a batch folder pmgen made (:func:`pmgen.paths.prepare_batch_root`);
+    every request folder is verified to stay inside it, and a folder pmgen did not write is never
+    replaced. ``alpha_of(user_id)`` gives a user's learned ``(α, source)`` (or ``None``: the settings' α).
+    ``group_size``: see the module docstring; ``unet_batch``: rows per UNet call in a group.
+    ``stats``, when given, receives ``latency_s`` (per request written: from its group's start to its
+    folder being in place), ``wall_s`` and ``candidates``.
     """
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = console or Console()
     err = err or Console(stderr=True)
     parsed = list(read_batch(batch, data_root)) if requests is None else requests
     out = prepare_batch_root(out)
-    done = failed = skipped = 0
+    by_id = {r.request_id: r for _, r in parsed if isinstance(r, Request)}
+    report = lambda lineno, msg: err.print(f"[red]{batch}:{lineno}[/]: {msg}", highlight=False,  # noqa: E731
+                                           markup=False)
+    pending, skipped, failed = triage(parsed, out, report)
+    done = skipped
+    latencies: list[float] = []
+    n_candidates = 0
+    t_start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as bar:
         task = bar.add_task("generating", total=len(parsed))
-        for lineno, req in parsed:
-            if isinstance(req, Exception):
-                failed += 1
-                err.print(f"[red]{batch}:{lineno}[/]: {_message(req)}", highlight=False, markup=False)
-                bar.advance(task)
-                continue
-            try:
-                folder = inside(out, check_id(req.request_id, "request_id"))
-            except UnsafePathError as e:
-                failed += 1
-                err.print(f"[red]{batch}:{lineno}[/]: {e}", highlight=False, markup=False)
-                bar.advance(task)
-                continue
-            if (folder / "record.json").is_file():
-                skipped += 1
-                done += 1
+        bar.advance(task, len(parsed) - len(pending))
+        for group in groups(pending, group_size):
+            t0 = time.perf_counter()
+            reqs = [by_id[p.request_id] for p in group]
+            for p in group:
+                note_attempt(out, p.request_id)
+            if group_size == 1:
+                results: list[Any] = []
+                for req in reqs:
+                    try:
+                        learned = alpha_of(req.user.user_id) if alpha_of is not None else None
+                        results.append(pmg.generate(
+                            req.user, req.target, req.items, context=req.context, target_image=req.target_image,
+                            history_images=req.history_images, user_id=req.user.user_id,
+                            **({"seed": req.seed} if req.seed is not None else {}),
+                            **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {})))
+                    except (ValueError, OSError) as e:
+                        results.append(e)
             else:
-                try:
-                    learned = alpha_of(req.user.user_id) if alpha_of is not None else None
-                    res = pmg.generate(req.user, req.target, req.items, context=req.context,
-                                       target_image=req.target_image, history_images=req.history_images,
-                                       user_id=req.user.user_id, **({"seed": req.seed} if req.seed is not None else {}),
-                                       **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
-                    if req.ground_truth:
-                        res.record.ground_truth_personalized = req.ground_truth
-                    res.save(folder)
-                    done += 1
-                except (ValueError, OSError) as e:  # bad image, a foreign folder in the way, ...
+                results = run_group(pmg, reqs, alpha_of, unet_batch)
+            for p, req, res in zip(group, reqs, results):
+                if not isinstance(res, Exception):
+                    try:
+                        if req.ground_truth:
+                            res.record.ground_truth_personalized = req.ground_truth
+                        res.save(inside(out, p.request_id))
+                        done += 1
+                        n_candidates += len(res.record.candidates)
+                        latencies.append(time.perf_counter() - t0)
+                    except (ValueError, OSError) as e:  # a foreign folder in the way, ...
+                        res = e
+                if isinstance(res, Exception):
                     failed += 1
-                    err.print(f"[red]{batch}:{lineno}[/]: {_message(e)}", highlight=False, markup=False)
-            bar.advance(task)
-    index = [str(p.relative_to(out)) for p in sorted(out.glob("*/record.json"))]
-    tmp = out / "index.jsonl.tmp"
-    tmp.write_text("".join(json.dumps({"record": r}) + "\n" for r in index))
-    tmp.replace(out / "index.jsonl")
+                    report(p.lineno, message(res))
+                bar.advance(task)
+    write_index(out, {p.request_id: p.lineno for p in pending})
+    if stats is not None:
+        stats.update(latency_s=latencies, wall_s=time.perf_counter() - t_start, candidates=n_candidates,
+                     written=len(latencies))
     console.print(f"{done} done ({skipped} already finished before), {failed} failed → {out}")
     return done, failed
+
+
+def run_group(pmg: Any, reqs: list[Request], alpha_of: Callable[[str], Any] | None,
+              unet_batch: int = DEFAULT_BATCH_SIZE) -> list[Any]:
+    """One group: keywords (cache first, misses batched), soft embeddings, plans, the candidates of all
+    in shared UNet batches, selection. A :class:`pmgen.pipeline.GenerationResult` or the exception
+    per request."""
+    kws = keywords_for_group(pmg, reqs)
+    soft = soft_for_group(pmg, reqs)
+    plans = plan_group(pmg, reqs, alpha_of, kws, soft)
+    ok = [p for p in plans if not isinstance(p, Exception)]
+    t = time.perf_counter()
+    images = render_many(pmg, ok, unet_batch) if ok else []
+    dt = time.perf_counter() - t
+    n_rows = sum(len(p.conditions) for p in ok) or 1
+    it = iter(images)
+    results: list[Any] = []
+    for p in plans:
+        if isinstance(p, Exception):
+            results.append(p)
+            continue
+        p.timings["generate"] = dt * len(p.conditions) / n_rows  # its share of the group's generator time
+        try:
+            results.append(pmg.finish(p, next(it)))
+        except ValueError as e:
+            results.append(e)
+    return results
