@@ -102,7 +102,7 @@ def test_simulation_learned_alpha_beats_fixed_on_separable_users():
 def test_candidate_rounds_are_generated_once_and_cached(tiny_pmg, data_root, tmp_path):
     from pmgen.data import datasets
     from pmgen.data.datasets.sticker_users import TASTES
-    from pmgen.eval.evaluate import Grader
+    from pmgen.eval.grading import Grader
     from pmgen.eval.feedback import candidate_rounds
 
     ds = datasets.load("sticker-users", data_root)

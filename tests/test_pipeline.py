@@ -109,8 +109,10 @@ def test_batch_is_resumable(tiny_pmg, toy_data, tmp_path, monkeypatch):
 
 def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
     from pmgen.data.schema import Dataset, Sample
-    from pmgen.eval.evaluate import (Grader, Method, alpha_sweep, at_weight, paired_margin, reselect, run_methods, selected,
-                                summarize, write_outputs)
+    from pmgen.eval.evaluate import Method, run_methods
+    from pmgen.eval.grading import Grader
+    from pmgen.eval.report import write_outputs
+    from pmgen.eval.summary import alpha_sweep, at_weight, paired_margin, reselect, selected, summarize
     from pmgen.eval.metrics import STLPIPS
     from pmgen.stages.soft import SoftPromptConfig, SoftPromptEncoder
 
@@ -165,7 +167,7 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
 
 
 def test_both_at_once_counts_only_personalized_results():
-    from pmgen.eval.evaluate import both_at_once
+    from pmgen.eval.summary import both_at_once
 
     def row(user, method, w, both, chosen=True):
         return {"user_id": user, "sample_id": user, "method": method, "weight": w, "both": both, "chosen": chosen}
@@ -179,7 +181,7 @@ def test_both_at_once_counts_only_personalized_results():
 
 
 def test_bootstrap_ci_resamples_users():
-    from pmgen.eval.evaluate import bootstrap_ci
+    from pmgen.eval.stats import bootstrap_ci
 
     mean, lo, hi = bootstrap_ci([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"], n=500)
     assert mean == 0.5 and lo == 0.0 and hi == 1.0  # two users: resampling users gives 0, 0.5 or 1

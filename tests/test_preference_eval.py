@@ -16,20 +16,17 @@ import pytest
 import torch
 
 from pmgen.data.schema import Dataset, Event, Item, Sample, User
-from pmgen.eval.preferences import (
+from pmgen.eval.keyword_bench import evaluation_users
+from pmgen.eval.movielens import (
     MOVIELENS_METHODS,
-    evaluation_users,
     hr_ndcg_at_k,
-    jaccard,
-    keyword_stability,
     movie_text,
     movielens_benchmark,
     movielens_markdown,
     popularity_counts,
-    shuffled_order,
-    stability_markdown,
     write_movielens_outputs,
 )
+from pmgen.eval.stability import jaccard, keyword_stability, shuffled_order, stability_markdown
 from pmgen.stages.keywords import Keywords
 from pmgen.stages.verbalize import newest_first
 
@@ -341,7 +338,7 @@ def test_cli_commands_with_fake_models(ml_root, tmp_path, monkeypatch):
 
 
 def test_popularity_blend_reranks_the_popular_by_the_profile():
-    from pmgen.eval.preferences import _standardize
+    from pmgen.eval.movielens import _standardize
 
     pop = _standardize(torch.log1p(torch.tensor([100.0, 90.0, 1.0, 0.0])))
     cos = torch.tensor([0.5, 0.9, 0.95, 0.1])
@@ -365,7 +362,7 @@ def _sticker_users() -> tuple[list[User], dict[str, Item]]:
 
 
 def test_taste_hit_uses_direct_synonyms():
-    from pmgen.eval.preferences import taste_hit
+    from pmgen.eval.leaks import taste_hit
 
     assert taste_hit(["Kittens", "fun"], "cats") and taste_hit(["cute cats"], "cats")
     assert taste_hit(["outer space"], "space") and taste_hit(["rockets"], "space")
@@ -373,7 +370,7 @@ def test_taste_hit_uses_direct_synonyms():
 
 
 def test_leak_check_counts_unsupported_few_shot_words_fallbacks_and_tastes():
-    from pmgen.eval.preferences import leak_check, leak_markdown
+    from pmgen.eval.leaks import leak_check, leak_markdown
 
     users, items = _sticker_users()
     answers = {"u1": Keywords(["cats", "fashion"], fallback=None),  # fashion: a few-shot word, unsupported
@@ -391,7 +388,7 @@ def test_leak_check_counts_unsupported_few_shot_words_fallbacks_and_tastes():
 
 
 def test_rerank_with_full_popularity_weight_is_popularity():
-    from pmgen.eval.preferences import rerank_scores
+    from pmgen.eval.movielens import rerank_scores
 
     pop = torch.tensor([5.0, 50.0, 20.0, 1.0, 0.0, 30.0])
     sims = torch.tensor([0.9, 0.1, 0.2, 0.95, 0.3, 0.8])
@@ -403,7 +400,7 @@ def test_rerank_with_full_popularity_weight_is_popularity():
 
 
 def test_tune_rerank_reads_val_users_only_and_the_benchmark_reports_the_choice(ml):
-    from pmgen.eval.preferences import tune_rerank
+    from pmgen.eval.movielens import tune_rerank
 
     seen = []
 
@@ -422,7 +419,7 @@ def test_tune_rerank_reads_val_users_only_and_the_benchmark_reports_the_choice(m
 
 
 def test_multilingual_set_and_english_keywords():
-    from pmgen.eval.preferences import multilingual_check, multilingual_users
+    from pmgen.eval.leaks import multilingual_check, multilingual_users
 
     users = multilingual_users()
     assert len(users) == 12 and len({u.attributes["language"] for u in users}) >= 6

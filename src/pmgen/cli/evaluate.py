@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -54,13 +55,9 @@ def evaluate(
     """PMG vs. no personalization (and the ablations) on held-out sticker users, graded by the evaluator."""
     import time as _time
 
-    from pmgen.eval.evaluate import (
-        Grader,
-        default_methods,
-        evaluation_samples,
-        run_methods,
-        write_outputs,
-    )
+    from pmgen.eval.evaluate import default_methods, evaluation_samples, run_methods
+    from pmgen.eval.grading import Grader
+    from pmgen.eval.report import write_outputs
     from pmgen.presets import load_scorer, soft_prompt_ablations
     from pmgen.stages.soft import SoftPromptEncoder
 
@@ -122,9 +119,7 @@ def evaluate_movielens(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Do the LLM's preference keywords predict real MovieLens users' later likes? HR@k / NDCG@k per method."""
-    from rich.progress import Progress
-
-    from pmgen.eval.preferences import (
+    from pmgen.eval.movielens import (
         encoder_text_vectors,
         movielens_benchmark,
         movielens_table,
@@ -138,25 +133,17 @@ def evaluate_movielens(
         _fail(str(e))
     p, llm, te = _load_keyword_models(preset)
     extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache(), budget_tokens=budget_tokens)
-    with Progress(console=console) as bar:
-        task = bar.add_task("preference keywords", total=n_users)
-        try:
-            result = movielens_benchmark(ds, encoder_text_vectors(te), extractor.extract, n_users=n_users, k=k,
-                                         seed=seed, progress=lambda i, n: bar.update(task, completed=i, total=n))
-        except ValueError as e:
-            _fail(str(e))
+    result = _with_progress("preference keywords", n_users, lambda progress: movielens_benchmark(
+        ds, encoder_text_vectors(te), extractor.extract, n_users=n_users, k=k, seed=seed, progress=progress))
     result["models"] = {"llm": model_id(llm), "text_encoder": str(getattr(te, "name", type(te).__name__))}
     result["preset"] = p.name
     result["budget_tokens"] = budget_tokens
     result["credit"] = ds.meta.get("license", "")
-    js, md = write_movielens_outputs(result, out)
-    header, rows = movielens_table(result)
-    _print_table(f"MovieLens-100k, {result['n_users']} test users (mean [95% CI])", header, rows)
     t = result["timing_s"]
-    console.print(f"keywords: {t['keywords_per_user']:.2f} s per user ({result['counts']['keywords_cached']} cached, "
-                  f"{result['counts']['keyword_fallbacks']} with a fallback); movie vectors {t['item_vectors']:.1f} s",
-                  highlight=False)
-    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
+    _show_result(result, out, write_movielens_outputs, movielens_table,
+                 f"MovieLens-100k, {result['n_users']} test users (mean [95% CI])",
+                 f"keywords: {t['keywords_per_user']:.2f} s per user ({result['counts']['keywords_cached']} cached, "
+                 f"{result['counts']['keyword_fallbacks']} with a fallback); movie vectors {t['item_vectors']:.1f} s")
 
 @app.command("evaluate-feedback")
 def evaluate_feedback(
@@ -175,7 +162,7 @@ def evaluate_feedback(
 
     from pmgen.data.datasets.sticker_users import TASTES
     from pmgen.eval import feedback as fe
-    from pmgen.eval.evaluate import Grader
+    from pmgen.eval.grading import Grader
     from pmgen.presets import load_scorer
 
     pmg = _load_pmg(preset, {})
@@ -216,42 +203,17 @@ def evaluate_leaks(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Few-shot leaks, fallbacks and the hidden taste in the preference keywords of sticker users."""
-    from rich.progress import Progress
-
-    from pmgen.eval.preferences import (
-        evaluation_users,
-        leak_check,
-        leak_table,
-        write_leak_outputs,
-    )
-    from pmgen.stages.keywords import (
-        KeywordCache,
-        PreferenceExtractor,
-        few_shot_keywords,
-        model_id,
-    )
+    from pmgen.eval.leaks import leak_check, leak_table, write_leak_outputs
+    from pmgen.stages.keywords import few_shot_keywords, model_id
 
     if split not in ("train", "val", "test"):
         _fail(f"unknown split {split!r}; choose train, val or test", 2)
-    try:
-        ds = datasets.load("sticker-users", data_dir_)
-        users = evaluation_users(ds, n_users, split, seed)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    p, llm, _ = _load_keyword_models(preset, text_encoder=False)
-    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
-    with Progress(console=console) as bar:
-        task = bar.add_task("keywords", total=len(users))
-        try:
-            result = leak_check(users, ds.items, extractor.extract, few_shot_keywords(extractor.prompt_version),
-                                seed=seed, progress=lambda i, n: bar.update(task, completed=i))
-        except ValueError as e:
-            _fail(str(e))
+    ds, users, p, llm, extractor = _keyword_benchmark_inputs("sticker-users", split, n_users, seed, preset, data_dir_)
+    result = _with_progress("keywords", len(users), lambda progress: leak_check(
+        users, ds.items, extractor.extract, few_shot_keywords(extractor.prompt_version), seed=seed, progress=progress))
     result = {"dataset": "sticker-users", "split": split, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
-    js, md = write_leak_outputs(result, out)
-    header, rows = leak_table(result)
-    _print_table(f"Keyword leaks, {result['n_users']} sticker-users {split} users (mean [95% CI])", header, rows)
-    console.print(f"[green]✓[/] {js}, {md}", highlight=False)
+    _show_result(result, out, write_leak_outputs, leak_table,
+                 f"Keyword leaks, {result['n_users']} sticker-users {split} users (mean [95% CI])")
 
 
 @app.command("evaluate-stability")
@@ -264,36 +226,60 @@ def evaluate_stability(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Are preference keywords stable when the history is reordered or loses one event? (Jaccard per user)."""
-    from rich.progress import Progress
-
-    from pmgen.eval.preferences import (
-        evaluation_users,
+    from pmgen.eval.stability import (
         keyword_stability,
         stability_table,
         write_stability_outputs,
     )
-    from pmgen.stages.keywords import KeywordCache, PreferenceExtractor, model_id
+    from pmgen.stages.keywords import model_id
 
     if dataset not in ("sticker-users", "movielens"):
         _fail(f"unknown dataset {dataset!r} for the stability benchmark; choose sticker-users or movielens", 2)
+    ds, users, p, llm, extractor = _keyword_benchmark_inputs(dataset, "test", n_users, seed, preset, data_dir_)
+    result = _with_progress("keywords (3 histories per user)", len(users), lambda progress: keyword_stability(
+        users, ds.items, extractor.extract, seed=seed, progress=progress))
+    result = {"dataset": dataset, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
+    _show_result(result, out, write_stability_outputs, stability_table,
+                 f"Keyword stability, {result['n_users']} {dataset} test users (mean [95% CI])",
+                 f"{result['timing_s']['per_user']:.2f} s per user (3 extractions, cached ones are free); "
+                 f"{result['counts']['keyword_fallbacks']} extractions used a fallback")
+
+
+# ------------------------------------------------------------------ what the keyword benchmarks share
+def _keyword_benchmark_inputs(dataset: str, split: str, n_users: Optional[int], seed: int, preset: str,
+                              data_dir_: Optional[Path]) -> tuple[Any, list[Any], Any, Any, Any]:
+    """The dataset, its evaluation users (a seeded subset), the preset, its LLM and a keyword extractor
+    over it (k = 8, cached); every failure is a clear error."""
+    from pmgen.eval.keyword_bench import evaluation_users
+    from pmgen.stages.keywords import KeywordCache, PreferenceExtractor
+
     try:
         ds = datasets.load(dataset, data_dir_)
-        users = evaluation_users(ds, n_users, "test", seed)
+        users = evaluation_users(ds, n_users, split, seed)
     except (DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     p, llm, _ = _load_keyword_models(preset, text_encoder=False)
-    extractor = PreferenceExtractor(llm, k=8, cache=KeywordCache())
+    return ds, users, p, llm, PreferenceExtractor(llm, k=8, cache=KeywordCache())
+
+
+def _with_progress(label: str, total: Optional[int], run: Callable[[Callable[[int, int], None]], Any]) -> Any:
+    """``run(progress)`` under a progress bar; a ``ValueError`` it raises is a clear error."""
+    from rich.progress import Progress
+
     with Progress(console=console) as bar:
-        task = bar.add_task("keywords (3 histories per user)", total=len(users))
+        task = bar.add_task(label, total=total)
         try:
-            result = keyword_stability(users, ds.items, extractor.extract, seed=seed,
-                                       progress=lambda i, n: bar.update(task, completed=i))
+            return run(lambda i, n: bar.update(task, completed=i, total=n))
         except ValueError as e:
             _fail(str(e))
-    result = {"dataset": dataset, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
-    js, md = write_stability_outputs(result, out)
-    header, rows = stability_table(result)
-    _print_table(f"Keyword stability, {result['n_users']} {dataset} test users (mean [95% CI])", header, rows)
-    console.print(f"{result['timing_s']['per_user']:.2f} s per user (3 extractions, cached ones are free); "
-                  f"{result['counts']['keyword_fallbacks']} extractions used a fallback", highlight=False)
+
+
+def _show_result(result: dict[str, Any], out: Path, write: Callable[[Any, Path], tuple[Path, Path]],
+                 table: Callable[[Any], tuple[list[str], list[list[str]]]], title: str, note: str = "") -> None:
+    """Write a benchmark's JSON and Markdown, print its table (and ``note``) and where it went."""
+    js, md = write(result, out)
+    header, rows = table(result)
+    _print_table(title, header, rows)
+    if note:
+        console.print(note, highlight=False)
     console.print(f"[green]✓[/] {js}, {md}", highlight=False)

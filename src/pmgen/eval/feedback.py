@@ -121,7 +121,7 @@ def tune_temperature(rounds: dict[str, list[Round]], alpha_star: dict[str, float
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     """Per method and round: mean and 95% CI over users of agreement, regret and α error."""
-    from pmgen.eval.evaluate import bootstrap_ci
+    from pmgen.eval.stats import bootstrap_ci
 
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for m in dict.fromkeys(r["method"] for r in rows):

@@ -2,7 +2,9 @@
 
 The web layer (:mod:`pmgen.serve.app`) only maps HTTP to these methods and their errors to status
 codes; the model work is :meth:`pmgen.pipeline.PMG.generate` on the worker thread, the records
-are the library's own (``GenerationRecord.to_json()``), the validation is :mod:`pmgen.data.validate`'s.
+are the library's own (``GenerationRecord.to_json()``); what clients send is checked by
+:mod:`pmgen.serve.validation` (events with :mod:`pmgen.data.validate`'s rules) and the errors are
+:mod:`pmgen.serve.errors`'.
 
 Files (all under ``root``, default ``<data dir>/serve``)::
 
@@ -17,8 +19,6 @@ resolved with :func:`pmgen.paths.inside`; no path a client sends is ever opened.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import math
@@ -29,19 +29,19 @@ import shutil
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pmgen.stages.feedback import UserBalance, balance_from_store
-from pmgen.data.schema import DataError, Dataset, Event, Item, User
-from pmgen.data.images import ImageError, check_image
-from pmgen.limits import LIMITS, Limits, describe_bytes
-from pmgen.paths import UnsafePathError, check_id, inside
-from pmgen.stages.select import DEFAULT_ALPHA, weight_grid
+from pmgen.data.schema import Dataset, Event, Item, User
+from pmgen.limits import LIMITS, Limits
+from pmgen.paths import check_id, inside
 from pmgen.serve.catalog import Catalog
+from pmgen.serve.errors import Busy, Conflict, Invalid, NotFound, problem, safe_id
 from pmgen.serve.store import SIGNALS, Generation, Store
+from pmgen.serve.validation import RequestValidator
 from pmgen.serve.worker import Worker
+from pmgen.stages.feedback import UserBalance, balance_from_store
+from pmgen.stages.select import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
 
@@ -53,81 +53,7 @@ _PARTIAL = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9._-]*\.[0-9a-f]{8}\.(partial|old
 _IMAGE_NAME = re.compile(r"(chosen|w_\d{1,2}\.\d{2})\.png")
 
 
-# ---------------------------------------------------------------------------------------- errors
-
-class ServiceError(Exception):
-    """An answer other than success: ``status`` is the HTTP status the API returns."""
-
-    status = 400
-
-    def __init__(self, message: str, problems: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.problems = problems or []
-        self.headers = headers or {}
-
-
-class Invalid(ServiceError):
-    status = 422
-
-
-class TooLarge(ServiceError):
-    status = 413
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class Conflict(ServiceError):
-    status = 409
-
-
-class Busy(ServiceError):
-    status = 503
-
-
-def problem(field_name: str | None, message: str) -> dict[str, Any]:
-    """One problem of a request: ``field`` like ``events[2].type``; ``index`` is the event's position."""
-    m = re.search(r"events\[(\d+)\]", field_name or "")
-    return {"index": int(m.group(1)) if m else None, "field": field_name, "message": message}
-
-
-def problems_of(err: DataError, prefix: str = "") -> list[dict[str, Any]]:
-    return [problem(f"{prefix}{p.field}" if p.field else (prefix.rstrip(".") or None), p.message)
-            for p in err.problems]
-
-
-def record_json(record: Any) -> dict[str, Any]:
-    """The JSON form of a generation record (``GenerationRecord.to_json()``; a plain dict as it is)."""
-    return record.to_json() if hasattr(record, "to_json") else json.loads(json.dumps(record))
-
-
-def _safe(value: Any, what: str) -> str:
-    try:
-        return check_id(value, what)
-    except UnsafePathError as e:
-        raise Invalid(str(e), [problem(what, str(e))]) from None
-
-
 # ---------------------------------------------------------------------------------------- service
-
-@dataclass
-class Upload:
-    """An uploaded target image (bytes as received; checked before anything is stored)."""
-
-    data: bytes
-    field: str = "target.image"
-
-
-@dataclass
-class _Prepared:
-    user_id: str
-    request: dict[str, Any]
-    upload: bytes | None = None
-    problems: list[dict[str, Any]] = field(default_factory=list)
-
 
 class Service:
     """The personalization service over one PMG, one catalog and one store.
@@ -155,6 +81,7 @@ class Service:
         for d in (self.gen_root, self.upload_root):
             d.mkdir(parents=True, exist_ok=True)
         self.limits = limits
+        self.validator = RequestValidator(catalog, self.index, store, limits)
         self.worker = Worker(self.run_generation, queue_size)
         self._ready = threading.Event()
         self._changed = threading.Condition()
@@ -216,24 +143,10 @@ class Service:
             self._changed.notify_all()
 
     # ------------------------------------------------------------------ users and events
-    def _parse_events(self, raw: Any, where: str, prefix: str = "") -> list[Event]:
-        """Events in the README's format, checked by the same validator as users.jsonl files."""
-        from pmgen.data.requests import user_from_json
-
-        if not isinstance(raw, list):
-            raise Invalid("expected a list of events", [problem(f"{prefix}events", "expected a list of events")])
-        if not raw:
-            raise Invalid("no events", [problem(f"{prefix}events", "expected at least one event")])
-        try:
-            return user_from_json({"events": raw}, where, self.catalog.items, self.limits).events
-        except DataError as e:
-            probs = problems_of(e, prefix)
-            raise Invalid(f"{len(probs)} problem(s) in the events; nothing was stored", probs) from None
-
     def add_events(self, user_id: str, events: Any) -> dict[str, Any]:
         """Append events to a user (created when new); all or nothing."""
-        user_id = _safe(user_id, "user_id")
-        parsed = self._parse_events(events, "request")
+        user_id = safe_id(user_id, "user_id")
+        parsed = self.validator.events(events, "request")
         try:
             n = self.store.add_events(user_id, parsed, max_total=self.limits.max_events_per_user)
         except ValueError as e:
@@ -245,7 +158,7 @@ class Service:
 
     def profile(self, user_id: str) -> dict[str, Any]:
         """Event count and recent events, current preference keywords, α, feedback, recent generations."""
-        user_id = _safe(user_id, "user_id")
+        user_id = safe_id(user_id, "user_id")
         if not self.store.has_user(user_id):
             raise NotFound(f"unknown user {user_id!r} (post events to /v1/users/{user_id}/events first)")
         events = self.store.events(user_id)
@@ -293,141 +206,6 @@ class Service:
         return self._keywords.get(key, [])
 
     # ------------------------------------------------------------------ generations
-    def _prepare(self, body: Mapping[str, Any], upload: bytes | None) -> _Prepared:
-        """Check a generation request (every problem at once) and turn it into what the worker stores."""
-        probs: list[dict[str, Any]] = []
-        user: dict[str, Any] = {}
-        user_id = "inline"
-        if body.get("user_id") is not None and body.get("user") is not None:
-            probs.append(problem("user", "give either 'user_id' (a stored user) or 'user' (inline events), not both"))
-        elif body.get("user_id") is not None:
-            user_id = _safe(body["user_id"], "user_id")
-            if not self.store.has_user(user_id):
-                probs.append(problem("user_id", f"unknown user {user_id!r} (post its events first, or send "
-                                                "'user': {'user_id', 'events'} inline)"))
-            user = {"stored": True, "user_id": user_id, "n_events": self.store.count_events(user_id)}
-        elif body.get("user") is not None:
-            inline = body["user"]
-            if not isinstance(inline, Mapping):
-                probs.append(problem("user", "expected an object {'user_id', 'events'}"))
-            else:
-                if inline.get("user_id") is not None:
-                    user_id = _safe(inline["user_id"], "user.user_id")
-                try:
-                    events = self._parse_events(inline.get("events"), "request", "user.")
-                    user = {"stored": False, "user_id": user_id, "events": [e.to_json() for e in events]}
-                except Invalid as e:
-                    probs += e.problems
-        else:
-            probs.append(problem("user_id", "give 'user_id' (a stored user) or 'user' (inline events)"))
-
-        context: list[Event] = []
-        if body.get("context"):
-            try:
-                context = self._parse_events(body["context"], "request", "context.")
-            except Invalid as e:
-                probs += e.problems
-        message = body.get("message")
-        if message is not None:
-            if not isinstance(message, str) or not message.strip():
-                probs.append(problem("message", "expected a non-empty chat message"))
-            elif len(message) > self.limits.max_text_chars:
-                probs.append(problem("message", f"{len(message):,} characters; the limit is "
-                                                f"{self.limits.max_text_chars:,}"))
-            else:
-                context.append(Event("conversation", text=message, speaker="user"))
-
-        target: dict[str, Any] = {}
-        tid, inline_item = body.get("target_id"), body.get("target")
-        if tid is not None and inline_item is not None:
-            probs.append(problem("target", "give either 'target_id' (a catalog item) or 'target', not both"))
-        elif tid is not None:
-            if not isinstance(tid, str) or tid not in self.catalog.items:
-                probs.append(problem("target_id", f"unknown item id {tid!r} (search the catalog: GET /v1/items?q=)"))
-            else:
-                target = {"item_id": tid}
-        elif inline_item is not None:
-            target, upload, more = self._inline_target(inline_item, upload)
-            probs += more
-        elif isinstance(message, str) and message.strip() and len(message) <= self.limits.max_text_chars:
-            item = self.index.target_from_message(message)
-            if item is None:
-                probs.append(problem("message", "no catalog item matches this message; give 'target_id'"))
-            else:
-                target = {"item_id": item.id, "from_message": True}
-        else:
-            probs.append(problem("target_id", "give 'target_id' (a catalog item), 'target' {title, text, image} "
-                                              "or a chat 'message' to take the target from"))
-
-        options: dict[str, Any] = {}
-        if body.get("weights") is not None:
-            try:
-                options["weights"] = weight_grid(body["weights"])
-            except (ValueError, TypeError) as e:
-                probs.append(problem("weights", str(e)))
-        for key, lo, hi in (("alpha", 0.0, 1.0), ("strength", 0.0, 1.0)):
-            v = body.get(key)
-            if key == "alpha" and v == "auto":  # the user's learned α (the default anyway)
-                continue
-            if v is not None:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                    probs.append(problem(key, f"expected a number in [{lo:g}, {hi:g}], got {v!r}"))
-                else:
-                    options[key] = float(v)
-        seed = body.get("seed")
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                probs.append(problem("seed", f"expected an integer in [0, 2^63), got {seed!r}"))
-            else:
-                options["seed"] = seed
-        request = {"user": user, "target": target, "context": [e.to_json() for e in context], "options": options}
-        return _Prepared(user_id, request, upload, probs)
-
-    def _inline_target(self, obj: Any, upload: bytes | None) -> tuple[dict[str, Any], bytes | None, list]:
-        probs: list[dict[str, Any]] = []
-        if not isinstance(obj, Mapping):
-            return {}, upload, [problem("target", "expected an object {title, text, image}")]
-        title, text = obj.get("title"), obj.get("text") or ""
-        if not isinstance(title, str) or not title.strip():
-            probs.append(problem("target.title", "expected a non-empty title"))
-        elif len(title) > self.limits.max_title_chars:
-            probs.append(problem("target.title", f"{len(title):,} characters; the limit is "
-                                                 f"{self.limits.max_title_chars:,}"))
-        if not isinstance(text, str) or len(text) > self.limits.max_text_chars:
-            probs.append(problem("target.text", f"expected text of at most {self.limits.max_text_chars:,} characters"))
-        image = obj.get("image")
-        if image is not None:
-            if upload is not None:
-                probs.append(problem("target.image", "give the image either as base64 or as an upload, not both"))
-            elif not isinstance(image, str):
-                probs.append(problem("target.image", "expected base64 image data"))
-            else:
-                data = image.split(",", 1)[1] if image.startswith("data:") and "," in image else image
-                if len(data) > self.limits.max_image_bytes * 4 // 3 + 8:
-                    raise TooLarge(f"the target image is over {describe_bytes(self.limits.max_image_bytes)} "
-                                   "(pmgen.limits.Limits)", [problem("target.image", "image too large")])
-                try:
-                    upload = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError):
-                    probs.append(problem("target.image", "expected base64 image data (a data: URL or plain base64; "
-                                                         "file paths are never opened)"))
-        if upload is not None:
-            self._check_upload(upload)
-        item = {"id": "upload", "title": title if isinstance(title, str) else "", "text": text}
-        return {"item": item, "image": None}, upload, probs
-
-    def _check_upload(self, data: bytes) -> None:
-        """Bytes and pixels (from the header, before decoding) within the limits: else 413; unreadable: 422."""
-        if len(data) > self.limits.max_image_bytes:
-            msg = (f"the target image is {describe_bytes(len(data))}; the limit is "
-                   f"{describe_bytes(self.limits.max_image_bytes)} (pmgen.limits.Limits)")
-            raise TooLarge(msg, [problem("target.image", msg)])
-        try:
-            check_image(data, self.limits, name="target.image")
-        except ImageError as e:
-            cls = TooLarge if "pixels" in str(e) else Invalid
-            raise cls(str(e), [problem("target.image", str(e))]) from None
-
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the median generation time (at least 1)."""
         per = statistics.median(self._durations[-20:]) if self._durations else 5.0
@@ -443,7 +221,7 @@ class Service:
         """
         if not isinstance(body, Mapping):
             raise Invalid("expected a JSON object", [problem(None, "expected a JSON object")])
-        prep = self._prepare(body, upload)
+        prep = self.validator.generation(body, upload)
         if prep.problems:
             raise Invalid(f"{len(prep.problems)} problem(s) in the request; nothing was stored", prep.problems)
         if self.load_error:
@@ -471,7 +249,7 @@ class Service:
 
     def get(self, gen_id: str, wait: float = 0.0) -> dict[str, Any]:
         """A generation's status, record, image URLs and feedback; ``wait`` blocks until it is final."""
-        gen_id = _safe(gen_id, "generation_id")
+        gen_id = safe_id(gen_id, "generation_id")
         deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
         while True:
             gen = self.store.generation(gen_id)
@@ -500,7 +278,7 @@ class Service:
 
     def image_path(self, gen_id: str, name: str) -> Path:
         """The file of a finished generation's image (``chosen.png`` or ``w_<weight>.png``)."""
-        gen_id = _safe(gen_id, "generation_id")
+        gen_id = safe_id(gen_id, "generation_id")
         if not _IMAGE_NAME.fullmatch(name):
             raise NotFound(f"no image {name!r} (expected chosen.png or w_<weight>.png)")
         if self.store.status(gen_id) != "done":
@@ -513,7 +291,7 @@ class Service:
 
     def feedback(self, gen_id: str, candidate: Any, signal: Any) -> dict[str, Any]:
         """Store ``pick``/``like``/``dislike`` on one candidate (by index) of a finished generation."""
-        gen_id = _safe(gen_id, "generation_id")
+        gen_id = safe_id(gen_id, "generation_id")
         gen = self.store.generation(gen_id)
         if gen is None:
             raise NotFound(f"unknown generation {gen_id!r}")
@@ -608,7 +386,7 @@ class Service:
                 res = self.pmg.generate(user, target, self.catalog.items, context=context, target_image=target_image,
                                         history_images=history, user_id=user.user_id, **opts)
                 res.save(folder)
-                record = record_json(res.record)
+                record = res.record.to_json()
                 if gen.request["user"]["stored"]:  # the profile shows the keywords without running the LLM again
                     self._keywords[(user.user_id, len(user.events))] = list(record.get("preference_keywords") or [])
             self.store.finish(gen_id, record)

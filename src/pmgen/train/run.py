@@ -17,8 +17,11 @@ This module stays free of torch at import time: the configs (and so the CLI) imp
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -118,6 +121,26 @@ def start_config(config_class: type[RunConfig], given: Mapping[str, Any], resume
         raise ValueError(f"a checkpoint already exists at {ckpt}: pass --resume to continue it, "
                          "or --train-dir for a new run")
     return config_class(**given)
+
+
+def begin_run(config_class: type[RunConfig], given: Mapping[str, Any], resume: bool,
+              log: Callable[[str], None]) -> RunConfig | None:
+    """The start every ``pmgen train`` command shares: the model hub offline (``HF_HUB_OFFLINE=1`` unless
+    set), the run's config (:func:`start_config`), torch's threads (``cfg.threads``) and the config logged.
+
+    Returns ``None`` when the settings are refused (the message is printed to stderr; exit code 2).
+    """
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = start_config(config_class, given, resume)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return None
+    torch.set_num_threads(cfg.threads)
+    log(f"config: {json.dumps(cfg.to_json())}")
+    return cfg
 
 
 def resume_config(path: Path, values: Mapping[str, Any], run_fields: Iterable[str]) -> dict[str, Any]:

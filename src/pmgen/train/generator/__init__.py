@@ -44,6 +44,7 @@ at the condition's length). Start it from the shipped weights with ``init_from``
 Modules: :mod:`~pmgen.train.generator.config` (the settings), :mod:`~pmgen.train.generator.data`
 (images, texts, text-state cache), :mod:`~pmgen.train.generator.vae` (stages 1 and 1b),
 :mod:`~pmgen.train.generator.trainer` (the state, steps, validation, checkpoints),
+:mod:`~pmgen.train.generator.checkpoint` (checks before resuming; the warm start from an export),
 :mod:`~pmgen.train.generator.card` (sample grids, export, model card) and
 :mod:`~pmgen.train.generator.main` (one command-line run). Importing this package is cheap: the
 names below load their module on first use.

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from pmgen.models.generator import count_parameters
 from pmgen.train.generator.card import write_model_card
 from pmgen.train.generator.config import GeneratorTrainConfig
 from pmgen.train.generator.data import load_train_data
 from pmgen.train.generator.trainer import GeneratorTrainer
-from pmgen.train.run import stamped_log, start_config, stop_on_signals
+from pmgen.train.run import begin_run, stamped_log, stop_on_signals
 
 
 def main(given: Mapping[str, Any], resume: bool = False, write_card: bool = False,
@@ -28,19 +23,13 @@ def main(given: Mapping[str, Any], resume: bool = False, write_card: bool = Fals
     for what ``resume`` takes from the checkpoint). ``write_card``: only rewrite the model card of
     ``out`` from the run's logs.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if write_card:
         card = write_model_card(Path(given["out"]), GeneratorTrainConfig.train_dir_of(given))
         print(f"written: {card}")
         return 0
-    try:
-        cfg = start_config(GeneratorTrainConfig, given, resume)
-    except ValueError as e:
-        print(e, file=sys.stderr)
+    cfg = begin_run(GeneratorTrainConfig, given, resume, log)
+    if cfg is None:
         return 2
-    torch.set_num_threads(cfg.threads)
-
-    log(f"config: {json.dumps(cfg.to_json())}")
     t0 = time.monotonic()
     data = load_train_data(cfg)
     log(f"data: {len(data.ids)} items ({int(data.heldout.sum())} held out, {int(data.skintone.sum())} skin-tone "

@@ -1,6 +1,7 @@
 """The generator trainer: the whole training state, one step of each stage, validation, export and
 exact-resume checkpoints. The recipe is in :mod:`pmgen.train.generator`; the VAE stages' maths in
-:mod:`pmgen.train.generator.vae`, the UNet's loss in :mod:`pmgen.train.losses`.
+:mod:`pmgen.train.generator.vae`, the UNet's loss in :mod:`pmgen.train.losses`, the checks of a
+checkpoint before resuming (and the warm start from an export) in :mod:`pmgen.train.generator.checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from pmgen.models.generator import StickerGenerator, build_scheduler, build_unet, build_vae, count_parameters
 from pmgen.train.generator.card import export_milestone, export_pipeline, log_milestone, pick_sample_rows
+from pmgen.train.generator.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_export, read_checkpoint
 from pmgen.train.generator.config import GeneratorTrainConfig
 from pmgen.train.generator.data import TrainData, text_states_cached
 from pmgen.train.generator.vae import (decoder_parameters, decoder_step, load_vae_weights, posteriors,
@@ -24,23 +26,7 @@ from pmgen.train.generator.vae import (decoder_parameters, decoder_step, load_va
 from pmgen.train.losses import diffusion_loss
 from pmgen.train.run import atomic_save, rng_state, set_rng_state
 
-CHECKPOINT_FORMAT = "pmgen-generator-train"
-CHECKPOINT_VERSION = 1
 STAGES = ("vae", "decoder", "unet")
-
-
-def load_export(folder: Path) -> dict[str, Any]:
-    """Weights (float32) and counters of an exported pipeline folder, for ``init_from``."""
-    try:
-        gen = StickerGenerator.from_pretrained(folder)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"init_from={folder}: {e}") from e
-    info = gen.info
-    return {"vae": gen.vae.state_dict(), "unet": gen.unet.state_dict(), "scaling_factor": gen.scaling_factor,
-            "step": int(info.get("trained_steps", 0)), "vae_steps": int(info.get("vae_steps", 0)),
-            "decoder_steps": int(info.get("decoder_steps", 0)),
-            "train_seconds": 3600.0 * float(info.get("train_hours", 0.0))}
-
 
 
 class GeneratorTrainer:
@@ -419,22 +405,8 @@ class GeneratorTrainer:
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path | None = None) -> None:
-        path = path or self.checkpoint_path
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        state = torch.load(path, weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
-        saved = GeneratorTrainConfig(**{k: v for k, v in state["config"].items()})
-        differ = self.cfg.model_fields_differ(saved)
-        if differ:
-            raise ValueError(f"{path} was trained with a different config ({', '.join(differ)}); "
-                             "resume with the same settings or start a new run with another --train-dir")
-        if state["data_fingerprint"] != self.data_fingerprint:
-            raise ValueError(f"{path} was trained on different data (catalog or text variants changed)")
-        mine = self.composites.fingerprint() if self.composites is not None else None
-        if state.get("composite_fingerprint") != mine:
-            raise ValueError(f"{path} was trained on different composites (pmgen.train.composites changed)")
+        state = read_checkpoint(path or self.checkpoint_path, self.cfg, self.data_fingerprint,
+                                self.composites.fingerprint() if self.composites is not None else None)
         self.vae.load_state_dict(state["vae"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.vae_sched.load_state_dict(state["vae_sched"])

@@ -3,8 +3,6 @@ trainer → resume → train (with a progress bar)."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -12,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pmgen.train.run import stamped_log, start_config, stop_on_signals
+from pmgen.train.run import begin_run, stamped_log, stop_on_signals
 from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 from pmgen.train.soft_prompt.data import build_examples, one_per_user, with_positives
 from pmgen.train.soft_prompt.trainer import SoftPromptTrainer
@@ -54,15 +52,9 @@ def main(given: Mapping[str, Any], resume: bool = False, preset: str = "sticker-
     ``given``: :class:`SoftPromptTrainConfig` fields set on the command line (see :mod:`pmgen.train.run`
     for what ``resume`` takes from the checkpoint); ``preset``: whose LLM, text encoder and generator.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cfg = start_config(SoftPromptTrainConfig, given, resume)
-    except ValueError as e:
-        print(e, file=sys.stderr)
+    cfg = begin_run(SoftPromptTrainConfig, given, resume, log)
+    if cfg is None:
         return 2
-    torch.set_num_threads(cfg.threads)
-
-    log(f"config: {json.dumps(cfg.to_json())}")
     trainer = prepare(cfg, preset, log)
     if resume:
         try:
