@@ -157,6 +157,9 @@ def plan_group(pmg: Any, reqs: Sequence[Request], alpha_of: Callable[[str], Any]
     group's keywords and soft embeddings (``index → (value, seconds)``) when given."""
     plans: list[Any] = []
     for i, req in enumerate(reqs):
+        if keywords and isinstance(keywords.get(i, (None, 0))[0], Exception):
+            plans.append(keywords[i][0])  # the keyword stage failed for this request (as PMG.plan would)
+            continue
         try:
             learned = alpha_of(req.user.user_id) if alpha_of is not None else None
             plans.append(pmg.plan(req.user, req.target, req.items, context=req.context,
@@ -178,8 +181,9 @@ def keywords_for_group(pmg: Any, reqs: Sequence[Request]) -> dict[int, tuple[Any
     """Preference keywords of every request in a group that needs them: cache lookups first, then the
     misses in one batched LLM call when the extractor has ``extract_many`` (else one by one).
 
-    Requests whose keyword stage fails (e.g. an empty history) are left out: :meth:`PMG.plan` then
-    runs the stage itself and reports the problem as a single request does.
+    A request whose history the stage refuses (``ValueError``, e.g. nothing fits the token budget) gets
+    the exception: :func:`plan_group` reports it as that request's failure, as a single request does.
+    Requests without events are left out (:meth:`PMG.plan` makes them non-personalized).
     """
     s = pmg.settings
     if not s.use_keywords:
@@ -190,22 +194,18 @@ def keywords_for_group(pmg: Any, reqs: Sequence[Request]) -> dict[int, tuple[Any
     out: dict[int, tuple[Any, float]] = {}
     if many is not None and len(todo) > 1:
         t = time.perf_counter()
-        try:
-            got = many([(reqs[i].user.events, reqs[i].items) for i in todo])
-        except ValueError:
-            got = [None] * len(todo)
+        got = many([(reqs[i].user.events, reqs[i].items) for i in todo])
         dt = (time.perf_counter() - t) / max(1, len(todo))
         for i, kw in zip(todo, got):
-            if kw is not None and not isinstance(kw, Exception):
-                out[i] = (kw, dt)
+            out[i] = (kw, dt)
         return out
     for i in todo:
         t = time.perf_counter()
         try:
-            out[i] = (ext.extract(reqs[i].user.events, reqs[i].items), 0.0)
-        except ValueError:
-            continue
-        out[i] = (out[i][0], time.perf_counter() - t)
+            kw: Any = ext.extract(reqs[i].user.events, reqs[i].items)
+        except ValueError as e:
+            kw = e
+        out[i] = (kw, time.perf_counter() - t)
     return out
 
 
