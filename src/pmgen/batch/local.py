@@ -48,7 +48,8 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     replaced. ``alpha_of(user_id)`` gives a user's learned ``(α, source)`` (or ``None``: the settings' α).
     ``group_size``: see the module docstring; ``unet_batch``: rows per UNet call in a group.
     ``stats``, when given, receives ``latency_s`` (per request written: from its group's start to its
-    folder being in place), ``wall_s`` and ``candidates``.
+    folder being in place), ``wall_s``, ``candidates``, and ``first_start`` / ``last_end`` (epoch seconds
+    of the processing window: models are loaded before it).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -64,7 +65,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     done = skipped
     latencies: list[float] = []
     n_candidates = 0
-    t_start = time.perf_counter()
+    t_start, wall_start = time.perf_counter(), time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as bar:
         task = bar.add_task("generating", total=len(parsed))
@@ -106,7 +107,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     write_index(out, {p.request_id: p.lineno for p in pending})
     if stats is not None:
         stats.update(latency_s=latencies, wall_s=time.perf_counter() - t_start, candidates=n_candidates,
-                     written=len(latencies))
+                     written=len(latencies), first_start=wall_start, last_end=time.time())
     console.print(f"{done} done ({skipped} already finished before), {failed} failed → {out}")
     return done, failed
 

@@ -220,8 +220,9 @@ class GenerateStage(_Stage):
             if isinstance(res, Exception):
                 results.append({"request_id": rid, "line": lineno, "ok": False, "error": message(res)})
             else:
+                now = time.time()
                 results.append({"request_id": rid, "line": lineno, "ok": True, "candidates": len(res.record.candidates),
-                                "latency_s": time.time() - row["t_start"]})
+                                "latency_s": now - row["t_start"], "t_start": row["t_start"], "t_end": now})
         return results
 
 
@@ -257,7 +258,10 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
         address: an existing Ray cluster (``ray start --head`` prints it); ``None`` = a Ray already
             initialized in this process, else a local one started here (and stopped at the end).
         cpus_per_actor: Ray CPUs per actor; its torch threads are this rounded down (at least 1).
-        stats: receives ``latency_s`` per request written, ``wall_s``, ``candidates``, ``retried``.
+        stats: receives ``latency_s`` per request written (from its group entering the LLM stage to its
+            folder in place), ``wall_s`` (Ray start and actor loading included), ``candidates``,
+            ``retried``, and ``first_start`` / ``last_end`` (epoch seconds: the first group entering the
+            LLM stage, the last folder written).
     """
     import ray
     from rich.console import Console
@@ -283,6 +287,7 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
         rows.append({"group": gi, "ids": [p.request_id for p in g], "lines": [p.lineno for p in g],
                      "alphas": {k: v for k, v in alphas.items() if v}})
     latencies: list[float] = []
+    window: list[float] = []
     n_candidates = 0
     started_here = False
     if rows:
@@ -327,6 +332,7 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
                 if not res.get("skipped"):
                     latencies.append(res["latency_s"])
                     n_candidates += res["candidates"]
+                    window += [res["t_start"], res["t_end"]]
             else:
                 failed += 1
                 report(p.lineno, res["error"])
@@ -334,6 +340,7 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
     index = write_index(out, {p.request_id: p.lineno for p in pending})
     if stats is not None:
         stats.update(latency_s=latencies, wall_s=time.perf_counter() - t_start, candidates=n_candidates,
-                     written=len(latencies), retried=sorted(r["request_id"] for r in index if r["retried"]))
+                     written=len(latencies), retried=sorted(r["request_id"] for r in index if r["retried"]),
+                     first_start=min(window, default=None), last_end=max(window, default=None))
     console.print(f"{done} done ({skipped} already finished before), {failed} failed → {out} (Ray)")
     return done, failed

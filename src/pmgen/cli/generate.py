@@ -57,30 +57,31 @@ def generate(
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None,
     soft_prompt: SoftOpt = None, generator: GeneratorOpt = None,
+    engine: Annotated[str, typer.Option(help="Batch engine: local (this process, requests in groups) or ray "
+                                        "(Ray Data: LLM actors and generator actors in parallel; needs pmgen\\[ray]).")] = "local",
+    group_size: Annotated[int, typer.Option(help="Batch: requests per group (keywords of a group's cache misses in "
+                                            "one LLM call, its candidates in shared UNet batches); 1 = one "
+                                            "request at a time, exactly `pmgen generate`'s images.")] = 8,
+    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: address of an existing Ray cluster "
+                                                       "(`ray start --head` prints it); default: a local Ray.")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="--engine ray: generator actors (default: the cluster's "
+                                                  "CPUs minus the LLM actors).")] = None,
+    llm_actors: Annotated[int, typer.Option(help="--engine ray: keyword / soft-embedding (LLM) actors.")] = 1,
+    stats: Annotated[Optional[Path], typer.Option(help="Batch: write the run's timings (per-request latency, "
+                                                  "wall time, candidates) to this JSON file.")] = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
-    from pmgen.batch.local import run_batch
     from pmgen.data import requests as rq
     from pmgen.paths import UnsafePathError, check_batch_root, check_result_dir
 
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy)
     if batch is not None:
-        batch_out = out or Path("runs") / batch.stem
-        try:
-            check_batch_root(batch_out)
-            parsed = list(rq.read_batch(batch, data_dir_))
-        except (DataError, UnsafePathError) as e:
-            _fail(str(e), 2)
-        pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
-        try:
-            done, failed = run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed,
-                                        alpha_of=None if alpha is not None else _learned_alpha(pmg, data_dir_))
-        except UnsafePathError as e:
-            _fail(str(e), 2)
-        if failed:
-            _fail(f"{failed} request(s) failed; the {done} others are done (re-run to retry only the failed ones)")
+        _batch(batch, out, preset, overrides, alpha, soft_prompt, generator, engine, group_size, ray_address,
+               actors, llm_actors, stats, data_dir_)
         return
+    if engine != "local" or ray_address is not None or actors is not None:
+        _fail("--engine, --ray-address and --actors apply to --batch runs", 2)
     try:
         if behaviors is not None:
             if items is None or target is None:
@@ -116,6 +117,62 @@ def generate(
         console.print(f"  report: {folder}/report.html", highlight=False)
         for w in res.record.warnings:
             err.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def _batch(batch: Path, out: Optional[Path], preset: str, overrides: dict, alpha: Optional[float],
+           soft_prompt: Optional[str], generator: Optional[str], engine: str, group_size: int,
+           ray_address: Optional[str], actors: Optional[int], llm_actors: int, stats_path: Optional[Path],
+           data_dir_: Optional[Path]) -> None:
+    """`pmgen generate --batch`: every option and the batch file checked before any model loads."""
+    from types import SimpleNamespace
+
+    from pmgen.data import requests as rq
+    from pmgen.paths import UnsafePathError, check_batch_root
+    from pmgen.pipeline import Settings
+
+    if engine not in ("local", "ray"):
+        _fail(f"--engine must be 'local' or 'ray', got {engine!r}", 2)
+    if engine == "local" and (ray_address is not None or actors is not None):
+        _fail("--ray-address and --actors need --engine ray", 2)
+    if group_size < 1 or (actors is not None and actors < 1) or llm_actors < 1:
+        _fail("--group-size, --actors and --llm-actors must be >= 1", 2)
+    if engine == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            _fail("--engine ray needs Ray: pip install 'pmgen[ray]' (or run `make setup`)", 2)
+    batch_out = out or Path("runs") / batch.stem
+    try:
+        check_batch_root(batch_out)
+        parsed = list(rq.read_batch(batch, data_dir_))
+    except (DataError, UnsafePathError) as e:
+        _fail(str(e), 2)
+    run_stats: dict = {}
+    try:
+        if engine == "local":
+            from pmgen.batch.local import run_batch
+
+            pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
+            done, failed = run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed,
+                                     alpha_of=None if alpha is not None else _learned_alpha(pmg, data_dir_),
+                                     group_size=group_size, stats=run_stats)
+        else:
+            from pmgen.batch.ray_engine import PresetFactory, run_batch_ray
+
+            factory = PresetFactory(preset, overrides, _soft(soft_prompt, generator), "default")
+            learned = None if alpha is not None else _learned_alpha(SimpleNamespace(settings=Settings(**overrides)),
+                                                                    data_dir_)
+            done, failed = run_batch_ray(factory, batch, batch_out, data_dir_, console, err, requests=parsed,
+                                         alpha_of=learned, group_size=group_size, actors=actors,
+                                         llm_actors=llm_actors, address=ray_address, stats=run_stats)
+    except UnsafePathError as e:
+        _fail(str(e), 2)
+    if stats_path is not None:
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        stats_path.write_text(json.dumps({"engine": engine, "group_size": group_size, "done": done,
+                                          "failed": failed, **run_stats}, indent=2) + "\n")
+    if failed:
+        _fail(f"{failed} request(s) failed; the {done} others are done (re-run to retry only the failed ones)")
 
 
 @app.command()
@@ -157,12 +214,25 @@ def bench(
     n: Annotated[int, typer.Option(help="Repetitions per stage (medians are reported).")] = 5,
     cold: Annotated[bool, typer.Option(help="Also time `pmgen generate` in a fresh process.")] = True,
     json_out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("runs/bench.json"),
+    batch: Annotated[Optional[int], typer.Option(help="Benchmark the batch engines instead: N requests (5 weights) "
+                                                 "through each --engine, side by side.")] = None,
+    engine: Annotated[str, typer.Option(help="--batch: engines to compare, in order: local1 (one request at a "
+                                        "time, the engine before groups), local (grouped), ray.")] = "local,ray",
+    group_size: Annotated[int, typer.Option(help="--batch: requests per group.")] = 8,
+    actors: Annotated[Optional[int], typer.Option(help="--batch: Ray generator actors (default: CPUs − 1).")] = None,
+    keyword_cache: Annotated[str, typer.Option(help="--batch: cold (every engine starts with an empty keyword "
+                                               "cache) or warm (a filled copy each).")] = "cold",
     data_dir_: DataDirOpt = None,
 ) -> None:
-    """Per-stage latency (medians), warm/cold generate, throughput and peak memory vs. the CPU budgets."""
+    """Per-stage latency (medians), warm/cold generate, throughput and peak memory vs. the CPU budgets;
+    with --batch N, the batch engines side by side (stickers/s, p50 latency, peak memory, same images)."""
     from pmgen.eval.bench import run_bench
 
     data_build("sticker-users", data_dir_)
+    if batch is not None:
+        _bench_batch(batch, tuple(e.strip() for e in engine.split(",") if e.strip()), preset, group_size, actors,
+                     keyword_cache, json_out, data_dir_)
+        return
     res = run_bench(preset, n, data_dir_, cold, log=lambda m: console.print(m, highlight=False))
     t = Table("stage", "median", "budget", "ok")
     for name, st in res["stages"].items():
@@ -183,6 +253,41 @@ def bench(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=2) + "\n")
     console.print(f"written: {json_out}")
+
+def _bench_batch(n: int, engines: tuple, preset: str, group_size: int, actors: Optional[int], keyword_cache: str,
+                 json_out: Path, data_dir_: Optional[Path]) -> None:
+    import os
+
+    from pmgen.eval.bench import BATCH_ENGINES, run_batch_bench
+
+    if n < 1 or group_size < 1 or (actors is not None and actors < 1):
+        _fail("--batch, --group-size and --actors must be >= 1", 2)
+    bad = [e for e in engines if e not in BATCH_ENGINES]
+    if bad or not engines:
+        _fail(f"--engine: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(BATCH_ENGINES)}", 2)
+    if keyword_cache not in ("cold", "warm"):
+        _fail("--keyword-cache must be cold or warm", 2)
+    res = run_batch_bench(n, engines, preset, data_dir_, group_size, actors, keyword_cache,
+                          log=lambda m: console.print(m, highlight=False))
+    t = Table("engine", "stickers/s", "requests/s", "end to end", "p50 latency", "peak memory (all processes)",
+              "load avg (1 min) before → after", title=f"{n} requests × 5 weights, keywords {keyword_cache}")
+    for name, r in res["engines"].items():
+        t.add_row(name, f"{r['stickers_per_s']:.2f}", f"{r['requests_per_s']:.3f}",
+                  f"{r['stickers_per_s_end_to_end']:.2f}/s", f"{r['p50_latency_s']:.1f} s",
+                  f"{r['peak_rss_gb_all_processes']:.2f} GB",
+                  f"{r['load_avg_before'][0]:.2f} → {r['load_avg_after'][0]:.2f}")
+    console.print(t)
+    for name, r in res["engines"].items():
+        for key, cmp in r.items():
+            if key.startswith("vs_"):
+                console.print(f"{name} {key}: chosen images identical {cmp['identical_chosen']}/{cmp['of_chosen']}, "
+                              f"candidates {cmp['identical_candidates']}/{cmp['of_candidates']}", highlight=False)
+    if "ray_vs_local_throughput" in res:
+        console.print(f"Ray / local throughput: {res['ray_vs_local_throughput']:.2f}", highlight=False)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(res, indent=2) + "\n")
+    console.print(f"written: {json_out} ({os.cpu_count()} CPUs)")
+
 
 @app.command()
 def feedback(

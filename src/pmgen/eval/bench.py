@@ -7,6 +7,7 @@ a cold generate ≤ 30 s, peak memory ≤ 3 GB.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -155,3 +156,168 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
     results["budgets_s"] = BUDGETS_S
     results["budget_rss_gb"] = BUDGET_RSS_GB
     return results
+
+
+# ---------------------------------------------------------------------------------------------- batch engines
+
+BATCH_ENGINES = {"local1": ("local", 1), "local": ("local", None), "ray": ("ray", None)}
+"""``pmgen bench --batch N --engine ...``: ``local1`` = the local engine one request at a time (the images
+of ``pmgen generate``, the engine before groups), ``local`` = grouped, ``ray`` = the Ray Data engine."""
+
+
+def batch_requests(data_root: Path | None, n: int) -> list[dict[str, Any]]:
+    """``n`` batch lines from the sticker users' test split: one sample per user first (distinct histories),
+    then around again with other seeds."""
+    from pmgen.data import datasets
+
+    test = datasets.load("sticker-users", data_root).split("test")
+    per_user = list({s.user_id: s for s in reversed(test)}.values())[::-1]
+    return [{"dataset": "sticker-users", "sample_id": per_user[i % len(per_user)].sample_id,
+             "request_id": f"b{i:04d}", "seed": i // len(per_user)} for i in range(n)]
+
+
+def _tree_rss(proc: Any) -> int:
+    """Resident bytes of a process and all its descendants (Ray's raylet, GCS and workers included)."""
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def _cache_copy(dst: Path, keywords: Path | None) -> Path:
+    """A private cache dir for one run: the shared one's models, glossary and data linked, keyword cache
+    fresh (cold) or a copy of ``keywords`` (warm)."""
+    import shutil
+
+    from pmgen.paths import cache_dir
+
+    src = cache_dir()
+    dst.mkdir(parents=True)
+    for entry in ("models", "glossary", "data"):
+        if (src / entry).exists():
+            (dst / entry).symlink_to(src / entry)
+    if keywords is not None and keywords.exists():
+        shutil.copy(keywords, dst / "keywords.sqlite")
+    return dst
+
+
+def _run_engine(name: str, batch: Path, work: Path, preset: str, group_size: int, actors: int | None,
+                data_root: Path | None, keywords: Path | None, extra: list[str]) -> dict[str, Any]:
+    import psutil
+
+    engine, fixed_group = BATCH_ENGINES[name]
+    out, stats_path = work / f"out-{name}", work / f"stats-{name}.json"
+    cmd = [sys.executable, "-m", "pmgen", "generate", "--batch", str(batch), "--engine", engine, "--out", str(out),
+           "--group-size", str(fixed_group or group_size), "--stats", str(stats_path), "--preset", preset, *extra]
+    if engine == "ray" and actors:
+        cmd += ["--actors", str(actors)]
+    if data_root is not None:
+        cmd += ["--data-dir", str(data_root)]
+    env = {**os.environ, "PMGEN_CACHE_DIR": str(_cache_copy(work / f"cache-{name}", keywords))}
+    load_before = os.getloadavg()
+    t = time.perf_counter()
+    proc = psutil.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc))
+        time.sleep(0.25)
+    wall = time.perf_counter() - t
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: `{' '.join(cmd[1:])}` failed:\n{stderr[-3000:]}")
+    st = json.loads(stats_path.read_text())
+    window = (st["last_end"] - st["first_start"]) if st.get("first_start") else st["wall_s"]
+    lat = sorted(st["latency_s"])
+    return {"engine": engine, "group_size": fixed_group or group_size, "requests": st["written"],
+            "candidates": st["candidates"], "window_s": window, "process_wall_s": wall,
+            "stickers_per_s": st["candidates"] / window, "requests_per_s": st["written"] / window,
+            "stickers_per_s_end_to_end": st["candidates"] / wall,
+            "p50_latency_s": statistics.median(lat) if lat else None,
+            "p90_latency_s": lat[int(0.9 * (len(lat) - 1))] if lat else None,
+            "peak_rss_gb_all_processes": peak / 2**30, "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(), "retried": st.get("retried", []), "out": str(out),
+            "command": " ".join(cmd[1:])}
+
+
+def _pixels(folder: Path, pattern: str) -> dict[str, bytes]:
+    from PIL import Image
+
+    return {str(p.relative_to(folder)): Image.open(p).tobytes() for p in sorted(folder.glob(pattern))}
+
+
+def run_batch_bench(n: int = 16, engines: tuple[str, ...] = ("local", "ray"), preset: str = "sticker-tiny",
+                    data_root: Path | None = None, group_size: int = 8, actors: int | None = None,
+                    keywords: str = "cold", work: Path | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The batch engines on the same ``n`` requests (5 weights), one after another in fresh processes.
+
+    Each engine gets its own keyword cache: empty (``keywords="cold"``: every user's keywords come from
+    the LLM, as in a first overnight run) or a copy of one filled beforehand (``"warm"``). Reports
+    stickers/s (candidate images per second over the processing window: the first request started to
+    the last folder written; models are loaded before it, Ray's start-up and actor loading partly in
+    it), requests/s, the same end to end (process start to exit), p50 per-request latency, the peak
+    resident memory of the engine's whole process tree, the load average around each run, and whether
+    the engines chose identical images (chosen.png and every candidate compared pixel by pixel).
+    """
+    bad = [e for e in engines if e not in BATCH_ENGINES]
+    if bad or not engines:
+        raise ValueError(f"unknown engine(s) {bad}; choose from {', '.join(BATCH_ENGINES)}")
+    if keywords not in ("cold", "warm"):
+        raise ValueError(f"keywords must be 'cold' or 'warm', got {keywords!r}")
+    tmp = tempfile.TemporaryDirectory() if work is None else None
+    work = Path(tmp.name) if tmp is not None else Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        batch = work / "requests.jsonl"
+        lines = batch_requests(data_root, n)
+        batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        kw_path = None
+        if keywords == "warm":
+            kw_path = work / "warm-keywords.sqlite"
+            _fill_keyword_cache(preset, batch, data_root, kw_path, log)
+        results: dict[str, Any] = {"n": n, "weights": 5, "keywords": keywords, "machine": machine_info(),
+                                   "cpu_count": os.cpu_count(), "engines": {}}
+        for name in engines:
+            log(f"{name}: {n} requests (load average {os.getloadavg()[0]:.2f}) ...")
+            r = _run_engine(name, batch, work, preset, group_size, actors, data_root, kw_path, [])
+            results["engines"][name] = r
+            log(f"  {r['stickers_per_s']:.2f} stickers/s, p50 {r['p50_latency_s']:.1f} s, "
+                f"peak {r['peak_rss_gb_all_processes']:.2f} GB")
+        ref = engines[0]
+        chosen_ref = _pixels(Path(results["engines"][ref]["out"]), "*/chosen.png")
+        cands_ref = _pixels(Path(results["engines"][ref]["out"]), "*/candidates/*.png")
+        for name in engines[1:]:
+            out = Path(results["engines"][name]["out"])
+            chosen, cands = _pixels(out, "*/chosen.png"), _pixels(out, "*/candidates/*.png")
+            results["engines"][name]["vs_" + ref] = {
+                "identical_chosen": sum(chosen.get(k) == v for k, v in chosen_ref.items()),
+                "identical_candidates": sum(cands.get(k) == v for k, v in cands_ref.items()),
+                "of_chosen": len(chosen_ref), "of_candidates": len(cands_ref)}
+        if "local" in results["engines"] and "ray" in results["engines"]:
+            results["ray_vs_local_throughput"] = (results["engines"]["ray"]["stickers_per_s"]
+                                                  / results["engines"]["local"]["stickers_per_s"])
+        return results
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _fill_keyword_cache(preset: str, batch: Path, data_root: Path | None, path: Path,
+                        log: Callable[[str], None]) -> None:
+    """Warm keywords: every request's user through the keyword stage once, into ``path``."""
+    from pmgen.data.requests import Request, read_batch
+    from pmgen.pipeline import PMG, Settings
+    from pmgen.presets import get_preset, load_llm
+    from pmgen.stages.keywords import KeywordCache
+
+    log("filling the keyword cache (warm run) ...")
+    p = get_preset(preset)
+    pmg = PMG(p, load_llm(p), None, None, None, settings=Settings(), keyword_cache=KeywordCache(path))
+    for _, r in read_batch(batch, data_root):
+        if isinstance(r, Request) and r.user.events:
+            pmg.extract(r.user, r.items)
