@@ -20,7 +20,7 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 from serve_helpers import free_port, start_server, wait_ready  # noqa: E402
 
-from pmgen.serve.store import Store, sqlite_url  # noqa: E402
+from pmgen.data.store import Store, sqlite_url  # noqa: E402
 
 N_CLIENTS = 4
 ROUNDS = 40  # requests per client at most (the kill comes first)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pmgen.data.schema import DataError, Dataset, Event, Item, Problem, User
+from pmgen.data.schema import DataError, Dataset, Event, Item, Problem, User, newest_first
 from pmgen.data.validate import _Ctx, _id, parse_event, parse_items
 from pmgen.limits import LIMITS, Limits, check_file_size
 from pmgen.paths import check_id, safe_id
@@ -43,8 +43,6 @@ class Request:
 
 def history_image_paths(ds_or_root: Dataset | Path, user: User, items: Mapping[str, Item], limit: int = 12) -> list[Path]:
     """Images of the items in a user's history, newest first (items without images are skipped)."""
-    from pmgen.stages.verbalize import newest_first
-
     out: list[Path] = []
     for e in newest_first(user.events):
         if e.item_id and e.item_id in items and items[e.item_id].image:

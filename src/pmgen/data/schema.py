@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 EVENT_TYPES: tuple[str, ...] = (
     "click",
@@ -233,3 +233,11 @@ def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         for i, raw in enumerate(f, start=1):
             if raw.strip():
                 yield i, raw
+
+
+def newest_first(events: Sequence[Event]) -> list[Event]:
+    """Order events newest first: by ``time`` when every event has one, otherwise reverse file order."""
+    if events and all(e.time is not None for e in events):
+        order = sorted(range(len(events)), key=lambda i: (events[i].time, i), reverse=True)
+        return [events[i] for i in order]
+    return list(reversed(events))

@@ -4,7 +4,7 @@
 * :mod:`pmgen.serve.service` — what each route does: queueing, the worker's job, recovery;
 * :mod:`pmgen.serve.validation` — checking events, generation requests and target images;
 * :mod:`pmgen.serve.errors` — the answers other than success (with their HTTP status) and problems;
-* :mod:`pmgen.serve.store` — users, events, generations, feedback (SQLAlchemy Core; SQLite WAL by default);
+* :mod:`pmgen.data.store` — users, events, generations, feedback (SQLAlchemy Core; SQLite WAL by default);
 * :mod:`pmgen.serve.worker` — the one model worker and its bounded queue;
 * :mod:`pmgen.serve.catalog` — catalog search and the target of a chat message;
 * :mod:`pmgen.serve.bench` — ``pmgen bench-serve``: bounded load on loopback;

@@ -41,7 +41,7 @@ from pmgen.data.schema import Dataset
 from pmgen.limits import LIMITS, Limits
 from pmgen.serve.errors import Invalid, ServiceError, TooLarge, problem
 from pmgen.serve.service import MAX_WAIT_S, Service
-from pmgen.serve.store import STORE_FILE, Store, sqlite_url
+from pmgen.data.store import STORE_FILE, Store, sqlite_url
 
 STATIC = Path(__file__).parent / "static"
 

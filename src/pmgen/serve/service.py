@@ -37,7 +37,7 @@ from pmgen.limits import LIMITS, Limits
 from pmgen.paths import check_id, inside
 from pmgen.serve.catalog import Catalog
 from pmgen.serve.errors import Busy, Conflict, Invalid, NotFound, problem, safe_id
-from pmgen.serve.store import SIGNALS, Generation, Store
+from pmgen.data.store import SIGNALS, Generation, Store
 from pmgen.serve.validation import RequestValidator
 from pmgen.serve.worker import Worker
 from pmgen.stages.feedback import UserBalance, balance_from_store

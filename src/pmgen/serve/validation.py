@@ -15,7 +15,7 @@ from pmgen.data.schema import DataError, Dataset, Event
 from pmgen.limits import Limits, describe_bytes
 from pmgen.serve.catalog import Catalog
 from pmgen.serve.errors import Invalid, TooLarge, problem, problems_of, safe_id
-from pmgen.serve.store import Store
+from pmgen.data.store import Store
 from pmgen.stages.select import weight_grid
 
 

@@ -223,7 +223,7 @@ def learn(events: Sequence[FeedbackEvent], prior_alpha: float = 2 / 3,
 
 
 def balance_from_store(store: Any, user_id: str, prior_alpha: float = 2 / 3) -> UserBalance:
-    """Replay a user's feedback rows from a :class:`pmgen.serve.store.Store` (each row names a stored
+    """Replay a user's feedback rows from a :class:`pmgen.data.store.Store` (each row names a stored
     generation whose record holds the shown candidates' scores)."""
     events = []
     for row in store.feedback(user_id):
@@ -239,7 +239,7 @@ def open_store(data_root: Any = None, create: bool = False) -> Any:
     from pmgen.paths import data_dir
 
     try:
-        from pmgen.serve.store import STORE_FILE, Store, sqlite_url
+        from pmgen.data.store import STORE_FILE, Store, sqlite_url
     except ImportError:  # sqlalchemy missing: no store, α stays the preset's
         if create:
             raise

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from pmgen.data.schema import EVENT_TYPES, Event, Item
+from pmgen.data.schema import EVENT_TYPES, Event, Item, newest_first  # noqa: F401  (newest_first: part of this stage's API)
 
 TokenCounter = Callable[[str], int]
 
@@ -140,14 +140,6 @@ class History:
     @property
     def text(self) -> str:
         return "\n".join(f"- {line}" for line in self.lines)
-
-
-def newest_first(events: Sequence[Event]) -> list[Event]:
-    """Order events newest first: by ``time`` when every event has one, otherwise reverse file order."""
-    if events and all(e.time is not None for e in events):
-        order = sorted(range(len(events)), key=lambda i: (events[i].time, i), reverse=True)
-        return [events[i] for i in order]
-    return list(reversed(events))
 
 
 def verbalize_history(

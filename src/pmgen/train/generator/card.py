@@ -9,14 +9,14 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pmgen.models.generator import StickerGenerator, build_scheduler
 
-if TYPE_CHECKING:
-    from pmgen.train.generator.trainer import GeneratorTrainer
+# `trainer` below is a :class:`pmgen.train.generator.trainer.GeneratorTrainer` (not imported: the trainer imports this module)
+Trainer = Any
 
 TRAINING_LOG = "training_log.jsonl"  # copy of the run's progress.log inside the exported folder
 
@@ -49,7 +49,7 @@ def pick_sample_rows(texts: Sequence[Sequence[str]]) -> list[tuple[int, str, str
     return rows
 
 @torch.no_grad()
-def sample_grid(trainer: GeneratorTrainer, gen: StickerGenerator) -> Any:
+def sample_grid(trainer: Trainer, gen: StickerGenerator) -> Any:
     """A PIL image: one row per sample item; columns: init | img2img same text (first strength)
     | img2img other text (each strength) | text-to-image same text."""
     from PIL import Image, ImageDraw
@@ -86,7 +86,7 @@ def composite_sample_specs(val: Sequence[Any], n: int = 12) -> list[Any]:
     return picked[:n]
 
 @torch.no_grad()
-def composite_sample_grid(trainer: GeneratorTrainer, gen: StickerGenerator,
+def composite_sample_grid(trainer: Trainer, gen: StickerGenerator,
                           weights: Sequence[float] = (0.0, 0.5, 1.0, 2.0), strength: float = 0.6) -> Any:
     """A PIL image: one row per held-out target × taste; columns: the target | img2img at
     ``strength`` with the builder's condition at each weight (w = 0: the target alone) | the
@@ -120,7 +120,7 @@ def composite_sample_grid(trainer: GeneratorTrainer, gen: StickerGenerator,
 
 
 # ------------------------------------------------------------------ export
-def export_pipeline(trainer: GeneratorTrainer, unet: torch.nn.Module | None = None) -> StickerGenerator:
+def export_pipeline(trainer: Trainer, unet: torch.nn.Module | None = None) -> StickerGenerator:
     """The pipeline to export: the VAE, ``unet`` (default: the EMA weights) and the run's info
     (its config without the machine-specific folders)."""
     t = trainer
@@ -135,7 +135,7 @@ def export_pipeline(trainer: GeneratorTrainer, unet: torch.nn.Module | None = No
                             build_scheduler(t.cfg.prediction_type), t.scaling_factor, t.cfg.text_max_length, info)
 
 
-def export_milestone(trainer: GeneratorTrainer) -> dict[str, float]:
+def export_milestone(trainer: Trainer) -> dict[str, float]:
     """Export the EMA pipeline (fp16) to ``cfg.out`` with ``samples.png`` / ``samples.json`` (the grid
     also goes to ``<train dir>/samples/``); returns the validation metrics and the export size."""
     unet = trainer.ema_unet()
@@ -159,7 +159,7 @@ def export_milestone(trainer: GeneratorTrainer) -> dict[str, float]:
     return metrics
 
 
-def log_milestone(trainer: GeneratorTrainer) -> None:
+def log_milestone(trainer: Trainer) -> None:
     """:meth:`GeneratorTrainer.milestone`, then its ``progress.log`` line, a copy of the log in the
     export and the model card (a card problem is logged, never raised)."""
     t0 = time.monotonic()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 
-if TYPE_CHECKING:
-    from pmgen.train.soft_prompt.trainer import SoftPromptTrainer
+# `trainer` below is a :class:`pmgen.train.soft_prompt.trainer.SoftPromptTrainer` (not imported: the trainer imports this module)
+Trainer = Any
 
 
 def _option(name: str, value: Any) -> str:
@@ -19,7 +19,7 @@ def _option(name: str, value: Any) -> str:
     return f"--{flag} {value}"
 
 
-def write_model_card(trainer: SoftPromptTrainer) -> None:
+def write_model_card(trainer: Trainer) -> None:
     """``loss.png`` (train loss, validation L_pos / L_neg / target-only) and ``README.md`` in ``cfg.out``."""
     import matplotlib
 
