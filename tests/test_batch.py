@@ -148,3 +148,30 @@ def test_local_engine_resumes_and_the_index_says_what_was_retried(tiny_pmg, toy_
     index = {r["request_id"]: r for r in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
     assert {k: v["retried"] for k, v in index.items()} == {"r0": False, "r1": False, "r2": True, "r3": True}
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+
+
+def test_extract_many_is_extract_for_each_history_in_one_llm_call(tiny_pmg, toy_data, tmp_path, monkeypatch):
+    import pmgen.stages.keywords.extract as ex
+    from pmgen.stages.keywords import KeywordCache, PreferenceExtractor
+
+    root, items, user = toy_data
+    others = [User("u2", [Event("search", text="hearts", time=1), Event("social", item_id="c", value="send", time=2)]),
+              User("u3", [Event("social", item_id="a", value="send", time=1)])]
+    histories = [(user.events, items), (others[0].events, items), ([], items), (user.events, items),
+                 (others[1].events, items)]
+    alone = PreferenceExtractor(tiny_pmg.llm, k=4, cache=None)
+    expected = [alone.extract(e, i) if e else None for e, i in histories]
+    ext = PreferenceExtractor(tiny_pmg.llm, k=4, cache=KeywordCache(tmp_path / "kw.sqlite"))
+    ext.extract(*histories[4])  # one of them cached already
+    calls = []
+    real = ex.generate_batch
+    monkeypatch.setattr(ex, "generate_batch", lambda llm, prompts, *a, **k: (calls.append(len(prompts)),
+                                                                          real(llm, prompts, *a, **k))[1])
+    got = ext.extract_many(histories)
+    assert calls == [2 * ext.n_permutations]  # one call: the two distinct misses' renderings
+    assert isinstance(got[2], ValueError)  # an empty history: extract's error, for that entry only
+    for g, e in zip(got, expected):
+        if e is not None:
+            assert g.keywords == e.keywords and g.raw == e.raw
+    assert got[0] is got[3]  # the same history twice is run once
+    assert ext.extract_many(histories[:2])[0].keywords == expected[0].keywords  # now from the cache

@@ -73,7 +73,7 @@ def generate(
 ) -> None:
     """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
     from pmgen.data import requests as rq
-    from pmgen.paths import UnsafePathError, check_batch_root, check_result_dir
+    from pmgen.paths import UnsafePathError, check_result_dir
 
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy)
     if batch is not None:

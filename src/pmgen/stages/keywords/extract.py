@@ -9,7 +9,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, replace
-from typing import Any, Mapping, Sequence
+from typing import AbstractSet, Any, Mapping, Sequence
 
 from pmgen.data.schema import Event, Item
 from pmgen.models.llm import ChatModel, Decoding
@@ -153,7 +153,7 @@ class PreferenceExtractor:
             raise ValueError(f"selection must be 'votes' or 'consensus', got {selection!r}")
         self.selection = selection
         self._glossary = glossary
-        self._english: set[str] | None = None
+        self._english: AbstractSet[str] | None = None
 
     def _count_tokens(self, text: str) -> int:
         fn = getattr(self.llm, "count_tokens", None)
@@ -232,6 +232,70 @@ class PreferenceExtractor:
             ValueError: when the history is empty, or when not even its newest event fits in
                 ``budget_tokens`` — the caller (the pipeline) decides what to do with such a user.
         """
+        begun = self._begin(events, items, exclude_titles)
+        if isinstance(begun, Keywords):
+            return begun
+        stop = lambda s: _enough(s, self.n_candidates, self.max_words)  # noqa: E731
+        prompts = begun["prompts"]
+        t1 = time.perf_counter()
+        if len(prompts) == 1:
+            raws = [generate(self.llm, prompts[0], self.max_new_tokens, self.decoding, stop=stop,
+                             prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)]
+        else:
+            raws = generate_batch(self.llm, prompts, self.max_new_tokens, self.decoding, stop=stop,
+                                  prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)
+        return self._end(begun, raws, time.perf_counter() - t1)
+
+    def extract_many(self, histories: Sequence[tuple[Sequence[Event], Mapping[str, Item]]],
+                     exclude_titles: bool = False) -> list[Keywords | ValueError]:
+        """:meth:`extract` for many users: cache lookups first, then every miss's renderings in **one**
+        batched LLM call (:func:`generate_batch`; the shared system + few-shot prefix computed once).
+
+        Returns one entry per ``(events, items)``, in order: a :class:`Keywords` record, or the
+        ``ValueError`` :meth:`extract` would raise for that history. The same history twice is run
+        once. Parsing, grounding, voting and the cache are :meth:`extract`'s. A batch pads the
+        prompts to a common length, which moves the LLM's float sums by rounding: a greedy decode can
+        then (rarely) pick another token than the same history decoded alone.
+        """
+        out: list[Any] = [None] * len(histories)
+        misses: dict[tuple, list[int]] = {}
+        begun: dict[tuple, dict[str, Any]] = {}
+        for i, (events, items) in enumerate(histories):
+            try:
+                b = self._begin(events, items, exclude_titles)
+            except ValueError as e:
+                out[i] = e
+                continue
+            if isinstance(b, Keywords):
+                out[i] = b
+            else:
+                misses.setdefault(b["key"], []).append(i)
+                begun.setdefault(b["key"], b)
+        if not misses:
+            return out
+        keys = list(misses)
+        prompts = [pr for k in keys for pr in begun[k]["prompts"]]
+        stop = lambda s: _enough(s, self.n_candidates, self.max_words)  # noqa: E731
+        t1 = time.perf_counter()
+        if len(prompts) == 1:
+            raws = [generate(self.llm, prompts[0], self.max_new_tokens, self.decoding, stop=stop,
+                             prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)]
+        else:
+            raws = generate_batch(self.llm, prompts, self.max_new_tokens, self.decoding, stop=stop,
+                                  prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)
+        t_llm = (time.perf_counter() - t1) / len(keys)
+        pos = 0
+        for k in keys:
+            n = len(begun[k]["prompts"])
+            record = self._end(begun[k], raws[pos:pos + n], t_llm)
+            pos += n
+            for i in misses[k]:
+                out[i] = record
+        return out
+
+    def _begin(self, events: Sequence[Event], items: Mapping[str, Item],
+               exclude_titles: bool) -> Keywords | dict[str, Any]:
+        """:meth:`extract` up to the LLM: the cached record, or what the LLM is asked and the rest needs."""
         t0 = time.perf_counter()
         if not events:
             raise ValueError("cannot extract preferences from an empty history (0 events); "
@@ -263,15 +327,15 @@ class PreferenceExtractor:
         n_ask = self.n_candidates
         prompts = [preference_messages(t, n_ask, self.prompt_version) for t in texts]
         t_verbalize = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        stop = lambda s: _enough(s, n_ask, self.max_words)  # noqa: E731
-        if len(prompts) == 1:
-            raws = [generate(self.llm, prompts[0], self.max_new_tokens, self.decoding, stop=stop,
-                             prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)]
-        else:
-            raws = generate_batch(self.llm, prompts, self.max_new_tokens, self.decoding, stop=stop,
-                                  prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)
-        t_llm = time.perf_counter() - t1
+        return {"t0": t0, "events": events, "items": items, "history": history, "glossed": glossed,
+                "kept": kept, "titles": titles, "key": key, "prompts": prompts, "n_ask": n_ask,
+                "t_verbalize": t_verbalize}
+
+    def _end(self, begun: dict[str, Any], raws: list[str], t_llm: float) -> Keywords:
+        """:meth:`extract` after the LLM: parse, ground, vote, pad, cache."""
+        t0, items, history, glossed = begun["t0"], begun["items"], begun["history"], begun["glossed"]
+        kept, titles, key, n_ask, t_verbalize = (begun["kept"], begun["titles"], begun["key"], begun["n_ask"],
+                                                 begun["t_verbalize"])
         t2 = time.perf_counter()
         lists = [parse_keywords(r, n_ask, exclude=titles, max_words=self.max_words) for r in raws]
         voted = vote_keywords(lists, n_ask * len(lists))
