@@ -15,8 +15,11 @@ in (and the same as the Ray engine's), and within float rounding of ``pmgen gene
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from pmgen.batch.common import (
     DEFAULT_GROUP_SIZE,  # noqa: F401  (re-exported for callers choosing a group size)
@@ -37,7 +40,8 @@ from pmgen.paths import inside, prepare_batch_root
 def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
               err: Any = None, requests: list[tuple[int, Request | Exception]] | None = None,
               alpha_of: Callable[[str], tuple[float, str] | None] | None = None, group_size: int = 1,
-              unet_batch: int = DEFAULT_BATCH_SIZE, stats: dict[str, Any] | None = None) -> tuple[int, int]:
+              unet_batch: int = DEFAULT_BATCH_SIZE, stats: dict[str, Any] | None = None,
+              overlap: bool = True) -> tuple[int, int]:
     """Run every request of a batch file into ``out/<request_id>/``; skip finished ones.
 
     Returns ``(done, failed)``. Failures (bad lines, unknown ids) are reported with their line number
@@ -47,6 +51,9 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     every request folder is verified to stay inside it, and a folder pmgen did not write is never
     replaced. ``alpha_of(user_id)`` gives a user's learned ``(α, source)`` (or ``None``: the settings' α).
     ``group_size``: see the module docstring; ``unet_batch``: rows per UNet call in a group.
+    ``overlap`` (groups only): the next group's keywords and soft embeddings are computed in a second
+    thread while this group is in the UNet, each stage with half of torch's threads meanwhile (one
+    each on 2 cores; restored at the end).
     ``stats``, when given, receives ``latency_s`` (per request written: from its group's start to its
     folder being in place), ``wall_s``, ``candidates``, and ``first_start`` / ``last_end`` (epoch seconds
     of the processing window: models are loaded before it).
@@ -70,40 +77,63 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
                   console=console, transient=False) as bar:
         task = bar.add_task("generating", total=len(parsed))
         bar.advance(task, len(parsed) - len(pending))
-        for group in groups(pending, group_size):
+        glist = list(groups(pending, group_size))
+        overlapped = overlap and group_size > 1 and len(glist) > 1
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pmgen-keywords") if overlapped else None
+        if overlapped:
+            torch.set_num_threads(max(1, threads // 2))  # two stages at once: half the threads each
+
+        def prepare(group: list[Any]) -> tuple[float, list[Request], Any, Any]:
             t0 = time.perf_counter()
             reqs = [by_id[p.request_id] for p in group]
-            for p in group:
-                note_attempt(out, p.request_id)
             if group_size == 1:
-                results: list[Any] = []
-                for req in reqs:
-                    try:
-                        learned = alpha_of(req.user.user_id) if alpha_of is not None else None
-                        results.append(pmg.generate(
-                            req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                            history_images=req.history_images, user_id=req.user.user_id,
-                            **({"seed": req.seed} if req.seed is not None else {}),
-                            **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {})))
-                    except (ValueError, OSError) as e:
-                        results.append(e)
-            else:
-                results = run_group(pmg, reqs, alpha_of, unet_batch)
-            for p, req, res in zip(group, reqs, results):
-                if not isinstance(res, Exception):
-                    try:
-                        if req.ground_truth:
-                            res.record.ground_truth_personalized = req.ground_truth
-                        res.save(inside(out, p.request_id))
-                        done += 1
-                        n_candidates += len(res.record.candidates)
-                        latencies.append(time.perf_counter() - t0)
-                    except (ValueError, OSError) as e:  # a foreign folder in the way, ...
-                        res = e
-                if isinstance(res, Exception):
-                    failed += 1
-                    report(p.lineno, message(res))
-                bar.advance(task)
+                return t0, reqs, None, None
+            return t0, reqs, keywords_for_group(pmg, reqs), soft_for_group(pmg, reqs)
+
+        try:
+            nxt = pool.submit(prepare, glist[0]) if pool is not None and glist else None
+            for gi, group in enumerate(glist):
+                if nxt is not None:
+                    t0, reqs, kws, soft = nxt.result()
+                    nxt = pool.submit(prepare, glist[gi + 1]) if gi + 1 < len(glist) else None  # type: ignore[union-attr]
+                else:
+                    t0, reqs, kws, soft = prepare(group)
+                for p in group:
+                    note_attempt(out, p.request_id)
+                if group_size == 1:
+                    results: list[Any] = []
+                    for req in reqs:
+                        try:
+                            learned = alpha_of(req.user.user_id) if alpha_of is not None else None
+                            results.append(pmg.generate(
+                                req.user, req.target, req.items, context=req.context, target_image=req.target_image,
+                                history_images=req.history_images, user_id=req.user.user_id,
+                                **({"seed": req.seed} if req.seed is not None else {}),
+                                **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {})))
+                        except (ValueError, OSError) as e:
+                            results.append(e)
+                else:
+                    results = run_group(pmg, reqs, alpha_of, unet_batch, kws, soft)
+                for p, req, res in zip(group, reqs, results):
+                    if not isinstance(res, Exception):
+                        try:
+                            if req.ground_truth:
+                                res.record.ground_truth_personalized = req.ground_truth
+                            res.save(inside(out, p.request_id))
+                            done += 1
+                            n_candidates += len(res.record.candidates)
+                            latencies.append(time.perf_counter() - t0)
+                        except (ValueError, OSError) as e:  # a foreign folder in the way, ...
+                            res = e
+                    if isinstance(res, Exception):
+                        failed += 1
+                        report(p.lineno, message(res))
+                    bar.advance(task)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                torch.set_num_threads(threads)
     write_index(out, {p.request_id: p.lineno for p in pending})
     if stats is not None:
         stats.update(latency_s=latencies, wall_s=time.perf_counter() - t_start, candidates=n_candidates,
@@ -113,12 +143,12 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
 
 
 def run_group(pmg: Any, reqs: list[Request], alpha_of: Callable[[str], Any] | None,
-              unet_batch: int = DEFAULT_BATCH_SIZE) -> list[Any]:
-    """One group: keywords (cache first, misses batched), soft embeddings, plans, the candidates of all
-    in shared UNet batches, selection. A :class:`pmgen.pipeline.GenerationResult` or the exception
-    per request."""
-    kws = keywords_for_group(pmg, reqs)
-    soft = soft_for_group(pmg, reqs)
+              unet_batch: int = DEFAULT_BATCH_SIZE, kws: Any = None, soft: Any = None) -> list[Any]:
+    """One group: keywords (cache first, misses batched) and soft embeddings unless given, plans, the
+    candidates of all in shared UNet batches, selection. A :class:`pmgen.pipeline.GenerationResult`
+    or the exception per request."""
+    kws = keywords_for_group(pmg, reqs) if kws is None else kws
+    soft = soft_for_group(pmg, reqs) if soft is None else soft
     plans = plan_group(pmg, reqs, alpha_of, kws, soft)
     ok = [p for p in plans if not isinstance(p, Exception)]
     t = time.perf_counter()
