@@ -233,7 +233,12 @@ def _run_engine(name: str, batch: Path, work: Path, preset: str, group_size: int
     st = json.loads(stats_path.read_text())
     window = (st["last_end"] - st["first_start"]) if st.get("first_start") else st["wall_s"]
     lat = sorted(st["latency_s"])
-    return {"engine": engine, "group_size": fixed_group or group_size, "requests": st["written"],
+    stage_s: dict[str, float] = {}
+    for rec in out.glob("*/record.json"):  # busy time per stage, summed over requests (shares of group calls)
+        for k, v in json.loads(rec.read_text()).get("timings_s", {}).items():
+            if k != "total":
+                stage_s[k] = stage_s.get(k, 0.0) + float(v)
+    return {"stage_busy_s": stage_s, "engine": engine, "group_size": fixed_group or group_size, "requests": st["written"],
             "candidates": st["candidates"], "window_s": window, "process_wall_s": wall,
             "stickers_per_s": st["candidates"] / window, "requests_per_s": st["written"] / window,
             "stickers_per_s_end_to_end": st["candidates"] / wall,
