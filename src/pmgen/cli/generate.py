@@ -280,8 +280,11 @@ def _bench_batch(n: int, engines: tuple, preset: str, group_size: int, actors: O
     for name, r in res["engines"].items():
         for key, cmp in r.items():
             if key.startswith("vs_"):
-                console.print(f"{name} {key}: chosen images identical {cmp['identical_chosen']}/{cmp['of_chosen']}, "
-                              f"candidates {cmp['identical_candidates']}/{cmp['of_candidates']}", highlight=False)
+                console.print(f"{name} {key}: same chosen candidate (index, keywords) "
+                              f"{cmp['same_chosen_candidate']}/{cmp['of_chosen']}, chosen.png pixel-identical "
+                              f"{cmp['identical_chosen']}/{cmp['of_chosen']}, candidates pixel-identical "
+                              f"{cmp['identical_candidates']}/{cmp['of_candidates']}, largest pixel difference "
+                              f"{cmp['max_pixel_diff']}/255", highlight=False)
     if "ray_vs_local_throughput" in res:
         console.print(f"Ray / local throughput: {res['ray_vs_local_throughput']:.2f}", highlight=False)
     json_out.parent.mkdir(parents=True, exist_ok=True)

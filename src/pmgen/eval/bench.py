@@ -255,6 +255,30 @@ def _pixels(folder: Path, pattern: str) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): Image.open(p).tobytes() for p in sorted(folder.glob(pattern))}
 
 
+def _chosen_index(folder: Path) -> dict[str, tuple[int, list[str]]]:
+    """Per request: the chosen candidate's index and the preference keywords (from record.json)."""
+    out = {}
+    for rec in folder.glob("*/record.json"):
+        r = json.loads(rec.read_text())
+        out[rec.parent.name] = (r["chosen"], r["preference_keywords"])
+    return out
+
+
+def _max_diff(a: Path, b: Path) -> int:
+    """Largest difference of one pixel channel (0-255) over every candidate PNG both folders hold."""
+    import numpy as np
+    from PIL import Image
+
+    worst = 0
+    for p in a.glob("*/candidates/*.png"):
+        q = b / p.relative_to(a)
+        if q.is_file():
+            x = np.asarray(Image.open(p), dtype=np.int16)
+            y = np.asarray(Image.open(q), dtype=np.int16)
+            worst = max(worst, int(np.abs(x - y).max()))
+    return worst
+
+
 def run_batch_bench(n: int = 16, engines: tuple[str, ...] = ("local", "ray"), preset: str = "sticker-tiny",
                     data_root: Path | None = None, group_size: int = 8, actors: int | None = None,
                     keywords: str = "cold", work: Path | None = None,
@@ -293,16 +317,20 @@ def run_batch_bench(n: int = 16, engines: tuple[str, ...] = ("local", "ray"), pr
             results["engines"][name] = r
             log(f"  {r['stickers_per_s']:.2f} stickers/s, p50 {r['p50_latency_s']:.1f} s, "
                 f"peak {r['peak_rss_gb_all_processes']:.2f} GB")
-        ref = engines[0]
-        chosen_ref = _pixels(Path(results["engines"][ref]["out"]), "*/chosen.png")
-        cands_ref = _pixels(Path(results["engines"][ref]["out"]), "*/candidates/*.png")
-        for name in engines[1:]:
-            out = Path(results["engines"][name]["out"])
-            chosen, cands = _pixels(out, "*/chosen.png"), _pixels(out, "*/candidates/*.png")
-            results["engines"][name]["vs_" + ref] = {
-                "identical_chosen": sum(chosen.get(k) == v for k, v in chosen_ref.items()),
-                "identical_candidates": sum(cands.get(k) == v for k, v in cands_ref.items()),
-                "of_chosen": len(chosen_ref), "of_candidates": len(cands_ref)}
+        for i, ref in enumerate(engines):  # every pair: pixels of chosen.png and of every candidate
+            out_ref = Path(results["engines"][ref]["out"])
+            chosen_ref, cands_ref = _pixels(out_ref, "*/chosen.png"), _pixels(out_ref, "*/candidates/*.png")
+            idx_ref = _chosen_index(out_ref)
+            for name in engines[i + 1:]:
+                out = Path(results["engines"][name]["out"])
+                chosen, cands = _pixels(out, "*/chosen.png"), _pixels(out, "*/candidates/*.png")
+                idx = _chosen_index(out)
+                results["engines"][name]["vs_" + ref] = {
+                    "identical_chosen": sum(chosen.get(k) == v for k, v in chosen_ref.items()),
+                    "same_chosen_candidate": sum(idx.get(k) == v for k, v in idx_ref.items()),
+                    "identical_candidates": sum(cands.get(k) == v for k, v in cands_ref.items()),
+                    "of_chosen": len(chosen_ref), "of_candidates": len(cands_ref),
+                    "max_pixel_diff": _max_diff(out_ref, out)}
         if "local" in results["engines"] and "ray" in results["engines"]:
             results["ray_vs_local_throughput"] = (results["engines"]["ray"]["stickers_per_s"]
                                                   / results["engines"]["local"]["stickers_per_s"])
