@@ -609,6 +609,56 @@ def test_generate_batch_matches_one_by_one_generation(tiny_llm):
     assert len(cache) == 1
 
 
+def test_generate_batch_prefills_a_shared_head_once_and_matches_one_by_one(tiny_llm, monkeypatch):
+    from pmgen.stages.keywords import generate_batch
+
+    dec = Decoding(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    head = "- Most frequent tags: cat (3), face (2), happy (1).\n"  # the renderings' shared tag summary
+    msgs = [preference_messages(head + t, 3) for t in ('- Sent "cat face".\n- Sent "grinning cat".',
+                                                       '- Sent "grinning cat".\n- Sent "cat face".')]
+    one = [generate(tiny_llm, m, 12, dec) for m in msgs]
+    seen = []
+    real = tiny_llm.model.forward
+
+    def counting(*a, **kw):
+        ids = kw.get("input_ids", a[0] if a else None)
+        seen.append(tuple(ids.shape))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tiny_llm.model, "forward", counting)
+    cache = PromptCache()
+    assert generate_batch(tiny_llm, msgs, 12, dec, prompt_cache=cache, n_prefix_messages=len(msgs[0]) - 1) == one
+    rows = [tiny_llm.encode_chat(m)[0] for m in msgs]
+    n_prefix = int(tiny_llm.encode_chat(msgs[0][:-1], add_generation_prompt=False).shape[1])
+    shared = next(i for i in range(len(rows[0])) if rows[0][i] != rows[1][i])
+    assert shared - n_prefix > 10  # the request line and the tag summary
+    assert seen[:3] == [(1, n_prefix), (1, shared - n_prefix), (2, len(rows[0]) - shared)]
+
+
+def test_glossary_and_english_words_are_loaded_once_per_process(tmp_path, monkeypatch):
+    from pmgen.stages.keywords import Glossary, english_words
+
+    builds = []
+
+    def fake_from_emoji(cls, *a, **kw):
+        builds.append(1)
+        return cls({"perro": "dog"}, {"dog"})
+
+    monkeypatch.setattr(Glossary, "from_emoji", classmethod(fake_from_emoji))
+    g = Glossary.cached(tmp_path / "a")
+    assert Glossary.cached(tmp_path / "a") is g and builds == [1]  # built once, then the same object
+    assert g.translate("mi perro") == ["dog"]
+    assert (tmp_path / "a" / "glossary").is_dir()  # and written for the next process
+    h = Glossary.cached(tmp_path / "b")
+    assert h is not g and builds == [1, 1]
+    from pmgen.stages.keywords.glossary import _glossary_at
+
+    _glossary_at.cache_clear()  # a new process reads the file, it does not build again
+    assert Glossary.cached(tmp_path / "a").table == {"perro": "dog"} and builds == [1, 1]
+    _glossary_at.cache_clear()
+    assert english_words() is english_words() and "dog" in english_words()
+
+
 def test_extractor_batches_renderings_in_one_generate_call(tiny_llm, monkeypatch):
     calls = []
     real = tiny_llm.model.generate

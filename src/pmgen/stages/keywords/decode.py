@@ -38,7 +38,8 @@ class PromptCache:
         if key not in self._store:
             with torch.no_grad():
                 cache = DynamicCache(config=llm.model.config)
-                llm.model(prefix_ids, attention_mask=torch.ones_like(prefix_ids), past_key_values=cache, use_cache=True)
+                llm.model(prefix_ids, attention_mask=torch.ones_like(prefix_ids), past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)  # only the key/values are kept: no logits over the whole prefix
             while len(self._store) >= self.max_entries:
                 self._store.pop(next(iter(self._store)))
             self._store[key] = cache
@@ -149,10 +150,12 @@ def generate_batch(llm: ChatModel, conversations: Sequence[Sequence[Message]], m
     Each row stops on its own ``stop(text_so_far)``; the batch ends when every row has. Every prompt
     is encoded with the checked, neutralized chat template. When all prompts share their first
     ``n_prefix_messages`` messages (system + few-shot turns) and ``prompt_cache`` is given, the
-    prefix's key/values are computed once and repeated over the batch; the rest of each prompt is
-    padded *between* prefix and suffix (masked; positions follow the mask), so only the users' own
-    logs are prefilled. Otherwise rows are left-padded. A one-prompt batch is :func:`generate`;
-    other :class:`~pmgen.models.llm.ChatModel` s get one ``chat`` call per prompt.
+    prefix's key/values are computed once and repeated over the batch; so are those of the tokens all
+    rows share after it (the request line and a tag summary: one prefill at batch size 1, not one per
+    row). The rest of each prompt is padded *between* the shared head and its own tail (masked;
+    positions follow the mask), so only what differs between the prompts is prefilled per row.
+    Otherwise rows are left-padded. A one-prompt batch is :func:`generate`; other
+    :class:`~pmgen.models.llm.ChatModel` s get one ``chat`` call per prompt.
     """
     from pmgen.models.llm import LLM
 
@@ -172,19 +175,28 @@ def generate_batch(llm: ChatModel, conversations: Sequence[Sequence[Message]], m
         n = int(heads[0].shape[0])
         if all(torch.equal(h, heads[0]) and n < r.shape[0] and torch.equal(r[:n], h) for h, r in zip(heads, rows)):
             n_pre, prefix_ids = n, heads[0][None]
-    tail = max(int(r.shape[0]) - n_pre for r in rows)
-    start = n_pre + tail
+    shared = n_pre  # rows[:, :shared] are equal: computed once (each row keeps >= 1 token of its own)
+    if prefix_ids is not None:
+        last = min(int(r.shape[0]) for r in rows) - 1
+        while shared < last and all(int(r[shared]) == int(rows[0][shared]) for r in rows[1:]):
+            shared += 1
+    tail = max(int(r.shape[0]) - shared for r in rows)
+    start = shared + tail
     ids = torch.full((len(rows), start), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), start), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :n_pre] = r[:n_pre]
-        mask[i, :n_pre] = 1
-        ids[i, start - (r.shape[0] - n_pre):] = r[n_pre:]
-        mask[i, start - (r.shape[0] - n_pre):] = 1
+        ids[i, :shared] = r[:shared]
+        mask[i, :shared] = 1
+        ids[i, start - (r.shape[0] - shared):] = r[shared:]
+        mask[i, start - (r.shape[0] - shared):] = 1
 
     kwargs = _decoding_kwargs(tok, start, max_new_tokens, decoding, stop, pad)
     if prefix_ids is not None:
         cache = prompt_cache.get(llm, prefix_ids)
+        if shared > n_pre:
+            with torch.no_grad():
+                llm.model(rows[0][None, n_pre:shared], attention_mask=torch.ones((1, shared), dtype=torch.long),
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(rows))
         kwargs["past_key_values"] = cache
     with torch.no_grad():
