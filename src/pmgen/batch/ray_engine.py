@@ -247,17 +247,22 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
                   alpha_of: Callable[[str], tuple[float, str] | None] | None = None,
                   group_size: int = DEFAULT_GROUP_SIZE, unet_batch: int = DEFAULT_BATCH_SIZE,
                   actors: int | None = None, llm_actors: int = 1, address: str | None = None,
-                  cpus_per_actor: float = 1.0, stats: dict[str, Any] | None = None) -> tuple[int, int]:
+                  cpus_per_actor: float = 1.0, llm_cpus: float = 0.5,
+                  stats: dict[str, Any] | None = None) -> tuple[int, int]:
     """Run a batch file on Ray Data (see the module docstring); same outputs and return value as
     :func:`pmgen.batch.local.run_batch`.
 
     Args:
         factory: builds each stage's models in its actor (:class:`PresetFactory`).
-        actors: generator actors (default: the cluster's CPUs / ``cpus_per_actor`` minus ``llm_actors``, at least 1).
+        actors: generator actors (default: as many as the CPUs left by the LLM actors hold, at least 1;
+            the CPUs left are then shared among them: 2 CPUs → 1 LLM actor on 0.5 + 2 generator actors
+            on 0.75 each, so the generators use both cores while the LLM actor waits on cached keywords).
         llm_actors: keyword/soft-embedding actors.
         address: an existing Ray cluster (``ray start --head`` prints it); ``None`` = a Ray already
             initialized in this process, else a local one started here (and stopped at the end).
-        cpus_per_actor: Ray CPUs per actor; its torch threads are this rounded down (at least 1).
+        cpus_per_actor: Ray CPUs per generator actor when ``actors`` is given; torch threads per actor
+            are this rounded down (at least 1).
+        llm_cpus: Ray CPUs per LLM actor (one torch thread).
         stats: receives ``latency_s`` per request written (from its group entering the LLM stage to its
             folder in place), ``wall_s`` (Ray start and actor loading included), ``candidates``,
             ``retried``, and ``first_start`` / ``last_end`` (epoch seconds: the first group entering the
@@ -304,15 +309,17 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
             cpus = float(ray.cluster_resources().get("CPU", 1))
-            n_gen = actors or max(1, int(cpus / cpus_per_actor) - llm_actors)
+            left = max(cpus - llm_cpus * llm_actors, 0.5)
+            n_gen = actors or max(1, int(round(left / cpus_per_actor + 0.25)))
+            gen_cpus = cpus_per_actor if actors else left / n_gen
             threads = max(1, int(cpus_per_actor))
             common = dict(batch=str(Path(batch).resolve()), data_root=str(data_root) if data_root else None,
                           threads=threads)
             ds = ray.data.from_items([{"payload": pickle.dumps(r)} for r in rows], override_num_blocks=len(rows))
             ds = ds.map_batches(KeywordStage, batch_size=1, batch_format="numpy", concurrency=llm_actors,
-                                num_cpus=cpus_per_actor, fn_constructor_kwargs=dict(factory=factory, **common))
+                                num_cpus=llm_cpus, fn_constructor_kwargs=dict(factory=factory, **common))
             ds = ds.map_batches(GenerateStage, batch_size=1, batch_format="numpy", concurrency=n_gen,
-                                num_cpus=cpus_per_actor,
+                                num_cpus=gen_cpus,
                                 fn_constructor_kwargs=dict(factory=factory, out=str(out), unet_batch=unet_batch,
                                                            fault=os.environ.get(FAULT_ENV), **common))
             results: dict[str, dict[str, Any]] = {}
