@@ -175,3 +175,24 @@ def test_extract_many_is_extract_for_each_history_in_one_llm_call(tiny_pmg, toy_
             assert g.keywords == e.keywords and g.raw == e.raw
     assert got[0] is got[3]  # the same history twice is run once
     assert ext.extract_many(histories[:2])[0].keywords == expected[0].keywords  # now from the cache
+
+
+def test_engine_options_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pmgen.cli.generate as gen_cli
+    from pmgen.cli import app
+
+    def boom(*a, **k):
+        raise AssertionError("models were loaded before the options were checked")
+
+    monkeypatch.setattr(gen_cli, "_load_pmg", boom)
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"dataset": "sticker-users", "sample_id": "su0001-0"}\n')
+    runner = CliRunner()
+    for args, msg in ((["--engine", "spark"], "--engine must be"), (["--ray-address", "x:1"], "need --engine ray"),
+                      (["--group-size", "0"], "must be >= 1"), (["--engine", "ray", "--actors", "0"], "must be >= 1")):
+        r = runner.invoke(app, ["generate", "--batch", str(batch), "--out", str(tmp_path / "o"), *args])
+        assert r.exit_code == 2 and msg in r.output, (args, r.output)
+    r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "x", "--engine", "ray"])
+    assert r.exit_code == 2 and "apply to --batch runs" in r.output

@@ -59,6 +59,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     of the processing window: models are loaded before it).
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = console or Console()
@@ -66,8 +67,8 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     parsed = list(read_batch(batch, data_root)) if requests is None else requests
     out = prepare_batch_root(out)
     by_id = {r.request_id: r for _, r in parsed if isinstance(r, Request)}
-    report = lambda lineno, msg: err.print(f"[red]{batch}:{lineno}[/]: {msg}", highlight=False,  # noqa: E731
-                                           markup=False)
+    report = lambda lineno, msg: err.print(f"[red]{escape(str(batch))}:{lineno}[/]: {escape(msg)}",  # noqa: E731
+                                           highlight=False, soft_wrap=True)
     pending, skipped, failed = triage(parsed, out, report)
     done = skipped
     latencies: list[float] = []

@@ -270,14 +270,15 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
     """
     import ray
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
     err = err or Console(stderr=True)
     parsed = list(read_batch(batch, data_root)) if requests is None else requests
     out = prepare_batch_root(out)
     by_id = {r.request_id: r for _, r in parsed if isinstance(r, Request)}
-    report = lambda lineno, msg: err.print(f"[red]{batch}:{lineno}[/]: {msg}", highlight=False,  # noqa: E731
-                                           markup=False)
+    report = lambda lineno, msg: err.print(f"[red]{escape(str(batch))}:{lineno}[/]: {escape(msg)}",  # noqa: E731
+                                           highlight=False, soft_wrap=True)
     pending, skipped, failed = triage(parsed, out, report)
     done = skipped
     t_start = time.perf_counter()
