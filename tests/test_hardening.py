@@ -50,12 +50,14 @@ def write_items(folder: Path, image: str | None = None) -> Path:
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if the CLI tries to load models (option errors must come first)."""
-    import pmgen.cli as cli
+    import pmgen.cli.evaluate
+    import pmgen.cli.generate
 
     def boom(*a, **k):
         raise AssertionError("models were loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load_pmg", boom)
+    for module in (pmgen.cli.generate, pmgen.cli.evaluate):  # every command module that loads models
+        monkeypatch.setattr(module, "_load_pmg", boom)
 
 
 # ------------------------------------------------------------------ 1. ids and output paths
