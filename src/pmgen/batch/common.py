@@ -69,6 +69,40 @@ def triage(parsed: Sequence[tuple[int, Request | Exception]], out: Path,
     return pending, finished, failed
 
 
+@dataclass
+class BatchStart:
+    """What both engines know before the first request runs (see :func:`start_batch`)."""
+
+    parsed: list[tuple[int, Request | Exception]]
+    out: Path
+    by_id: dict[str, Request]
+    pending: list[Pending]
+    skipped: int
+    failed: int
+    report: Callable[[int, str], None]  # report(lineno, message): a bad line, as file:line: message
+
+
+def start_batch(batch: Path, out: Path, data_root: Path | None, requests: Any, err: Any = None) -> BatchStart:
+    """Read the batch (unless ``requests`` were parsed already), prepare ``out`` and triage the lines;
+    bad lines are reported as ``file:line: message`` on ``err`` (stderr by default)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from pmgen.data.requests import read_batch
+    from pmgen.paths import prepare_batch_root
+
+    err = err or Console(stderr=True)
+    parsed = list(read_batch(batch, data_root)) if requests is None else requests
+    out = prepare_batch_root(out)
+    by_id = {r.request_id: r for _, r in parsed if isinstance(r, Request)}
+
+    def report(lineno: int, msg: str) -> None:
+        err.print(f"[red]{escape(str(batch))}:{lineno}[/]: {escape(msg)}", highlight=False, soft_wrap=True)
+
+    pending, skipped, failed = triage(parsed, out, report)
+    return BatchStart(parsed, out, by_id, pending, skipped, failed, report)
+
+
 def groups(pending: Sequence[Pending], size: int) -> Iterator[list[Pending]]:
     """Consecutive groups of ``size`` pending requests, in file order (the same for both engines)."""
     if size < 1:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from pmgen.batch.common import (
+    start_batch,
     DEFAULT_GROUP_SIZE,  # noqa: F401  (re-exported for callers choosing a group size)
     groups,
     keywords_for_group,
@@ -29,12 +30,11 @@ from pmgen.batch.common import (
     note_attempt,
     plan_group,
     soft_for_group,
-    triage,
     write_index,
 )
 from pmgen.batch.grouped import DEFAULT_BATCH_SIZE, render_many
-from pmgen.data.requests import Request, read_batch
-from pmgen.paths import inside, prepare_batch_root
+from pmgen.data.requests import Request
+from pmgen.paths import inside
 
 
 def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
@@ -59,17 +59,12 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     of the processing window: models are loaded before it).
     """
     from rich.console import Console
-    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = console or Console()
-    err = err or Console(stderr=True)
-    parsed = list(read_batch(batch, data_root)) if requests is None else requests
-    out = prepare_batch_root(out)
-    by_id = {r.request_id: r for _, r in parsed if isinstance(r, Request)}
-    report = lambda lineno, msg: err.print(f"[red]{escape(str(batch))}:{lineno}[/]: {escape(msg)}",  # noqa: E731
-                                           highlight=False, soft_wrap=True)
-    pending, skipped, failed = triage(parsed, out, report)
+    start = start_batch(batch, out, data_root, requests, err)
+    parsed, out, by_id, pending = start.parsed, start.out, start.by_id, start.pending
+    skipped, failed, report = start.skipped, start.failed, start.report
     done = skipped
     latencies: list[float] = []
     n_candidates = 0

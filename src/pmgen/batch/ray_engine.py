@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pmgen.batch.common import (
+    start_batch,
     DEFAULT_GROUP_SIZE,
     FAULT_ENV,
     fault_point,
@@ -47,12 +48,11 @@ from pmgen.batch.common import (
     plan_group,
     remove_partials,
     soft_for_group,
-    triage,
     write_index,
 )
 from pmgen.batch.grouped import DEFAULT_BATCH_SIZE, render_many
 from pmgen.data.requests import Request, read_batch
-from pmgen.paths import RESULT_MARKER, inside, prepare_batch_root
+from pmgen.paths import RESULT_MARKER, inside
 
 ROLES = ("keywords", "generate")
 
@@ -270,16 +270,11 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
     """
     import ray
     from rich.console import Console
-    from rich.markup import escape
 
     console = console or Console()
-    err = err or Console(stderr=True)
-    parsed = list(read_batch(batch, data_root)) if requests is None else requests
-    out = prepare_batch_root(out)
-    by_id = {r.request_id: r for _, r in parsed if isinstance(r, Request)}
-    report = lambda lineno, msg: err.print(f"[red]{escape(str(batch))}:{lineno}[/]: {escape(msg)}",  # noqa: E731
-                                           highlight=False, soft_wrap=True)
-    pending, skipped, failed = triage(parsed, out, report)
+    start = start_batch(batch, out, data_root, requests, err)
+    out, by_id, pending = start.out, start.by_id, start.pending
+    skipped, failed, report = start.skipped, start.failed, start.report
     done = skipped
     t_start = time.perf_counter()
     rows = []

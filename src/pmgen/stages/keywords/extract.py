@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from typing import AbstractSet, Any, Mapping, Sequence
 
 from pmgen.data.schema import Event, Item
-from pmgen.models.llm import ChatModel, Decoding
+from pmgen.models.llm import ChatModel, Decoding, Message
 from pmgen.stages.keywords.cache import KeywordCache, Keywords, _with_fallback, model_id
 from pmgen.stages.keywords.decode import (
     DEFAULT_DECODING,
@@ -235,16 +235,18 @@ class PreferenceExtractor:
         begun = self._begin(events, items, exclude_titles)
         if isinstance(begun, Keywords):
             return begun
-        stop = lambda s: _enough(s, self.n_candidates, self.max_words)  # noqa: E731
-        prompts = begun["prompts"]
         t1 = time.perf_counter()
-        if len(prompts) == 1:
-            raws = [generate(self.llm, prompts[0], self.max_new_tokens, self.decoding, stop=stop,
-                             prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)]
-        else:
-            raws = generate_batch(self.llm, prompts, self.max_new_tokens, self.decoding, stop=stop,
-                                  prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)
+        raws = self._decode(begun["prompts"])
         return self._end(begun, raws, time.perf_counter() - t1)
+
+    def _decode(self, prompts: Sequence[Sequence[Message]]) -> list[str]:
+        """The LLM's raw answers to ``prompts``: one call, batched when there are several."""
+        stop = lambda s: _enough(s, self.n_candidates, self.max_words)  # noqa: E731
+        if len(prompts) == 1:
+            return [generate(self.llm, prompts[0], self.max_new_tokens, self.decoding, stop=stop,
+                             prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)]
+        return generate_batch(self.llm, prompts, self.max_new_tokens, self.decoding, stop=stop,
+                              prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)
 
     def extract_many(self, histories: Sequence[tuple[Sequence[Event], Mapping[str, Item]]],
                      exclude_titles: bool = False) -> list[Keywords | ValueError]:
@@ -275,14 +277,8 @@ class PreferenceExtractor:
             return out
         keys = list(misses)
         prompts = [pr for k in keys for pr in begun[k]["prompts"]]
-        stop = lambda s: _enough(s, self.n_candidates, self.max_words)  # noqa: E731
         t1 = time.perf_counter()
-        if len(prompts) == 1:
-            raws = [generate(self.llm, prompts[0], self.max_new_tokens, self.decoding, stop=stop,
-                             prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)]
-        else:
-            raws = generate_batch(self.llm, prompts, self.max_new_tokens, self.decoding, stop=stop,
-                                  prompt_cache=self.prompt_cache, n_prefix_messages=len(prompts[0]) - 1)
+        raws = self._decode(prompts)
         t_llm = (time.perf_counter() - t1) / len(keys)
         pos = 0
         for k in keys:
