@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from pmgen.batch.common import (
+    request_kwargs,
     start_batch,
     DEFAULT_GROUP_SIZE,  # noqa: F401  (re-exported for callers choosing a group size)
     groups,
@@ -101,12 +102,8 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
                     results: list[Any] = []
                     for req in reqs:
                         try:
-                            learned = alpha_of(req.user.user_id) if alpha_of is not None else None
-                            results.append(pmg.generate(
-                                req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                                history_images=req.history_images, user_id=req.user.user_id,
-                                **({"seed": req.seed} if req.seed is not None else {}),
-                                **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {})))
+                            results.append(pmg.generate(req.user, req.target, req.items,
+                                                        **request_kwargs(req, alpha_of)))
                         except (ValueError, OSError) as e:
                             results.append(e)
                 else:
