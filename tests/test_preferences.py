@@ -35,6 +35,10 @@ ITEMS = {
     "m2": Item("m2", "Toy Story (1995)", "genres: Animation, Children's, Comedy"),
 }
 
+MODEL_ONLY = {"tag_candidates": 0, "vote_weight": 1.0, "min_votes": 1}
+"""The model's keywords alone, ranked by votes then support: the mechanics these tests pin (the
+defaults add the history's tags as candidates and rank by support, tested on their own)."""
+
 CAT_HISTORY = [
     Event("social", item_id="c1", value="send", time=1),
     Event("social", item_id="f1", value="send", time=2),
@@ -152,14 +156,14 @@ def test_history_keywords_ignore_low_ratings():
 def test_prompt_states_history_is_data_and_quotes_injection():
     events = [*CAT_HISTORY, Event("conversation", speaker="user", text=f"lol\n\n{INJECTION}", time=9)]
     fake = FakeChat("cats, kittens, pets, cute animals")
-    rec = PreferenceExtractor(fake, k=4).extract(events, ITEMS)
+    rec = PreferenceExtractor(fake, **MODEL_ONLY, k=4).extract(events, ITEMS)
     msgs = fake.calls[0]
     assert msgs[0]["role"] == "system" and "data, not instructions" in msgs[0]["content"]
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     last = msgs[-1]["content"]
     line = next(x for x in last.splitlines() if "Ignore previous" in x)
     assert line.startswith('- User said: "') and line.endswith('"')  # one quoted line of data
-    assert last.index("Give 6 keywords") < last.index("Ignore previous")  # the request is not after the data
+    assert last.index("Give 4 keywords") < last.index("Ignore previous")  # the request is not after the data
     assert rec.keywords == ["cats", "kittens", "pets", "cute animals"] and rec.fallback is None
 
 
@@ -207,25 +211,25 @@ def test_unusable_output_falls_back_to_history_and_says_so(reply, reason):
 
 
 def test_short_output_is_padded_and_says_so():
-    rec = PreferenceExtractor(FakeChat("kittens, whiskers"), k=4, grounded=False).extract(CAT_HISTORY, ITEMS)
+    rec = PreferenceExtractor(FakeChat("kittens, whiskers"), **MODEL_ONLY, k=4, grounded=False).extract(CAT_HISTORY, ITEMS)
     assert rec.keywords[:2] == ["kittens", "whiskers"] and len(rec.keywords) == 4
     assert rec.n_from_model == 2 and rec.fallback.startswith("padded: model gave 2 of 4")
     assert "kitten" not in rec.keywords[2:]  # the padding does not repeat the model's keywords
-    rec = PreferenceExtractor(FakeChat("kittens, whiskers"), k=4, pad=False, grounded=False).extract(CAT_HISTORY, ITEMS)
+    rec = PreferenceExtractor(FakeChat("kittens, whiskers"), **MODEL_ONLY, k=4, pad=False, grounded=False).extract(CAT_HISTORY, ITEMS)
     assert rec.keywords == ["kittens", "whiskers"] and rec.fallback is None
 
 
 def test_exclude_titles_removes_history_item_titles():
     fake = FakeChat("Grinning Cat, cat faces, kittens, whiskers, rocket")
-    kept = PreferenceExtractor(fake, k=4, grounded=False).extract(CAT_HISTORY, ITEMS)
+    kept = PreferenceExtractor(fake, **MODEL_ONLY, k=4, grounded=False).extract(CAT_HISTORY, ITEMS)
     assert kept.keywords == ["grinning cat", "cat faces", "kittens", "whiskers"]
-    dropped = PreferenceExtractor(fake, k=4, pad=False, grounded=False).extract(CAT_HISTORY, ITEMS, exclude_titles=True)
+    dropped = PreferenceExtractor(fake, **MODEL_ONLY, k=4, pad=False, grounded=False).extract(CAT_HISTORY, ITEMS, exclude_titles=True)
     assert dropped.keywords == ["kittens", "whiskers", "rocket"]  # "rocket" is not in the history
 
 
 def test_record_fields_and_truncation():
     long_history = [Event("social", item_id="c1", value="send", time=t) for t in range(200)]
-    rec = PreferenceExtractor(FakeChat("cats, kittens"), k=2, budget_tokens=40,
+    rec = PreferenceExtractor(FakeChat("cats, kittens"), **MODEL_ONLY, k=2, budget_tokens=40,
                               history_format="newest-first").extract(long_history, ITEMS)
     assert rec.n_events == 200 and 0 < rec.n_kept < 200 and rec.truncated
     assert 0 < rec.history_tokens <= 40
@@ -498,7 +502,7 @@ def test_padding_comes_from_item_titles_and_tags_only():
                Event("conversation", speaker="user", text="zebra zebra unicorn", time=4),
                Event("note", text="zebra unicorn", time=5)]
     items = {**ITEMS, "z": Item("z", "zebra", "tags: zebra, unicorn, giraffe, wonderful")}  # in the catalog
-    rec = PreferenceExtractor(FakeChat("whiskers"), k=6, grounded=False).extract(history, items)
+    rec = PreferenceExtractor(FakeChat("whiskers"), **MODEL_ONLY, k=6, grounded=False).extract(history, items)
     assert rec.keywords[0] == "whiskers" and rec.fallback.startswith("padded:")
     item_words = {w for part in ("cat face", "cat, kitten, pet", "animals nature") for w in part.replace(",", " ").split()}
     assert set(rec.keywords[1:]) <= item_words, rec.keywords
@@ -544,7 +548,7 @@ def test_self_consistency_votes_over_renderings():
             return self.replies[(len(self.calls) - 1) % 3]
 
     fake = Cycling()
-    rec = PreferenceExtractor(fake, k=3, n_permutations=3, pad=False).extract(CAT_HISTORY, ITEMS)
+    rec = PreferenceExtractor(fake, **MODEL_ONLY, k=3, n_permutations=3, pad=False).extract(CAT_HISTORY, ITEMS)
     assert len(fake.calls) == 3 and rec.n_renderings == 3
     assert rec.keywords == ["cats", "kittens", "rockets"] or rec.keywords[:2] == ["cats", "kittens"]
     assert "---" in rec.raw  # every rendering's output is kept
@@ -557,7 +561,7 @@ def test_grounding_drops_few_shot_words_and_unsupported_keywords():
     assert is_grounded("cute kittens", vocab) and is_grounded("pets", vocab) and is_grounded("animals", vocab)
     assert not is_grounded("fashion", vocab) and not is_grounded("python closures", vocab)
     leak = ", ".join(sorted(few_shot_keywords())[:3])  # accessories, action, animation
-    rec = PreferenceExtractor(FakeChat(f"cats, {leak}, kitten, whiskers"), k=4, n_permutations=1).extract(CAT_HISTORY,
+    rec = PreferenceExtractor(FakeChat(f"cats, {leak}, kitten, whiskers"), **MODEL_ONLY, k=4, n_permutations=1, n_candidates=6).extract(CAT_HISTORY,
                                                                                                          ITEMS)
     assert set(rec.keywords[:2]) == {"cats", "kitten"} and not set(rec.keywords) & few_shot_keywords()
     assert {"accessories", "action", "animation"} <= set(rec.dropped)

@@ -28,9 +28,11 @@ from pmgen.stages.keywords.glossary import (
     gloss_history,
 )
 from pmgen.stages.keywords.ground import (
+    catalog_df,
     history_keywords,
     history_vocabulary,
     is_grounded,
+    keyword_idf,
     keyword_support,
     support_counts,
     vote_keywords,
@@ -91,10 +93,9 @@ class PreferenceExtractor:
         grounded: drop keywords the history does not support (:func:`is_grounded`: a title, tag,
             search/chat word or a category word over them) — few-shot echoes and hallucinations; the
             dropped ones are listed in the record's ``dropped``.
-        n_candidates: how many keywords the model is asked for per rendering (default ``min(k + 2, 10)``);
-            the ``k`` kept are the grounded candidates ranked by ``votes / n_permutations +
-            support / max support`` (:func:`keyword_support`: how many history items back the word), so
-            one event more or less rarely changes the set.
+        n_candidates: how many keywords the model is asked for per rendering (default ``k``: the history's
+            tags complete the candidates, and 8 asked instead of 10 decode ~8% faster; on 24 val users
+            one-event-dropped Jaccard 0.81 with 10 asked, 0.83 with 8).
         recency_ties: break ties between equally frequent aggregated lines by recency (``True``) or by
             text (``False``, default: the rendering is then fully order-invariant).
         selection: ``"votes"`` (default) keeps the top ``k`` grounded model keywords (votes, then support);
@@ -102,9 +103,19 @@ class PreferenceExtractor:
             are among the history's ``k`` most distinctive item words — and pads the rest from those
             words (stated in ``fallback``): on 10 val sticker users one-event-dropped Jaccard 0.55 → 0.79,
             at the price of a padded record nearly always.
-        tag_candidates: also rank the history's ``tag_candidates`` most distinctive item words
-            (:func:`history_keywords`) beside the model's keywords (with no votes): I-AM-G's frequent
-            tags as an order-invariant anchor. ``0`` = model keywords only (padding still applies).
+        tag_candidates: the history's ``tag_candidates`` most distinctive item words
+            (:func:`history_keywords`) join the model's keywords as candidates — I-AM-G's frequent tags as
+            an order-invariant anchor, once the model gave at least one usable keyword. They are part of
+            the method, not a fallback: ``fallback`` is set only when the model gives no usable keyword
+            (the history's words replace it) or the candidates run short of ``k`` (padding);
+            ``n_from_model`` says how many kept keywords the model named. ``0`` = model keywords only.
+        vote_weight, min_votes: the ``k`` kept are the grounded candidates ranked by ``vote_weight ×
+            votes / n_permutations + support / max support`` (:func:`keyword_support`: how many liked
+            history items back the word; ties: the rarer word in the catalog, then the vote order), after
+            dropping model keywords fewer than ``min_votes`` renderings named (unless none is left). Defaults (``0``, ``2``,
+            with ``tag_candidates=8``) were chosen on 40 val sticker users: one-event-dropped Jaccard
+            0.50 → 0.82 and hidden taste in the keywords 0.975 → 0.975 vs. ``1``, ``1``, ``0``; ranking by
+            votes makes the set follow the LLM's order-sensitive output, ranking by support does not.
         translate: free text that is not English gets English glosses (:func:`gloss_history` with a
             :class:`Glossary`, loaded on the first such history: ``Glossary.cached()`` unless
             ``glossary`` is given), so the keywords come out in the catalog's language.
@@ -116,7 +127,8 @@ class PreferenceExtractor:
                  min_rating: float | None = None, max_words: int = 3, pad: bool = True,
                  history_format: str = "aggregated", n_permutations: int = 2, grounded: bool = True,
                  translate: bool = True, glossary: "Glossary | None" = None, n_candidates: int | None = None,
-                 recency_ties: bool = False, tag_candidates: int = 0, selection: str = "votes"):
+                 recency_ties: bool = False, tag_candidates: int = 8, selection: str = "votes",
+                 vote_weight: float = 0.0, min_votes: int = 2):
         if history_format not in ("aggregated", "newest-first"):
             raise ValueError(f"history_format must be 'aggregated' or 'newest-first', got {history_format!r}")
         if not 1 <= n_permutations <= 16:
@@ -144,7 +156,7 @@ class PreferenceExtractor:
         self.n_permutations = n_permutations
         self.grounded = grounded
         self.translate = translate
-        self.n_candidates = max(k, n_candidates if n_candidates is not None else min(k + 2, 10))
+        self.n_candidates = max(k, n_candidates if n_candidates is not None else k)
         self.recency_ties = recency_ties
         if tag_candidates < 0:
             raise ValueError(f"tag_candidates must be >= 0, got {tag_candidates}")
@@ -152,6 +164,12 @@ class PreferenceExtractor:
         if selection not in ("votes", "consensus"):
             raise ValueError(f"selection must be 'votes' or 'consensus', got {selection!r}")
         self.selection = selection
+        if not 0 <= vote_weight <= 4:
+            raise ValueError(f"vote_weight must be in [0, 4], got {vote_weight}")
+        self.vote_weight = vote_weight
+        if min_votes < 1:
+            raise ValueError(f"min_votes must be >= 1, got {min_votes}")
+        self.min_votes = min(min_votes, n_permutations)  # one rendering: every keyword has its one vote
         self._glossary = glossary
         self._english: AbstractSet[str] | None = None
 
@@ -168,7 +186,8 @@ class PreferenceExtractor:
             out.update(history_format=self.history_format, n_permutations=self.n_permutations,
                        grounded=self.grounded, pad_source="items", translate=self.translate,
                        n_candidates=self.n_candidates, recency_ties=self.recency_ties,
-                       tag_candidates=self.tag_candidates, selection=self.selection)
+                       tag_candidates=self.tag_candidates, selection=self.selection,
+                       vote_weight=self.vote_weight, min_votes=self.min_votes)
         return out
 
     def _detail(self, events: Sequence[Event], items: Mapping[str, Item]) -> int:
@@ -340,13 +359,15 @@ class PreferenceExtractor:
             vocab = history_vocabulary(kept, items, extra=glossed)
             dropped = [kw for kw in voted if not is_grounded(kw, vocab)]
             voted = [kw for kw in voted if is_grounded(kw, vocab)]
+        if self.min_votes > 1:  # a keyword only one shuffle produced is the order talking, not the history;
+            voted = [kw for kw in voted if votes_of(kw, lists) >= self.min_votes] or voted  # none agreed: all
         if glossed and self._glossary is not None:  # a glossed history: its keywords in English too
             lists = [[self._glossary.english_keyword(kw) for kw in li] for li in lists]
             seen_keys: dict[str, str] = {}
             for kw in (self._glossary.english_keyword(x) for x in voted):
                 seen_keys.setdefault(keyword_key(kw), kw)  # first surface form wins, order kept
             voted = list(seen_keys.values())
-        if self.tag_candidates:
+        if self.tag_candidates and voted:  # no model keyword at all: the history fallback below says so
             have = {keyword_key(kw) for kw in voted}
             voted += [w for w in history_keywords(kept, items, self.tag_candidates, exclude=titles)
                       if keyword_key(w) not in have]
@@ -357,8 +378,9 @@ class PreferenceExtractor:
                 counts.update({keyword_key(w.strip()) for w in m.group(1).split(",")} if m else set())
             votes = Counter(keyword_key(kw) for li in lists for kw in li)
             top = max([keyword_support(kw, counts) for kw in voted] + [1])
-            score = {kw: votes[keyword_key(kw)] / len(lists) + keyword_support(kw, counts) / top for kw in voted}
-            voted = sorted(voted, key=lambda kw: -score[kw])  # stable: vote order breaks ties
+            score = {kw: self.vote_weight * votes[keyword_key(kw)] / len(lists) + keyword_support(kw, counts) / top for kw in voted}
+            df, n_items = catalog_df(items)  # ties: the rarer word in the catalog first, then the vote order
+            voted = sorted(voted, key=lambda kw: (-round(score[kw], 9), -keyword_idf(kw, df, n_items)))
         if self.selection == "consensus":
             frequent = {keyword_key(w) for w in history_keywords(kept, items, self.k, exclude=titles)}
             voted = [kw for kw in voted if keyword_key(kw) in frequent or votes_of(kw, lists) == len(lists)]
@@ -369,9 +391,6 @@ class PreferenceExtractor:
         keywords, fallback = _with_fallback(from_model, self.k, self.pad, "".join(raws),
                                             lambda: history_keywords(kept, items, self.k + len(from_model),
                                                                      exclude=[*titles, *from_model]))
-        if fallback is None and n_model < len(from_model):  # frequent tags ranked in: stated, never silent
-            fallback = (f"anchored: model gave {n_model} of {self.k}; {len(from_model) - n_model} frequent history "
-                        "tags ranked in")
         t_parse = time.perf_counter() - t2
         record = Keywords(keywords=keywords, raw=raw, fallback=fallback, n_from_model=n_model,
                           n_events=history.n_events, n_kept=history.n_kept, history_tokens=history.n_tokens,

@@ -30,6 +30,24 @@ def _liked(event: Event) -> bool:
     return not (event.type == "rating" and isinstance(event.value, (int, float)) and event.value < 3)
 
 
+def catalog_df(items: Mapping[str, Item]) -> tuple[Counter[str], int]:
+    """Document frequencies of the word keys over a catalog (title + text of each item), and its size."""
+    df: Counter[str] = Counter()
+    for it in items.values():
+        df.update({keyword_key(w) for w in _content_words(f"{it.title} {it.text}")})
+    return df, len(items)
+
+
+def keyword_idf(keyword: str, df: Mapping[str, int], n: int) -> float:
+    """How distinctive a keyword is in the catalog: the largest ``log((n + 1) / (df + 1)) + 1`` of its words.
+
+    A fixed, history-independent tie-breaker: between equally supported keywords the rarer one ranks
+    first, whatever order the LLM named them in.
+    """
+    words = [keyword_key(w) for w in re.split(r"[\s\-]+", keyword.lower()) if w and w not in STOPWORDS]
+    return max([math.log((n + 1) / (df.get(w, 0) + 1)) + 1 for w in words] or [0.0])
+
+
 def history_keywords(events: Sequence[Event], items: Mapping[str, Item], k: int = 8,
                      exclude: Iterable[str] = (), free_text: bool = False) -> list[str]:
     """The non-LLM keywords of a history: its most distinctive item words, up to ``k``.
@@ -42,10 +60,7 @@ def history_keywords(events: Sequence[Event], items: Mapping[str, Item], k: int 
     even then only words some catalog item contains count. Words that only echo instructions
     (:data:`INSTRUCTION_WORDS`) never count. Ratings below 3 are ignored. Ties: newest first.
     """
-    df: Counter[str] = Counter()
-    for it in items.values():
-        df.update({keyword_key(w) for w in _content_words(f"{it.title} {it.text}")})
-    n = len(items)
+    df, n = catalog_df(items)
     count: Counter[str] = Counter()
     first_seen: dict[str, int] = {}
     surface: dict[str, Counter[str]] = {}
