@@ -385,6 +385,11 @@ def test_leak_check_counts_unsupported_few_shot_words_fallbacks_and_tastes():
     assert s["taste_hit_rate"]["mean"] == pytest.approx(2 / 3) and s["replaced_rate"]["mean"] == 0.0
     assert res["counts"]["leaked_words"] == {"fashion": 1, "books": 1}
     assert "| few-shot leak (users) |" in leak_markdown(res)
+    answers["u1"].n_from_model, answers["u2"].n_from_model, answers["u3"].n_from_model = 2, 1, 0
+    res = leak_check(users, items, lambda ev, it: answers[next(u.user_id for u in users if u.events == ev)],
+                     shot_keywords=["fashion"])
+    assert res["summary"]["model_share"]["mean"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert "| share of keywords named by the model |" in leak_markdown(res)
 
 
 def test_rerank_with_full_popularity_weight_is_popularity():
@@ -429,3 +434,8 @@ def test_multilingual_set_and_english_keywords():
     res = multilingual_check(items, lambda ev, it: ["dog", "perrito", "felis"], users=users[:2])
     assert res["summary"]["english_rate"]["mean"] == pytest.approx(1 / 3)
     assert res["summary"]["taste_hit_rate"]["mean"] == 1.0 and res["users"][0]["non_english"] == ["perrito", "felis"]
+    from pmgen.eval.leaks import leak_check, leak_markdown
+
+    both = {**leak_check(users[:1], items, lambda ev, it: ["dog"], shot_keywords=[]), "multilingual": res}
+    md = leak_markdown(both)
+    assert "| non-English histories: keywords in English | 0.333" in md and "perrito, felis" in md

@@ -199,11 +199,13 @@ def evaluate_leaks(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     out: Annotated[Path, typer.Option(help="Output folder (leaks.json, leaks.md).")] = Path("runs/eval"),
     seed: Annotated[int, typer.Option(help="Seed of the user subset and the bootstrap.")] = 0,
+    multilingual: Annotated[bool, typer.Option(help="Also the 12 hand-written users whose taste is written only in "
+                                                   "another language (English keywords? taste named?).")] = True,
     preset: PresetOpt = "sticker-tiny",
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Few-shot leaks, fallbacks and the hidden taste in the preference keywords of sticker users."""
-    from pmgen.eval.leaks import leak_check, leak_table, write_leak_outputs
+    from pmgen.eval.leaks import leak_check, leak_table, multilingual_check, write_leak_outputs
     from pmgen.stages.keywords import few_shot_keywords, model_id
 
     if split not in ("train", "val", "test"):
@@ -212,6 +214,8 @@ def evaluate_leaks(
     result = _with_progress("keywords", len(users), lambda progress: leak_check(
         users, ds.items, extractor.extract, few_shot_keywords(extractor.prompt_version), seed=seed, progress=progress))
     result = {"dataset": "sticker-users", "split": split, "preset": p.name, "models": {"llm": model_id(llm)}, **result}
+    if multilingual:
+        result["multilingual"] = multilingual_check(ds.items, extractor.extract, seed=seed)
     _show_result(result, out, write_leak_outputs, leak_table,
                  f"Keyword leaks, {result['n_users']} sticker-users {split} users (mean [95% CI])")
 

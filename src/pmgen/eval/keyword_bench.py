@@ -34,7 +34,8 @@ def keywords_of(result: Any) -> tuple[list[str], dict[str, Any]]:
     """A keyword function's result → (keywords, recorded details); accepts lists and ``Keywords`` records."""
     if hasattr(result, "keywords"):
         info = {"fallback": getattr(result, "fallback", None), "cached": bool(getattr(result, "cached", False)),
-                "n_events": getattr(result, "n_events", None), "n_kept": getattr(result, "n_kept", None)}
+                "n_events": getattr(result, "n_events", None), "n_kept": getattr(result, "n_kept", None),
+                "n_from_model": getattr(result, "n_from_model", None)}
         return [str(k) for k in result.keywords], info
     if isinstance(result, str):
         raise TypeError("the keyword function must return a list of keywords (or a Keywords record), not a string")

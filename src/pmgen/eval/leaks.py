@@ -71,8 +71,9 @@ def leak_check(users: Sequence[User], items: Mapping[str, Item], extract_fn: Key
 
     Returns:
         ``{"benchmark", "protocol", "n_users", "seed", "summary", "counts", "timing_s", "users"}``;
-        ``summary`` holds ``leak_rate``, ``fallback_rate``, ``replaced_rate`` (no model keyword at all)
-        and ``taste_hit_rate`` as ``{"mean", "ci95", "n"}``.
+        ``summary`` holds ``leak_rate``, ``fallback_rate``, ``replaced_rate`` (no model keyword at all),
+        ``taste_hit_rate`` and (for ``Keywords`` records) ``model_share`` — the share of each user's
+        keywords the model named — as ``{"mean", "ci95", "n"}``.
     """
     from pmgen.stages.keywords import history_vocabulary, is_grounded, keyword_key
 
@@ -91,7 +92,7 @@ def leak_check(users: Sequence[User], items: Mapping[str, Item], extract_fn: Key
         fb = info.get("fallback") or None
         taste = u.attributes.get("taste")
         rows.append({"user_id": u.user_id, "taste": taste, "keywords": kws, "leaked": leaked, "fallback": fb,
-                     "taste_hit": taste_hit(kws, taste) if taste else None})
+                     "taste_hit": taste_hit(kws, taste) if taste else None, "n_from_model": info.get("n_from_model")})
         if progress is not None:
             progress(n + 1, len(users))
     elapsed = time.perf_counter() - t0
@@ -104,6 +105,10 @@ def leak_check(users: Sequence[User], items: Mapping[str, Item], extract_fn: Key
         "taste_hit_rate": mean_ci([float(r["taste_hit"]) for r in tasted], [r["user_id"] for r in tasted], seed)
         if tasted else {"mean": float("nan"), "ci95": [float("nan")] * 2, "n": 0},
     }
+    counted = [r for r in rows if r["n_from_model"] is not None and r["keywords"]]
+    if counted:  # how much of the keyword set the LLM named (the rest: the history's tags, ranked in)
+        summary["model_share"] = mean_ci([r["n_from_model"] / len(r["keywords"]) for r in counted],
+                                         [r["user_id"] for r in counted], seed)
     leaked_words = Counter(w for r in rows for w in r["leaked"])
     return {
         "benchmark": "keyword-leaks",
@@ -122,8 +127,15 @@ def leak_table(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leak-check summary: measure, rate (mean [95% CI]), users."""
     s = result["summary"]
     names = (("few-shot leak (users)", "leak_rate"), ("fallback used (users)", "fallback_rate"),
-             ("model gave no keyword (users)", "replaced_rate"), ("hidden taste in keywords", "taste_hit_rate"))
-    return ["measure", "rate", "users"], [[label, format_ci(s[key]), str(s[key]["n"])] for label, key in names]
+             ("model gave no keyword (users)", "replaced_rate"), ("hidden taste in keywords", "taste_hit_rate"),
+             ("share of keywords named by the model", "model_share"))
+    rows = [[label, format_ci(s[key]), str(s[key]["n"])] for label, key in names if key in s]
+    ml = result.get("multilingual")
+    if ml:
+        m = ml["summary"]
+        rows += [["non-English histories: keywords in English", format_ci(m["english_rate"]), str(m["english_rate"]["n"])],
+                 ["non-English histories: taste in keywords", format_ci(m["taste_hit_rate"]), str(m["taste_hit_rate"]["n"])]]
+    return ["measure", "rate", "users"], rows
 
 
 def leak_markdown(result: Mapping[str, Any]) -> str:
@@ -138,6 +150,14 @@ def leak_markdown(result: Mapping[str, Any]) -> str:
     leaked = result["counts"]["leaked_words"]
     lines += ["", md_table(header, rows), "",
               "Leaked words: " + (", ".join(f"{w} ({n})" for w, n in leaked.items()) if leaked else "none") + ".", ""]
+    ml = result.get("multilingual")
+    if ml:
+        lines += ["## Histories in other languages", "",
+                  f"{ml['n_users']} hand-written users (`multilingual_users`) whose taste is written only in "
+                  "another language; keywords should be English (the catalog's language) and name the taste.", "",
+                  md_table(["user", "language", "taste", "keywords", "not English"],
+                           [[r["user_id"], str(r["language"]), r["taste"], ", ".join(r["keywords"]),
+                             ", ".join(r["non_english"]) or "–"] for r in ml["users"]]), ""]
     return "\n".join(lines)
 
 
