@@ -105,7 +105,8 @@ class PreferenceExtractor:
             at the price of a padded record nearly always.
         tag_candidates: the history's ``tag_candidates`` most distinctive item words
             (:func:`history_keywords`) join the model's keywords as candidates — I-AM-G's frequent tags as
-            an order-invariant anchor, once the model gave at least one usable keyword. They are part of
+            an order-invariant anchor, once the model gave at least one usable keyword (so do the English
+            glosses of non-English free text, see ``translate``: glossary words, never the text). They are part of
             the method, not a fallback: ``fallback`` is set only when the model gives no usable keyword
             (the history's words replace it) or the candidates run short of ``k`` (padding);
             ``n_from_model`` says how many kept keywords the model named. ``0`` = model keywords only.
@@ -189,7 +190,7 @@ class PreferenceExtractor:
                        grounded=self.grounded, pad_source="items", translate=self.translate,
                        n_candidates=self.n_candidates, recency_ties=self.recency_ties,
                        tag_candidates=self.tag_candidates, selection=self.selection,
-                       vote_weight=self.vote_weight, min_votes=self.min_votes)
+                       vote_weight=self.vote_weight, min_votes=self.min_votes, gloss_candidates=True)
         return out
 
     def _detail(self, events: Sequence[Event], items: Mapping[str, Item]) -> int:
@@ -371,8 +372,12 @@ class PreferenceExtractor:
             voted = list(seen_keys.values())
         if self.tag_candidates and voted:  # no model keyword at all: the history fallback below says so
             have = {keyword_key(kw) for kw in voted}
-            voted += [w for w in history_keywords(kept, items, self.tag_candidates, exclude=titles)
-                      if keyword_key(w) not in have]
+            # the history's item tags, and the English glosses of what the user wrote in another language
+            # (glossary words only, never the free text itself): the same evidence the model read
+            for w in [*history_keywords(kept, items, self.tag_candidates, exclude=titles), *glossed]:
+                if keyword_key(w) not in have:
+                    have.add(keyword_key(w))
+                    voted.append(w)
         if len(voted) > self.k:  # rank by votes and by how many history items back the keyword
             counts = support_counts(kept, items)
             for line in history.lines:  # glossed free text backs its English words like an item does
