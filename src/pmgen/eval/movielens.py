@@ -352,7 +352,7 @@ def movielens_benchmark(ds: Dataset, text_vectors_fn: TextVectorsFn, keywords_fn
         "dataset": ds.name, "n_users": len(rows), "k": k, "seed": seed, "methods": methods,
         "rerank": {"skipped": rerank_note} if rerank is None and rerank_note else None if rerank is None else {"top_n": rerank[0], "w": rerank[1],
                                                 **({"tuned_on": {x: tuned[x] for x in ("split", "n_users", "ndcg",
-                                                                                        "popularity_ndcg")}}
+                                                                                        "popularity_ndcg", "grid")}}
                                                    if tuned else {})},
         "summary": summary, "paired": paired,
         "counts": {"items": len(ids),

