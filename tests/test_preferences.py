@@ -691,3 +691,33 @@ def test_consensus_selection_keeps_agreed_or_frequent_model_words_and_says_so():
     assert rec.n_from_model <= 3 and rec.fallback.startswith("padded:")
     with pytest.raises(ValueError, match="selection"):
         PreferenceExtractor(FakeChat(), selection="nope")
+
+
+# ---------------------------------------------------------------- default ranking: evidence, not the LLM's order
+
+def test_default_keywords_do_not_follow_the_order_the_model_names_them_in():
+    a = PreferenceExtractor(FakeChat("pets, cats, kitten, happy"), k=4).extract(CAT_HISTORY, ITEMS)
+    b = PreferenceExtractor(FakeChat("happy, kitten, cats, pets"), k=4).extract(CAT_HISTORY, ITEMS)
+    assert a.keywords == b.keywords and a.fallback is None and b.fallback is None
+    assert a.keywords[0] == "cats"  # backed by the most liked items (4 cat events)
+    assert 1 <= a.n_from_model <= 4  # the model's words and the history's tags, ranked together
+
+
+def test_default_keywords_take_history_tags_not_free_text_and_say_when_the_model_gave_nothing():
+    history = [*CAT_HISTORY, Event("search", text="HACKED jailbreak zebra", time=7)]
+    rec = PreferenceExtractor(FakeChat("cats"), k=6).extract(history, ITEMS)
+    assert rec.fallback is None and rec.n_from_model == 1 and len(rec.keywords) == 6
+    assert not {"hacked", "jailbreak", "zebra"} & {k.lower() for k in rec.keywords}  # typed words never pad
+    rec = PreferenceExtractor(FakeChat("}{#@!%"), k=6).extract(history, ITEMS)
+    assert rec.fallback.startswith("history: model output had no usable keywords") and rec.n_from_model == 0
+
+
+def test_catalog_word_counts_are_recomputed_when_the_catalog_changes():
+    from pmgen.stages.keywords.ground import catalog_df
+
+    items = dict(ITEMS)
+    df, n = catalog_df(items)
+    assert catalog_df(items)[0] is df and n == len(ITEMS)
+    items["z1"] = Item("z1", "zebra", "tags: zebra, animal")
+    df2, n2 = catalog_df(items)
+    assert n2 == n + 1 and df2["zebra"] == 1 and "zebra" not in df
