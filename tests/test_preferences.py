@@ -590,6 +590,18 @@ def test_non_english_history_gets_english_glosses():
     assert "chicken" in rec.dropped and "felis" in rec.dropped
 
 
+def test_glossed_words_join_the_candidates_but_unmapped_foreign_text_never_does():
+    from pmgen.stages.keywords import Glossary
+
+    glossary = Glossary({"perrito": "dog", "perros": "dog"}, english={"dog", "cat", "happy"})
+    events = [Event("social", item_id="f1", value="send", time=1),
+              Event("conversation", speaker="user", text="perrito feliz", time=2),
+              Event("search", text="pegatinas de perros zapatozzz", time=3)]
+    rec = PreferenceExtractor(FakeChat("happy"), k=4, glossary=glossary).extract(events, ITEMS)
+    assert "dog" in rec.keywords and rec.fallback is None  # the gloss (2 lines) is a candidate of its own
+    assert not {"perrito", "feliz", "pegatinas", "perros", "zapatozzz"} & {k.lower() for k in rec.keywords}
+
+
 @pytest.mark.slow
 def test_glossary_from_the_emoji_package_names():
     from pmgen.stages.keywords import Glossary

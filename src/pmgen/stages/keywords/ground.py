@@ -55,7 +55,12 @@ def keyword_idf(keyword: str, df: Mapping[str, int], n: int) -> float:
     first, whatever order the LLM named them in.
     """
     words = [keyword_key(w) for w in re.split(r"[\s\-]+", keyword.lower()) if w and w not in STOPWORDS]
-    return max([math.log((n + 1) / (df.get(w, 0) + 1)) + 1 for w in words] or [0.0])
+    return max([_idf(w, df, n) for w in words] or [0.0])
+
+
+def _idf(key: str, df: Mapping[str, int], n: int) -> float:
+    """``log((n + 1) / (df + 1)) + 1`` of one word key over a catalog of ``n`` items."""
+    return math.log((n + 1) / (df.get(key, 0) + 1)) + 1
 
 
 def history_keywords(events: Sequence[Event], items: Mapping[str, Item], k: int = 8,
@@ -91,8 +96,7 @@ def history_keywords(events: Sequence[Event], items: Mapping[str, Item], k: int 
             first_seen.setdefault(key, rank)
             surface.setdefault(key, Counter())[w] += 1
     banned = {keyword_key(x) for x in exclude}
-    scored = sorted(count, key=lambda key: (-count[key] * (math.log((n + 1) / (df.get(key, 0) + 1)) + 1),
-                                            first_seen[key]))
+    scored = sorted(count, key=lambda key: (-count[key] * _idf(key, df, n), first_seen[key]))
     out = []
     for key in scored:
         if key in banned:
