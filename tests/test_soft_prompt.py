@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
+from tiny_models import assert_resume_is_exact, tiny_sticker_generator, write_tiny_bert, write_tiny_llama
 
 L = 8
 
@@ -64,16 +64,7 @@ def test_only_the_soft_prompt_trains(tiny, tmp_path) -> None:
 
 
 def test_resume_matches_uninterrupted_training(tiny, tmp_path) -> None:
-    straight = make(tiny, tmp_path / "a", max_steps=3)
-    straight.run()
-    first = make(tiny, tmp_path / "b", max_steps=1)
-    first.run()
-    resumed = make(tiny, tmp_path / "b", max_steps=3)
-    assert resumed.load_checkpoint() and resumed.step == 1
-    resumed.run()
-    a, b = straight.encoder.trainable_state(), resumed.encoder.trainable_state()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (resumed.step, resumed.epoch, resumed.pos) == (straight.step, straight.epoch, straight.pos)
+    assert_resume_is_exact(lambda folder, **kw: make(tiny, folder, **kw), tmp_path)
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path) -> None:

@@ -119,3 +119,19 @@ def tiny_sticker_generator(text_max_length: int = 16, cross_attention_dim: int =
     return StickerGenerator(build_vae((32, 32, 32)), build_unet((32, 32), attention_levels=1,
                                                                 cross_attention_dim=cross_attention_dim, head_dim=16),
                             build_scheduler(), text_max_length=text_max_length)
+
+
+def assert_resume_is_exact(make, tmp: Path, steps: int = 3):
+    """Train ``steps`` straight, and 1 step + a resumed run to ``steps`` elsewhere: the same weights and data
+    position. ``make(folder, max_steps=...)`` builds a trainer whose run lives in ``folder``. Returns the
+    straight trainer."""
+    straight = make(tmp / "a", max_steps=steps)
+    straight.run()
+    make(tmp / "b", max_steps=1).run()
+    resumed = make(tmp / "b", max_steps=steps)
+    assert resumed.load_checkpoint() and resumed.step == 1
+    resumed.run()
+    a, b = straight.encoder.trainable_state(), resumed.encoder.trainable_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed.step, resumed.epoch, resumed.pos) == (straight.step, straight.epoch, straight.pos)
+    return straight

@@ -56,6 +56,9 @@ class Settings:
         use_soft: use soft preference embeddings (needs trained weights in the preset).
         use_keywords: use the preference keywords in the condition and in d_p (``False`` = the
             soft-embeddings-only ablation; then d_p comes from ``history_weight`` alone).
+        use_history_images: add the history-image tokens (the user's history stickers through the
+            trained history-image encoder, :mod:`pmgen.stages.history_images`) to the preference unit,
+            after the keywords and soft embeddings; needs the request's history images.
     """
 
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
@@ -72,6 +75,7 @@ class Settings:
     budget_tokens: int = 192
     use_soft: bool = False
     use_keywords: bool = True
+    use_history_images: bool = False
 
     def __post_init__(self) -> None:
         self.weights = tuple(weight_grid(self.weights))
@@ -156,11 +160,13 @@ class PMG:
             pass another one (:meth:`generate`'s ``soft_prompt``).
         settings: default :class:`Settings`.
         keyword_cache: a :class:`pmgen.stages.keywords.KeywordCache` or ``None`` (no caching).
+        history_encoder: the trained :class:`pmgen.stages.history_images.HistoryImageEncoder` (reads the
+            selector's image embeddings), or ``None`` (history-image tokens unavailable).
     """
 
     def __init__(self, preset: Preset, llm: ChatLLM, text_encoder: TextEncoder, generator: Generator,
                  selector: Scorer, soft_prompt: SoftPrompt | None = None, settings: Settings | None = None,
-                 keyword_cache: Any = None):
+                 keyword_cache: Any = None, history_encoder: Any = None):
         self.preset = preset
         self.llm = llm
         self.text_encoder = text_encoder
@@ -170,6 +176,9 @@ class PMG:
         self.settings = settings or Settings(strength=preset.strength, num_inference_steps=preset.num_inference_steps,
                                              guidance_scale=preset.guidance_scale, use_soft=soft_prompt is not None)
         self.keyword_cache = keyword_cache
+        self.history_encoder = history_encoder
+        if history_encoder is not None:
+            history_encoder.check_image_encoder(selector)
         self._extractors: dict[tuple[int, int], Any] = {}
         self._builders: dict[str, ConditionBuilder] = {}
 
@@ -178,7 +187,8 @@ class PMG:
     def from_preset(cls, name: str = "sticker-tiny", settings: Settings | None = None, keyword_cache: Any = "default",
                     **preset_overrides: Any) -> "PMG":
         """Load every model a preset names (offline). ``keyword_cache="default"`` uses the cache dir's SQLite."""
-        from pmgen.presets import load_generator, load_llm, load_scorer, load_soft_prompt, load_text_encoder
+        from pmgen.presets import (load_generator, load_history_encoder, load_llm, load_scorer, load_soft_prompt,
+                                   load_text_encoder)
 
         preset = get_preset(name, **preset_overrides)
         generator = load_generator(preset)
@@ -190,15 +200,18 @@ class PMG:
             from pmgen.stages.keywords import KeywordCache
 
             keyword_cache = KeywordCache()
-        return cls(preset, llm, text_encoder, generator, selector, soft, settings, keyword_cache)
+        return cls(preset, llm, text_encoder, generator, selector, soft, settings, keyword_cache,
+                   load_history_encoder(preset))
 
-    def models(self, soft_prompt: SoftPrompt | None = None) -> dict[str, dict[str, str]]:
+    def models(self, soft_prompt: SoftPrompt | None = None, history_encoder: Any = None) -> dict[str, dict[str, str]]:
         """Name and content hash of each model used (the record's ``models`` field)."""
         out = {role: {"name": str(m.name), "hash": str(m.content_hash)}
                for role, m in (("llm", self.llm), ("text_encoder", self.text_encoder), ("generator", self.generator),
                                ("selector", self.selector))}
         if soft_prompt is not None:
             out["soft_prompt"] = {"name": str(soft_prompt.name), "hash": str(soft_prompt.content_hash)}
+        if history_encoder is not None:
+            out["history_images"] = {"name": str(history_encoder.name), "hash": str(history_encoder.content_hash)}
         return out
 
     def extractor(self, k: int | None = None, budget_tokens: int | None = None) -> Any:
@@ -300,8 +313,8 @@ class PMG:
         use_soft = s.use_soft and sp is not None
         if not events:
             personalized, reason = False, "empty history: no behaviors to personalize from"
-        elif not s.use_keywords and not use_soft:
-            personalized, reason = False, "neither preference keywords nor soft embeddings are in use"
+        elif not s.use_keywords and not use_soft and not s.use_history_images:
+            personalized, reason = False, "neither preference keywords, soft embeddings nor history images are in use"
         elif s.use_keywords:
             t = time.perf_counter()
             kw = keywords if keywords is not None else self.extractor(s.k, s.budget_tokens).extract(events, items)
@@ -313,7 +326,7 @@ class PMG:
             if kw.truncated:
                 warnings.append(f"history truncated: the LLM read the newest {kw.n_kept} of {kw.n_events} events "
                                 f"(token budget {s.budget_tokens})")
-            if not pref_kw and not use_soft:
+            if not pref_kw and not use_soft and not (s.use_history_images and history_images):
                 personalized, reason = False, "no usable preference keywords"
         n_short = shortened_texts(events) if personalized else 0
         if n_short:
@@ -323,20 +336,33 @@ class PMG:
             t = time.perf_counter()
             soft_t = soft if soft is not None else self.soft_embeddings(events, items, sp)
             timings["soft_embeddings"] = time.perf_counter() - t
-        weights = list(s.weights) if personalized else [0.0]
-
         size = int(self.generator.image_size)
         init = load_image(target_image, size)
         hist = [load_image(p, size) for p in history_images]
+        hist_tokens = None
+        if personalized and s.use_history_images:
+            if self.history_encoder is None:
+                raise ValueError("use_history_images needs a trained history-image encoder: this preset names none "
+                                 "(train one with `pmgen train history-images`)")
+            if hist:
+                t = time.perf_counter()
+                hist_tokens = self.history_encoder.embed(self.selector, torch.cat(hist))
+                timings["history_image_tokens"] = time.perf_counter() - t
+            else:
+                warnings.append("no history images given: the history-image tokens are left out")
+                if not pref_kw and soft_t is None:
+                    personalized, reason = False, "no history images and no other preference condition"
+        weights = list(s.weights) if personalized else [0.0]
+        extra = [v for v in (soft_t, hist_tokens) if v is not None]
         builder = self.builder(s.mode)
         t = time.perf_counter()
-        conds = [builder.build(tkw, pref_kw, w, soft_t) for w in weights]
+        conds = [builder.build(tkw, pref_kw, w, torch.cat(extra) if extra else None) for w in weights]
         timings["conditions"] = time.perf_counter() - t
         for c in conds:
             warnings += [w for w in c.warnings if w not in warnings]
         return Plan(user_id=uid, target=target, settings=s, target_keywords=tkw, preference_keywords=pref_kw,
                     preference=pref_record, personalized=personalized, reason=reason, soft=soft_t,
-                    soft_prompt=sp, conditions=conds, init=init, history=hist, warnings=warnings, timings=timings,
+                    soft_prompt=sp, conditions=conds, history_tokens=hist_tokens, init=init, history=hist, warnings=warnings, timings=timings,
                     t_start=t_all, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"),
                     history_images=[Path(p) for p in history_images],
                     target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)
@@ -385,7 +411,10 @@ class PMG:
             init="target image" if init is not None else "noise (target has no image)",
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
             history_weight=s.history_weight, min_accuracy=s.min_accuracy, preset=self.preset.name,
-            models=self.models(sp if soft is not None else None),
+            models=self.models(sp if soft is not None else None,
+                               self.history_encoder if plan.history_tokens is not None else None),
+            history_image_tokens=(f"on ({plan.history_tokens.shape[0]} tokens from {len(plan.history)} images)"
+                                  if plan.history_tokens is not None else ""),
             timings_s={k: round(v, 4) for k, v in timings.items()}, warnings=plan.warnings)
         return GenerationResult(record=record, images=images, history_images=plan.history_images,
                                 target_image=plan.target_image)
@@ -414,3 +443,4 @@ class Plan:
     alpha_source: str
     history_images: list[Path] = field(default_factory=list)
     target_image: Path | None = None
+    history_tokens: torch.Tensor | None = None

@@ -38,6 +38,8 @@ class Preset:
         num_inference_steps, guidance_scale: sampler settings.
         text_max_length: token length of the generator's text condition.
         soft_prompt: reference to trained soft-prompt weights (``""`` = soft embeddings off).
+        history_images: reference to a trained history-image encoder (``""`` = none; see
+            :mod:`pmgen.stages.history_images`); used when a request sets ``use_history_images``.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Preset:
     guidance_scale: float = 4.0
     text_max_length: int = 32
     soft_prompt: str = ""
+    history_images: str = ""
 
     def __post_init__(self) -> None:
         if self.generator_kind not in ("sticker", "stable-diffusion"):
@@ -210,6 +213,18 @@ def load_soft_prompt(preset: Preset, llm: Any) -> Any:
     if not isinstance(path, Path):
         raise FileNotFoundError(f"soft prompt not found: {preset.soft_prompt}")
     return SoftPromptEncoder.load(path, llm)
+
+
+def load_history_encoder(preset: Preset) -> Any:
+    """The preset's trained history-image encoder, or ``None`` when it names none."""
+    if not preset.history_images:
+        return None
+    from pmgen.stages.history_images import HistoryImageEncoder
+
+    path = resolve(preset.history_images)
+    if not isinstance(path, Path):
+        raise FileNotFoundError(f"history-image encoder not found: {preset.history_images}")
+    return HistoryImageEncoder.load(path)
 
 
 def soft_prompt_ablations(preset: Preset) -> dict[str, Path]:

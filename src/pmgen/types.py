@@ -156,6 +156,7 @@ class GenerationRecord:
     reason: str = ""
     image: str | None = None
     ground_truth_personalized: str | None = None
+    history_image_tokens: str = ""
     schema_version: int = RECORD_SCHEMA_VERSION
 
     @property
@@ -167,7 +168,7 @@ class GenerationRecord:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("reason", "image", "ground_truth_personalized") and not v:
+            if f.name in ("reason", "image", "ground_truth_personalized", "history_image_tokens") and not v:
                 continue
             out[f.name] = [c.to_json() for c in v] if f.name == "candidates" else v
         return out

@@ -40,7 +40,8 @@ def evaluate(
     quick: Annotated[bool, typer.Option(help="A small subset (8 samples, weights 0,1,2) for CI-sized checks.")] = False,
     methods: Annotated[Optional[str], typer.Option(
         help="Comma-separated methods (default: every one whose models exist): none, keywords, keywords-guidance, "
-             "soft, pmg, and the soft-prompt ablations found in the zoo.")] = None,
+             "soft, pmg, keywords+images, pmg+images (with a history-image encoder) and the soft-prompt ablations "
+             "found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
     split: Annotated[str, typer.Option(help="Users to evaluate on: test (report numbers) or val (choose settings "
@@ -65,7 +66,7 @@ def evaluate(
                                     history_weight, min_accuracy)
     pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
     ablations = soft_prompt_ablations(pmg.preset)
-    known = default_methods(pmg.soft_prompt is not None, ablations)
+    known = default_methods(pmg.soft_prompt is not None, ablations, pmg.history_encoder is not None)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
     bad = [m for m in names if m not in known]
     if bad:
@@ -99,7 +100,8 @@ def evaluate(
                                     **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},
             "evaluator": evaluator.name, "alpha": pmg.settings.alpha,
             "min_accuracy": pmg.settings.min_accuracy, "weights": list(pmg.settings.weights),
-            "settings": {k: str(v) for k, v in vars(pmg.settings).items()}, "models": pmg.models(pmg.soft_prompt),
+            "settings": {k: str(v) for k, v in vars(pmg.settings).items()},
+            "models": pmg.models(pmg.soft_prompt, pmg.history_encoder),
             "seconds": round(_time.perf_counter() - t0, 1)}
     report = write_outputs(out, rows, meta, kept, main_method=main)
     console.print(report.read_text().split("## Fixed")[0], highlight=False)

@@ -43,8 +43,10 @@ class Method:
     description: str = ""
 
 
-def default_methods(soft_available: bool, ablations: dict[str, Path] | None = None) -> dict[str, Method]:
-    """The methods ``pmgen evaluate`` knows; soft-embedding methods only when trained weights exist."""
+def default_methods(soft_available: bool, ablations: dict[str, Path] | None = None,
+                    history_available: bool = False) -> dict[str, Method]:
+    """The methods ``pmgen evaluate`` knows; soft-embedding and history-image methods only when their
+    trained weights exist."""
     out = {
         "none": Method("none", {"weights": (0.0,)}, description="no personalization (the w = 0 baseline)"),
         "keywords": Method("keywords", {"use_soft": False, "mode": "concat"},
@@ -57,6 +59,12 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
                              description="soft embeddings only (d_p from history images)")
         out["pmg"] = Method("pmg", {"use_soft": True, "mode": "concat"},
                             description="keywords + soft embeddings (the preset's default)")
+    if history_available:
+        out["keywords+images"] = Method("keywords+images", {"use_soft": False, "use_history_images": True},
+                                        description="keywords + history-image tokens")
+    if history_available and soft_available:
+        out["pmg+images"] = Method("pmg+images", {"use_soft": True, "use_history_images": True},
+                                   description="keywords + soft embeddings + history-image tokens (four groups)")
     for name, folder in (ablations or {}).items():
         out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0},
                            soft_prompt=str(folder), description=f"soft embeddings only, {name} weights")

@@ -19,14 +19,13 @@ def _option(name: str, value: Any) -> str:
     return f"--{flag} {value}"
 
 
-def write_model_card(trainer: Trainer) -> None:
-    """``loss.png`` (train loss, validation L_pos / L_neg / target-only) and ``README.md`` in ``cfg.out``."""
+def plot_losses(trainer: Trainer, title: str) -> None:
+    """``loss.png`` in ``cfg.out``: train L_pos and the validation losses over the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg, out = trainer.cfg, Path(trainer.cfg.out)
     tr = [h for h in trainer.history if "loss" in h]
     va = [h for h in trainer.history if "val_pos" in h]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
@@ -39,11 +38,18 @@ def write_model_card(trainer: Trainer) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("generator loss")
     ax.legend(fontsize=7)
-    ax.set_title(f"soft prompt: prefix {cfg.prefix_length}, [IMG] {cfg.n_img}"
-                 + ("" if cfg.use_img_tokens else " (pooled, no [IMG])"))
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
+    fig.savefig(Path(trainer.cfg.out) / "loss.png", dpi=110)
     plt.close(fig)
+
+
+def write_model_card(trainer: Trainer) -> None:
+    """``loss.png`` (train loss, validation L_pos / L_neg / target-only) and ``README.md`` in ``cfg.out``."""
+    cfg, out = trainer.cfg, Path(trainer.cfg.out)
+    plot_losses(trainer, f"soft prompt: prefix {cfg.prefix_length}, [IMG] {cfg.n_img}"
+                + ("" if cfg.use_img_tokens else " (pooled, no [IMG])"))
+    va = [h for h in trainer.history if "val_pos" in h]
     last = va[-1] if va else {}
     first = va[0] if va else {}
     info = trainer.encoder.cfg.info

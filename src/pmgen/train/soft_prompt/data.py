@@ -23,20 +23,27 @@ class SoftExamples:
     negatives: list[list[int]]  # rows a negative may be drawn from (outside the user's taste)
     positive_kind: list[str]  # "ground truth" or "held-out taste item"
     tastes: list[str]  # the user's hidden taste (for the other-user validation baseline)
+    history_rows: list[list[int]] = dataclasses.field(default_factory=list)
+    """Rows of the user's most recent distinct history items (never the positive), newest first — what a
+    history-image encoder reads; empty when the examples were built without them."""
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     def subset(self, index: Sequence[int]) -> SoftExamples:
-        return SoftExamples(*[[getattr(self, f.name)[i] for i in index] for f in dataclasses.fields(self)])
+        return SoftExamples(*[[getattr(self, f.name)[i] for i in index] if getattr(self, f.name) else []
+                              for f in dataclasses.fields(self)])
 
 
 def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budget_tokens: int, seed: int,
-                   item_rows: dict[str, int], n_target_keywords: int = 5) -> SoftExamples:
+                   item_rows: dict[str, int], n_target_keywords: int = 5, history_images: int = 12) -> SoftExamples:
     """Examples of one split of ``sticker-users`` (see the module docstring for the positive image).
 
     ``item_rows`` maps catalog item ids to rows of the latent table; items without a row are never used.
+    ``history_images``: how many of the history's most recent distinct items go into ``history_rows``.
     """
+    from pmgen.stages.verbalize import newest_first
+
     from pmgen.stages.condition import keywords_text
     from pmgen.data.datasets.sticker_users import TASTES, taste_by_name
     from pmgen.stages.keywords import target_keywords
@@ -45,7 +52,7 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
     rng = random.Random(seed)
     base = [it for it in ds.items.values() if not it.attributes.get("skintone") and it.id in item_rows]
     in_taste = {t.name: {it.id for it in base if t.matches(it)} for t in TASTES}
-    out = SoftExamples([], [], [], [], [], [], [], [])
+    out = SoftExamples([], [], [], [], [], [], [], [], [])
     for s in ds.split(split):
         user = ds.users[s.user_id]
         taste = taste_by_name(user.attributes["taste"])
@@ -70,6 +77,8 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
         out.negatives.append(negatives)
         out.positive_kind.append(kind)
         out.tastes.append(taste.name)
+        recent = dict.fromkeys(e.item_id for e in newest_first(events) if e.item_id in item_rows and e.item_id != pos)
+        out.history_rows.append([item_rows[i] for i in list(recent)[:history_images]])
     return out
 
 

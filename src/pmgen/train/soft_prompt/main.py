@@ -55,7 +55,11 @@ def main(given: Mapping[str, Any], resume: bool = False, preset: str = "sticker-
     cfg = begin_run(SoftPromptTrainConfig, given, resume, log)
     if cfg is None:
         return 2
-    trainer = prepare(cfg, preset, log)
+    return train_with_progress(prepare(cfg, preset, log), resume, log, "soft prompt")
+
+
+def train_with_progress(trainer: SoftPromptTrainer, resume: bool, log: Callable[[str], None], desc: str) -> int:
+    """Resume ``trainer`` (if asked) and train it with a progress bar until done or signalled; exit code."""
     if resume:
         try:
             trainer.load_checkpoint()
@@ -66,7 +70,7 @@ def main(given: Mapping[str, Any], resume: bool = False, preset: str = "sticker-
     stop = stop_on_signals(log)
     from tqdm import tqdm
 
-    with tqdm(total=cfg.max_steps, initial=trainer.step, desc="soft prompt", unit="step",
+    with tqdm(total=trainer.cfg.max_steps, initial=trainer.step, desc=desc, unit="step",
               mininterval=5, file=sys.stderr) as bar:
         def progress(step: int, losses: dict[str, float]) -> None:
             bar.update(step - bar.n)

@@ -67,17 +67,13 @@ class SoftPromptTrainer:
         width = self.builder.width
         norm = mean_token_norm(self.builder, train.target_texts[:256]) if cfg.match_norm else 0.0
         torch.manual_seed(cfg.seed)
-        self.encoder = SoftPromptEncoder(SoftPromptConfig(
-            llm_name=llm_name or getattr(llm, "name", "") or "llm", llm_hidden=llm.hidden_size, text_width=width,
-            prefix_length=cfg.prefix_length, n_img=cfg.n_img, use_img_tokens=cfg.use_img_tokens,
-            budget_tokens=cfg.budget_tokens, norm=norm), llm)
-        llm.model.requires_grad_(False)
+        self.encoder = self.build_encoder(width, norm, llm_name)
         generator.unet.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(generator.scheduler.config)
         groups = [{"params": [p for n, p in self.encoder.named_parameters() if not n.startswith("proj.")],
                    "lr": cfg.lr},
                   {"params": list(self.encoder.proj.parameters()), "lr": cfg.proj_lr}]
-        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.epoch, self.pos = 0, 0, 0
         self.order: list[int] | None = None
@@ -90,6 +86,29 @@ class SoftPromptTrainer:
         self._val_fixed = self._fixed_noise(len(val), seed=cfg.seed + 1)
         if cfg.init_from and not self.checkpoint_path.is_file():
             self.warm_start(Path(cfg.init_from))
+
+    # ------------------------------------------------------------------ what trains (a subclass may swap it)
+    def build_encoder(self, width: int, norm: float, llm_name: str = "") -> Any:
+        """The trainable encoder: here the soft prompt around the frozen LLM."""
+        cfg, llm = self.cfg, self.llm
+        self.llm.model.requires_grad_(False)
+        return SoftPromptEncoder(SoftPromptConfig(
+            llm_name=llm_name or getattr(llm, "name", "") or "llm", llm_hidden=llm.hidden_size, text_width=width,
+            prefix_length=cfg.prefix_length, n_img=cfg.n_img, use_img_tokens=cfg.use_img_tokens,
+            budget_tokens=cfg.budget_tokens, norm=norm), llm)
+
+    def encode(self, ex: SoftExamples, idx: Sequence[int]) -> torch.Tensor:
+        """The condition vectors ``[B, n, D]`` of examples ``idx`` of ``ex`` (here: of their history texts)."""
+        return self.encoder([ex.history_texts[i] for i in idx])
+
+    def load_export(self, folder: Path) -> Any:
+        """An exported encoder (for :meth:`warm_start`)."""
+        return SoftPromptEncoder.load(Path(folder), self.llm)
+
+    SHAPE_KEYS: tuple[str, ...] = ("llm_hidden", "text_width", "prefix_length", "n_img", "use_img_tokens",
+                                   "budget_tokens")
+    CONFIG_CLASS: Any = SoftPromptTrainConfig
+    CHECKPOINT_FORMAT: str = CHECKPOINT_FORMAT
 
     # ------------------------------------------------------------------ pieces
     def _fixed_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -132,7 +151,7 @@ class SoftPromptTrainer:
         idx = self._next_batch()
         b = len(idx)
         self.encoder.train()
-        soft = self.encoder([ex.history_texts[i] for i in idx])
+        soft = self.encode(ex, idx)
         targets = [ex.target_texts[i] for i in idx]
         cond = self.conditions(targets, soft)
         t_hi = max(1, int(cfg.t_max * self.noise_scheduler.config.num_train_timesteps))
@@ -172,7 +191,8 @@ class SoftPromptTrainer:
         self.encoder.eval()
         ex = self.val_ex
         t, noise, negs = self._val_fixed
-        softs = torch.cat([self.encoder(ex.history_texts[s:s + batch]).float() for s in range(0, len(ex), batch)])
+        softs = torch.cat([self.encode(ex, range(s, min(len(ex), s + batch))).float()
+                           for s in range(0, len(ex), batch)])
         other = other_user_index(ex.tastes)
         pos_l, neg_l, base_l, other_l = [], [], [], []
         for s in range(0, len(ex), batch):
@@ -197,13 +217,12 @@ class SoftPromptTrainer:
         run left off, for the same seed and batch size); the shapes must match this run's.
         """
         try:
-            theirs = SoftPromptEncoder.load(Path(folder), self.llm)
+            theirs = self.load_export(Path(folder))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"init_from={folder}: {e}") from e
         cfg = theirs.cfg
         mine = self.encoder.cfg
-        differ = [k for k in ("llm_hidden", "text_width", "prefix_length", "n_img", "use_img_tokens", "budget_tokens")
-                  if getattr(cfg, k) != getattr(mine, k)]
+        differ = [k for k in self.SHAPE_KEYS if getattr(cfg, k) != getattr(mine, k)]
         if differ:
             raise ValueError(f"init_from={folder} has another shape ({', '.join(differ)}) than this run")
         self.encoder.load_state_dict(theirs.trainable_state())
@@ -224,7 +243,7 @@ class SoftPromptTrainer:
             f.write(json.dumps(line) + "\n")
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_path, format=CHECKPOINT_FORMAT, config=self.cfg.to_json(),
+        save_checkpoint(self.checkpoint_path, format=self.CHECKPOINT_FORMAT, config=self.cfg.to_json(),
                         encoder=self.encoder.trainable_state(), opt=self.opt.state_dict(), step=self.step,
                         epoch=self.epoch, pos=self.pos, order=self.order, gen=self.gen.get_state(),
                         train_seconds=self.train_seconds, history=self.history)
@@ -234,10 +253,10 @@ class SoftPromptTrainer:
         state = load_checkpoint(self.checkpoint_path)
         if state is None:
             return False
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.checkpoint_path} is not a soft-prompt training checkpoint")
+        if state.get("format") != self.CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.checkpoint_path} is not a {self.cfg.KIND} training checkpoint")
         mine, theirs = self.cfg.to_json(), state["config"]
-        differ = [k for k in mine if k not in SoftPromptTrainConfig.RUN_FIELDS and mine[k] != theirs.get(k)]
+        differ = [k for k in mine if k not in self.CONFIG_CLASS.RUN_FIELDS and mine[k] != theirs.get(k)]
         if differ:
             raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(differ)}); "
                              "use another --train-dir for a new run")
@@ -298,10 +317,14 @@ class SoftPromptTrainer:
             self._validate_and_log()
         self.save_checkpoint()
         self.export()
+        self.write_card()
+        self.log(f"stopped at step {self.step}; weights in {cfg.out}; checkpoint {self.checkpoint_path}")
+
+    def write_card(self) -> None:
+        """The exported folder's ``README.md`` and ``loss.png``."""
         from pmgen.train.soft_prompt.card import write_model_card
 
         write_model_card(self)
-        self.log(f"stopped at step {self.step}; weights in {cfg.out}; checkpoint {self.checkpoint_path}")
 
     def _validate_and_log(self) -> None:
         v = self.validate()
