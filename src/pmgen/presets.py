@@ -78,6 +78,7 @@ PRESETS: dict[str, Preset] = {
         selector="zoo:sticker-tiny/selector",
         evaluator="zoo:sticker-tiny/evaluator",
         soft_prompt="zoo:sticker-tiny/soft-prompt",
+        history_images="zoo:sticker-tiny/history-images",
     ),
     "sd15": Preset(
         name="sd15",
@@ -287,7 +288,8 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
 
     out: list[ModelStatus] = []
     loaded: dict[str, Any] = {}
-    roles = [*ROLES, *(("soft_prompt",) if preset.soft_prompt else ())]
+    roles = [*ROLES, *(("soft_prompt",) if preset.soft_prompt else ()),
+             *(("history_images",) if preset.history_images else ())]
     for role in roles:
         ref = getattr(preset, role)
         st = ModelStatus(role=role, ref=ref, ok=False)
@@ -303,6 +305,10 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
                 if "llm" not in loaded:
                     raise FileNotFoundError("the soft prompt needs the LLM, which did not load")
                 obj = load_soft_prompt(preset, loaded["llm"])
+            elif role == "history_images":
+                obj = load_history_encoder(preset)
+                if "selector" in loaded:
+                    obj.check_image_encoder(loaded["selector"])
             else:
                 obj = load_scorer(preset, role, loaded.get("text_encoder"))
             st.load_seconds = time.perf_counter() - t0

@@ -126,6 +126,7 @@ def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample]
             for i, (cand, mt) in enumerate(zip(res.record.candidates, metrics)):
                 rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": m.name,
                              "weight": cand.weight, "d_t": cand.d_t, "d_p": cand.d_p,
+                             **({"d_h": cand.d_h} if cand.d_h is not None else {}),
                              "chosen": i == res.chosen, **mt})
             if n < keep_images:
                 kept[s.sample_id][m.name] = res.chosen_image
