@@ -88,11 +88,12 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
 
     out = tmp_path / "eval"
     r = runner.invoke(app, ["evaluate", "--quick", "--out", str(out), "--data-dir", str(data_root),
-                            "--keep-images", "2", "--methods", "none,keywords,soft,pmg"])
+                            "--keep-images", "2", "--methods", "none,keywords,soft,pmg,pmg+images"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
-    assert m["meta"]["n_samples"] == 8 and {"none", "keywords", "soft", "pmg"} <= set(m["selected"])
+    assert m["meta"]["n_samples"] == 8 and {"none", "keywords", "soft", "pmg", "pmg+images"} <= set(m["selected"])
     assert m["meta"]["models"]["soft_prompt"]  # the preset's trained soft prompt is on
+    assert m["meta"]["models"]["history_images"]["name"] == "history-images"  # and its history-image encoder
     none = m["selected"]["none"]
     assert -1 <= none["acc_text"]["mean"] <= 1 and none["acc_text"]["n"] == 8
     assert none["acc_text"]["ci95"][0] <= none["acc_text"]["mean"] <= none["acc_text"]["ci95"][1]
@@ -109,3 +110,26 @@ def test_soft_prompt_option_names_weights_or_turns_them_off() -> None:
     assert _soft(None) == {}  # the preset's own setting
     assert _soft("off") == _soft("None") == {"soft_prompt": ""}
     assert _soft("zoo:sticker-tiny/soft-prompt") == {"soft_prompt": "zoo:sticker-tiny/soft-prompt"}
+
+
+def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):
+    """`pmgen generate --history-images`: the shipped encoder reads the user's history stickers."""
+    import json
+
+    from pmgen.data import datasets
+
+    sample = datasets.load("sticker-users", data_root).split("test")[0]
+    out = tmp_path / "one"
+    r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--sample", sample.sample_id, "--weights", "0,1",
+                            "--history-images", "--out", str(out), "--data-dir", str(data_root), "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["history_image_tokens"].startswith("on (4 tokens from ")
+    assert rec["models"]["history_images"]["name"] == "history-images"
+    r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--sample", sample.sample_id, "--weights", "0,1",
+                            "--out", str(tmp_path / "plain"), "--data-dir", str(data_root)])
+    assert r.exit_code == 0, r.output
+    plain = json.loads((tmp_path / "plain" / "record.json").read_text())
+    assert "history_image_tokens" not in plain  # off by default
+    assert rec["candidates"][1]["preference_tokens"] == plain["candidates"][1]["preference_tokens"] + 4
+    assert rec["candidates"][0]["d_t"] == plain["candidates"][0]["d_t"]  # w = 0: the same baseline

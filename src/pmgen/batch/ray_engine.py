@@ -84,13 +84,14 @@ class PresetFactory:
         import dataclasses
 
         from pmgen.pipeline import PMG, Settings
-        from pmgen.presets import get_preset, load_generator, load_llm, load_scorer, load_soft_prompt, load_text_encoder
+        from pmgen.presets import (get_preset, load_generator, load_history_encoder, load_llm, load_scorer,
+                                   load_soft_prompt, load_text_encoder)
 
         p = get_preset(self.preset, **dict(self.preset_overrides))
         settings = dataclasses.replace(Settings(strength=p.strength, num_inference_steps=p.num_inference_steps,
                                                 guidance_scale=p.guidance_scale, use_soft=bool(p.soft_prompt)),
                                        **self.settings)
-        llm = soft = te = gen = sel = cache = None
+        llm = soft = te = gen = sel = cache = hist = None
         if "keywords" in roles:
             from pmgen.stages.keywords import KeywordCache
 
@@ -102,7 +103,8 @@ class PresetFactory:
             gen = load_generator(p)
             te = load_text_encoder(p, gen)
             sel = load_scorer(p, "selector", te)
-        return PMG(p, llm, te, gen, sel, soft, settings, cache)
+            hist = load_history_encoder(p)  # the generator actors plan the conditions
+        return PMG(p, llm, te, gen, sel, soft, settings, cache, hist)
 
 
 def _info(model: Any) -> ModelInfo | None:

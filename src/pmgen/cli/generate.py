@@ -57,6 +57,10 @@ def generate(
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None,
     soft_prompt: SoftOpt = None, generator: GeneratorOpt = None,
+    history_images: Annotated[Optional[bool], typer.Option(
+        "--history-images/--no-history-images",
+        help="Add the history-image tokens (the user's history stickers through the preset's trained "
+             "history-image encoder) to the condition; off by default.")] = None,
     engine: Annotated[str, typer.Option(help="Batch engine: local (this process, requests in groups) or ray "
                                         "(Ray Data: LLM actors and generator actors in parallel; needs pmgen\\[ray]).")] = "local",
     group_size: Annotated[int, typer.Option(help="Batch: requests per group (keywords of a group's cache misses in "
@@ -76,6 +80,8 @@ def generate(
     from pmgen.paths import UnsafePathError, check_result_dir
 
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy)
+    if history_images is not None:
+        overrides["use_history_images"] = history_images
     if batch is not None:
         _batch(batch, out, preset, overrides, alpha, soft_prompt, generator, engine, group_size, ray_address,
                actors, llm_actors, stats, data_dir_)

@@ -113,7 +113,7 @@ def __getattr__(name: str) -> Any:
 
 def write_model_card(trainer: Any) -> None:
     """``README.md`` and ``loss.png`` of the exported encoder."""
-    from pmgen.train.soft_prompt.card import plot_losses
+    from pmgen.train.soft_prompt.card import plot_losses, reproduce_options
 
     cfg, out = trainer.cfg, Path(trainer.cfg.out)
     plot_losses(trainer, f"history images → {cfg.n_img} condition tokens")
@@ -141,7 +141,7 @@ Linear + LayerNorm to {enc.n_tokens} condition tokens at the text encoder's mean
 | val_gain (target-only − with tokens) | {last.get('val_gain', nan):+.5f} |
 | val_user_gain (another user's tokens − own) | {last.get('val_user_gain', nan):+.5f} |
 
-Reproduce: `pmgen train history-images --out {out.as_posix()} --max-steps {cfg.max_steps}`.
+Reproduce: `pmgen train history-images --out {out.as_posix()} {reproduce_options(cfg)}`.
 
 ![loss](loss.png)
 """)

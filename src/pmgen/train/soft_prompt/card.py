@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 
 # `trainer` below is a :class:`pmgen.train.soft_prompt.trainer.SoftPromptTrainer` (not imported: the trainer imports this module)
 Trainer = Any
@@ -17,6 +16,13 @@ def _option(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"--{flag}" if value else f"--no-{flag}"
     return f"--{flag} {value}"
+
+
+def reproduce_options(cfg: Any) -> str:
+    """The options that reproduce a run: ``--max-steps`` and every setting off its default."""
+    fields = type(cfg).__dataclass_fields__
+    return " ".join(_option(k, v) for k, v in cfg.to_json().items()
+                    if k == "max_steps" or (k not in type(cfg).RUN_FIELDS and v != fields[k].default))
 
 
 def plot_losses(trainer: Trainer, title: str) -> None:
@@ -53,9 +59,7 @@ def write_model_card(trainer: Trainer) -> None:
     last = va[-1] if va else {}
     first = va[0] if va else {}
     info = trainer.encoder.cfg.info
-    overrides = " ".join(_option(k, v) for k, v in cfg.to_json().items()
-                         if k == "max_steps" or (k not in SoftPromptTrainConfig.RUN_FIELDS
-                                                 and v != SoftPromptTrainConfig.__dataclass_fields__[k].default))
+    overrides = reproduce_options(cfg)
     card = f"""# sticker-tiny soft prompt{'' if cfg.prefix_length and cfg.use_img_tokens else ' (ablation)'}
 
 The bias-correction LLM's trained parts: a P-Tuning-v2 prefix ({cfg.prefix_length} positions per
