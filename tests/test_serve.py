@@ -145,10 +145,10 @@ def test_inline_user_uploaded_target_and_target_from_a_message(make_client):
 def test_generation_request_problems_are_listed_together(make_client):
     c = make_client()
     r = c.post("/v1/generations", json={"user_id": "nobody", "target_id": "zz", "weights": [0, 99], "alpha": 2,
-                                        "seed": -1, "context": [{"type": "conversation"}]})
+                                        "seed": -1, "context": [{"type": "conversation"}], "history_images": "yes"})
     assert r.status_code == 422
     fields = {p["field"] for p in r.json()["problems"]}
-    assert fields == {"user_id", "target_id", "weights", "alpha", "seed", "context.events[0].text"}
+    assert fields == {"user_id", "target_id", "weights", "alpha", "seed", "context.events[0].text", "history_images"}
     assert c.get("/readyz").json()["queue_depth"] == 0
 
 

@@ -71,6 +71,8 @@ class GenerationIn(BaseModel):
     alpha: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=0)
     strength: float | None = Field(None, ge=0, le=1)
+    history_images: bool | None = Field(None, description="add the history-image tokens (needs the preset's "
+                                                          "trained history-image encoder; off by default)")
 
 
 class FeedbackIn(BaseModel):

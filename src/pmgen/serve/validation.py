@@ -134,6 +134,12 @@ class RequestValidator:
                     probs.append(problem(key, f"expected a number in [{lo:g}, {hi:g}], got {v!r}"))
                 else:
                     options[key] = float(v)
+        hist = body.get("history_images")
+        if hist is not None:
+            if not isinstance(hist, bool):
+                probs.append(problem("history_images", f"expected true or false, got {hist!r}"))
+            else:
+                options["use_history_images"] = hist
         seed = body.get("seed")
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
