@@ -362,7 +362,8 @@ class PMG:
             warnings += [w for w in c.warnings if w not in warnings]
         return Plan(user_id=uid, target=target, settings=s, target_keywords=tkw, preference_keywords=pref_kw,
                     preference=pref_record, personalized=personalized, reason=reason, soft=soft_t,
-                    soft_prompt=sp, conditions=conds, history_tokens=hist_tokens, init=init, history=hist, warnings=warnings, timings=timings,
+                    soft_prompt=sp, conditions=conds, history_tokens=hist_tokens, init=init, history=hist,
+                    warnings=warnings, timings=timings,
                     t_start=t_all, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"),
                     history_images=[Path(p) for p in history_images],
                     target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)

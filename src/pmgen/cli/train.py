@@ -11,7 +11,7 @@ from pmgen.cli.app import train_app
 # light imports: the trainers' settings classes and the service's commands load torch / FastAPI only when run
 from pmgen.config import config_options
 from pmgen.train.generator.config import GeneratorTrainConfig
-from pmgen.train.history_images import HistoryImageTrainConfig
+from pmgen.train.history_images.config import HistoryImageTrainConfig
 from pmgen.train.scorer.config import ScorerTrainConfig
 from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
 
@@ -56,6 +56,6 @@ def train_history_images(given: dict, resume: ResumeOpt = False,
                          preset: Annotated[str, typer.Option(help="Preset whose text encoder, generator and "
                                                              "selector to use.")] = "sticker-tiny") -> None:
     """Train the projection of the user's history images into condition tokens (a fourth condition group)."""
-    from pmgen.train.history_images import main as history_main
+    from pmgen.train.history_images.main import main as history_main
 
     raise typer.Exit(history_main(given, resume=resume, preset=preset))

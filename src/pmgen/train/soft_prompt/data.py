@@ -42,12 +42,10 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
     ``item_rows`` maps catalog item ids to rows of the latent table; items without a row are never used.
     ``history_images``: how many of the history's most recent distinct items go into ``history_rows``.
     """
-    from pmgen.stages.verbalize import newest_first
-
     from pmgen.stages.condition import keywords_text
     from pmgen.data.datasets.sticker_users import TASTES, taste_by_name
     from pmgen.stages.keywords import target_keywords
-    from pmgen.stages.verbalize import verbalize_history
+    from pmgen.stages.verbalize import newest_first, verbalize_history
 
     rng = random.Random(seed)
     base = [it for it in ds.items.values() if not it.attributes.get("skintone") and it.id in item_rows]

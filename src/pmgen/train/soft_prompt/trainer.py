@@ -107,7 +107,6 @@ class SoftPromptTrainer:
 
     SHAPE_KEYS: tuple[str, ...] = ("llm_hidden", "text_width", "prefix_length", "n_img", "use_img_tokens",
                                    "budget_tokens")
-    CONFIG_CLASS: Any = SoftPromptTrainConfig
     CHECKPOINT_FORMAT: str = CHECKPOINT_FORMAT
 
     # ------------------------------------------------------------------ pieces
@@ -256,7 +255,7 @@ class SoftPromptTrainer:
         if state.get("format") != self.CHECKPOINT_FORMAT:
             raise ValueError(f"{self.checkpoint_path} is not a {self.cfg.KIND} training checkpoint")
         mine, theirs = self.cfg.to_json(), state["config"]
-        differ = [k for k in mine if k not in self.CONFIG_CLASS.RUN_FIELDS and mine[k] != theirs.get(k)]
+        differ = [k for k in mine if k not in self.cfg.RUN_FIELDS and mine[k] != theirs.get(k)]
         if differ:
             raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(differ)}); "
                              "use another --train-dir for a new run")
