@@ -27,14 +27,17 @@ def _plans(pmg, toy_data, mode="concat"):
     return out
 
 
-@pytest.mark.parametrize("mode", ["concat", "guidance"])
+@pytest.mark.parametrize("mode", ["concat", "guidance", "compose"])
 def test_a_request_renders_bit_identically_alone_and_in_any_group(tiny_pmg, toy_data, mode):
     from pmgen.batch.grouped import render_many
 
     plans = _plans(tiny_pmg, toy_data, mode)
     lengths = {(c.extra_prompt_embeds if c.extra_prompt_embeds is not None else c.prompt_embeds).shape[1]
                for p in plans for c in p.conditions}
-    assert len(lengths) > 2  # several length buckets
+    # several length buckets (compose: the extra condition is the keywords' whole prompt, one length)
+    assert len(lengths) > (0 if mode == "compose" else 2)
+    assert all(c.extra_base == ("uncond" if mode == "compose" else "cond") for p in plans for c in p.conditions
+               if c.extra_prompt_embeds is not None)
     alone = [render_many(tiny_pmg, [p], batch_size=4, length_step=8)[0] for p in plans]
     group = render_many(tiny_pmg, plans, batch_size=4, length_step=8)
     reverse = render_many(tiny_pmg, plans[::-1], batch_size=4, length_step=8)[::-1]

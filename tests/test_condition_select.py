@@ -34,7 +34,7 @@ def builder():
 
 
 def test_w0_is_the_target_only_condition_in_both_modes():
-    for mode in ("concat", "guidance"):
+    for mode in ("concat", "guidance", "compose"):
         b = ConditionBuilder(FakeTextEncoder(), max_length=16, mode=mode)
         base = b.build(["grinning face"], [], 0.0)
         c0 = b.build(["grinning face"], ["cat", "kitten"], 0.0, soft=torch.randn(4, 8))
@@ -69,6 +69,24 @@ def test_guidance_mode_condition(builder):
     assert c.extra_scale == 1.5
     assert torch.equal(c.prompt_embeds, b.build(["grinning face"], [], 0).prompt_embeds)
     assert c.extra_prompt_embeds.shape == (1, 16 + 3, 8)
+
+
+def test_compose_mode_condition_is_the_preference_alone_from_the_unconditional():
+    from pmgen.stages.condition import COMPOSE_SCALE
+
+    b = ConditionBuilder(FakeTextEncoder(), max_length=16, mode="compose")
+    soft = torch.randn(3, 8)
+    c = b.build(["grinning face"], ["cat"], 1.5, soft)
+    assert c.extra_base == "uncond" and c.extra_scale == COMPOSE_SCALE * 1.5
+    # the target's condition is untouched at every weight
+    assert torch.equal(c.prompt_embeds, b.build(["grinning face"], [], 0).prompt_embeds)
+    # the extra condition: the keywords as a whole prompt (padded, no target), then the soft rows
+    assert c.extra_prompt_embeds.shape == (1, 16 + 3, 8)
+    assert torch.equal(c.extra_prompt_embeds[0, :16], b.encode("cat")[0])
+    assert torch.equal(c.extra_prompt_embeds[0, 16:], soft)
+    # soft embeddings alone (no keywords): the empty prompt's states, then the soft rows
+    c_soft = b.build(["grinning face"], [], 1.0, soft)
+    assert torch.equal(c_soft.extra_prompt_embeds[0, :16], b.unconditional(16))
 
 
 def test_overflowing_keywords_are_truncated_with_a_warning(builder):

@@ -115,6 +115,31 @@ def test_without_guidance_no_negative_is_needed(gen, embeds, init) -> None:
     assert out.shape == (2, 3, 64, 64)
 
 
+def test_composed_guidance_starts_from_the_chosen_prediction(gen, embeds, init) -> None:
+    cond, neg = embeds
+    kw = {"strength": 0.8, "seed": 4, **KW}
+    plain = gen.image_to_image(init, cond, neg, **kw)
+    # extra = the prompt itself from the prompt's prediction, or the negative from the unconditional
+    # one: the added direction is zero, the images are the plain ones
+    same_c = gen.image_to_image(init, cond, neg, extra_prompt_embeds=cond, extra_guidance_scale=2.0, **kw)
+    same_u = gen.image_to_image(init, cond, neg, extra_prompt_embeds=neg, extra_guidance_scale=2.0,
+                                extra_base="uncond", **kw)
+    torch.testing.assert_close(same_c, plain)
+    torch.testing.assert_close(same_u, plain)
+    # the same extra condition from the two bases differs (ε_cond ≠ ε_uncond)
+    other = torch.randn_like(cond[:1])
+    a = gen.image_to_image(init, cond, neg, extra_prompt_embeds=other, extra_guidance_scale=2.0, **kw)
+    b = gen.image_to_image(init, cond, neg, extra_prompt_embeds=other, extra_guidance_scale=2.0,
+                           extra_base="uncond", **kw)
+    assert (a - b).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="needs negative_prompt_embeds and guidance_scale > 1"):
+        gen.image_to_image(init, cond, None, extra_prompt_embeds=other, extra_guidance_scale=1.0, extra_base="uncond",
+                           strength=0.5, seed=0, num_inference_steps=4, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="extra_base must be one of"):
+        gen.image_to_image(init, cond, neg, extra_prompt_embeds=other, extra_guidance_scale=1.0, extra_base="both",
+                           **kw)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda g, c, n, i: g.text_to_image(c[..., :5], n, seed=0), r"prompt_embeds must be \[B, L, 32\]"),
     (lambda g, c, n, i: g.text_to_image(c, None, seed=0, guidance_scale=4.0), "needs negative_prompt_embeds"),

@@ -37,12 +37,15 @@ def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
         assert not torch.equal(res.images[0], res.images[2])  # the preference changes the image
 
 
-def test_w0_identity_in_guidance_mode(tiny_pmg, toy_data):
+@pytest.mark.parametrize("mode", ["guidance", "compose"])
+def test_w0_identity_in_other_weighting_modes(tiny_pmg, toy_data, mode):
     root, items, user = toy_data
-    a = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode="guidance")
+    a = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode=mode)
     c = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode="concat")
     assert torch.equal(a.images[0], c.images[0])
-    assert a.record.mode == "guidance"
+    assert a.record.mode == mode
+    assert a.record.preference_keywords  # the toy user has a preference, so w > 0 differs:
+    assert not torch.equal(a.images[2], a.images[0]) and not torch.equal(a.images[2], c.images[2])
 
 
 def test_save_writes_everything_atomically(tiny_pmg, toy_data, tmp_path):

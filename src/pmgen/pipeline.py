@@ -44,7 +44,8 @@ class Settings:
     Attributes:
         weights: preference weights of the candidates (0 = non-personalized baseline, always included).
         alpha: balance in ``z = α·log d_p + (1−α)·log d_t`` (1 = all personalization).
-        mode: weighting mode, ``"concat"`` (paper) or ``"guidance"`` (continuous); see :mod:`pmgen.stages.condition`.
+        mode: weighting mode, ``"concat"`` (paper), ``"guidance"`` (continuous) or ``"compose"`` (the
+            preference composed with the target as a concept of its own); see :mod:`pmgen.stages.condition`.
         k: number of preference keywords.
         n_target_keywords: number of target keywords used.
         seed: noise seed shared by every candidate.
@@ -375,7 +376,8 @@ class PMG:
         for c in plan.conditions:
             kwargs = dict(seed=s.seed, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
             if c.extra_prompt_embeds is not None:
-                kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale)
+                kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale,
+                              extra_base=c.extra_base)
             if plan.init is not None:
                 img = self.generator.image_to_image(plan.init, c.prompt_embeds, c.negative_prompt_embeds,
                                                     strength=s.strength, **kwargs)

@@ -43,6 +43,7 @@ class _Row:
     uncond: torch.Tensor | None  # [L, D] (None without classifier-free guidance)
     extra: torch.Tensor | None  # [Le, D]
     extra_scale: float
+    extra_base: str
     latents: torch.Tensor  # [1, C, h, w] noised start
     timesteps: torch.Tensor
 
@@ -98,13 +99,14 @@ def render_many(pmg: Any, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_
                     latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(1))
                 else:
                     latents = noise * scheduler.init_noise_sigma
-                extra = gen._check_extra(c.extra_prompt_embeds, 1)
+                extra = gen._check_extra(c.extra_prompt_embeds, 1, c.extra_base, uncond)
                 use_extra = extra is not None and c.extra_scale != 0.0
                 row = _Row(i, j, cond[0], uncond[0] if use_cfg else None, extra[0] if use_extra else None,
-                           float(c.extra_scale) if use_extra else 0.0, latents, timesteps)
+                           float(c.extra_scale) if use_extra else 0.0, c.extra_base, latents, timesteps)
                 key = (s.num_inference_steps, tuple(timesteps.tolist()), float(s.guidance_scale), use_cfg,
                        _bucket(cond.shape[1], length_step),
-                       _bucket(extra.shape[1], length_step) if use_extra else None)
+                       _bucket(extra.shape[1], length_step) if use_extra else None,
+                       c.extra_base if use_extra else None)
                 groups[key].append(row)
         for key, rows in groups.items():
             for k in range(0, len(rows), batch_size):
@@ -128,7 +130,7 @@ def _pad(rows: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch
 
 def _denoise_chunk(gen: Any, chunk: Sequence[_Row], key: tuple, batch_size: int) -> torch.Tensor:
     """Denoise ``chunk`` (filled to ``batch_size`` rows) as :meth:`StickerGenerator._denoise` does one row."""
-    steps, _, guidance_scale, use_cfg, length, extra_length = key
+    steps, _, guidance_scale, use_cfg, length, extra_length, extra_base = key
     rows = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
     scheduler = gen._fresh_scheduler(steps)
     timesteps = rows[0].timesteps
@@ -154,6 +156,6 @@ def _denoise_chunk(gen: Any, chunk: Sequence[_Row], key: tuple, batch_size: int)
         if extra_length is not None:
             out_extra = gen.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra,
                                  encoder_attention_mask=emask).sample
-            out = out + scale * (out_extra - out_cond)
+            out = out + scale * (out_extra - (out_uncond if extra_base == "uncond" else out_cond))
         latents = scheduler.step(out, t, latents).prev_sample
     return latents[: len(chunk)]

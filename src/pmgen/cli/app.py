@@ -107,7 +107,8 @@ WeightsOpt = Annotated[Optional[str], typer.Option(help="Candidate preference we
 AlphaOpt = Annotated[Optional[float], typer.Option(
     help="Balance α in z = α·log d_p + (1−α)·log d_t. Default: the user's α learned from feedback "
          "(`pmgen feedback`, the service) when there is some, else the preset's (2/3).")]
-ModeOpt = Annotated[Optional[str], typer.Option(help="Weighting mode: concat (paper) or guidance (continuous).")]
+ModeOpt = Annotated[Optional[str], typer.Option(help="Weighting mode: concat (paper), guidance (continuous) or "
+                                                "compose (the preference composed with the target, AND).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed shared by all candidates (default 0).")]
 StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image strength (default: the preset's).")]
 StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]

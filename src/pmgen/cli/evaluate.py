@@ -40,7 +40,8 @@ def evaluate(
     quick: Annotated[bool, typer.Option(help="A small subset (8 samples, weights 0,1,2) for CI-sized checks.")] = False,
     methods: Annotated[Optional[str], typer.Option(
         help="Comma-separated methods (default: every one whose models exist): none, keywords, keywords-guidance, "
-             "soft, pmg, keywords+images, pmg+images (with a history-image encoder) and the soft-prompt ablations "
+             "soft, pmg, pmg-compose, keywords+images, pmg+images, pmg+images-compose (with a history-image "
+             "encoder) and the soft-prompt ablations "
              "found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,

@@ -59,12 +59,18 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
                              description="soft embeddings only (d_p from history images)")
         out["pmg"] = Method("pmg", {"use_soft": True, "mode": "concat"},
                             description="keywords + soft embeddings (the preset's default)")
+        out["pmg-compose"] = Method("pmg-compose", {"use_soft": True, "mode": "compose"},
+                                    description="keywords + soft embeddings composed with the target (AND guidance)")
     if history_available:
         out["keywords+images"] = Method("keywords+images", {"use_soft": False, "use_history_images": True},
                                         description="keywords + history-image tokens")
     if history_available and soft_available:
         out["pmg+images"] = Method("pmg+images", {"use_soft": True, "use_history_images": True},
                                    description="keywords + soft embeddings + history-image tokens (four groups)")
+        out["pmg+images-compose"] = Method("pmg+images-compose",
+                                           {"use_soft": True, "use_history_images": True, "mode": "compose"},
+                                           description="the four groups, the preference composed with the target "
+                                                       "(AND guidance)")
     for name, folder in (ablations or {}).items():
         out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0},
                            soft_prompt=str(folder), description=f"soft embeddings only, {name} weights")

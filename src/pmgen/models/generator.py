@@ -39,6 +39,8 @@ import torch
 CONFIG_NAME = "pmgen_generator.json"
 FORMAT = "pmgen-sticker-generator"
 FORMAT_VERSION = 1
+EXTRA_BASES = ("cond", "uncond")
+"""What composed guidance adds its extra direction to: the prompt's prediction or the unconditional one."""
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
@@ -246,7 +248,7 @@ class StickerGenerator:
     def text_to_image(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
                       generator: GeneratorArg = None, seed: int | None = None, num_inference_steps: int = 20,
                       guidance_scale: float = 4.0, extra_prompt_embeds: torch.Tensor | None = None,
-                      extra_guidance_scale: float = 0.0) -> torch.Tensor:
+                      extra_guidance_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
         """Sample from noise under the condition.
 
         Args:
@@ -257,8 +259,11 @@ class StickerGenerator:
                 same noise from ``torch.Generator().manual_seed(seed)``, so rows differing only in
                 their condition are compared like for like. Exactly one of the two is required.
             extra_prompt_embeds, extra_guidance_scale: composed guidance — adds
-                ``extra_guidance_scale · (ε(extra) − ε(prompt))`` to the guided prediction (one more
+                ``extra_guidance_scale · (ε(extra) − ε(base))`` to the guided prediction (one more
                 UNet call per step; nothing changes when the scale is 0). PMG's continuous weighting.
+            extra_base: ``"cond"`` (ε(base) = ε(prompt): the direction the extra condition adds to
+                the prompt) or ``"uncond"`` (ε(base) = ε(negative): the extra condition as a concept
+                of its own, composed with the prompt — Composable Diffusion's AND; needs guidance).
 
         Returns:
             float32 ``[B, 3, 64, 64]`` in [0, 1].
@@ -269,16 +274,16 @@ class StickerGenerator:
         scheduler = self._fresh_scheduler(num_inference_steps)
         shape = (batch, self.unet.config.in_channels, *self._latent_hw())
         latents = self._randn(shape, gens) * scheduler.init_noise_sigma
-        extra = self._check_extra(extra_prompt_embeds, batch)
+        extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
         return self.decode(self._denoise(latents, scheduler.timesteps, scheduler, cond, uncond, guidance_scale,
-                                         extra, extra_guidance_scale))
+                                         extra, extra_guidance_scale, extra_base))
 
     @torch.no_grad()
     def image_to_image(self, init_images: torch.Tensor, prompt_embeds: torch.Tensor,
                        negative_prompt_embeds: torch.Tensor | None = None, *, strength: float = 0.6,
                        generator: GeneratorArg = None, seed: int | None = None, num_inference_steps: int = 20,
                        guidance_scale: float = 4.0, extra_prompt_embeds: torch.Tensor | None = None,
-                       extra_guidance_scale: float = 0.0) -> torch.Tensor:
+                       extra_guidance_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
         """SDEdit: encode ``init_images``, noise them to the timestep matching ``strength``, denoise
         under the condition.
 
@@ -288,7 +293,8 @@ class StickerGenerator:
                 ``num_inference_steps`` DDIM steps. 0 returns the VAE reconstruction, 1 ignores the
                 init image's content.
             prompt_embeds, negative_prompt_embeds, generator, seed, num_inference_steps,
-            guidance_scale, extra_prompt_embeds, extra_guidance_scale: as in :meth:`text_to_image`.
+            guidance_scale, extra_prompt_embeds, extra_guidance_scale, extra_base: as in
+                :meth:`text_to_image`.
 
         Returns:
             float32 ``[B, 3, 64, 64]`` in [0, 1].
@@ -309,14 +315,15 @@ class StickerGenerator:
             return self.decode(init_latents)
         noise = self._randn(tuple(init_latents.shape), gens)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
-        extra = self._check_extra(extra_prompt_embeds, batch)
+        extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
         return self.decode(self._denoise(latents, timesteps, scheduler, cond, uncond, guidance_scale, extra,
-                                         extra_guidance_scale))
+                                         extra_guidance_scale, extra_base))
 
     def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
-                 extra_scale: float = 0.0) -> torch.Tensor:
-        """Denoise with classifier-free guidance; with ``extra`` also add ``extra_scale·(ε_extra − ε_cond)``."""
+                 extra_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
+        """Denoise with classifier-free guidance; with ``extra`` also add ``extra_scale·(ε_extra − ε_base)``,
+        ``ε_base`` being ``ε_cond`` or (``extra_base="uncond"``) ``ε_uncond``."""
         use_cfg = uncond is not None
         context = torch.cat([uncond, cond]) if use_cfg else cond
         use_extra = extra is not None and extra_scale != 0.0
@@ -331,13 +338,19 @@ class StickerGenerator:
                 out_cond = out
             if use_extra:
                 out_extra = self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
-                out = out + extra_scale * (out_extra - out_cond)
+                out = out + extra_scale * (out_extra - (out_uncond if extra_base == "uncond" else out_cond))
             latents = scheduler.step(out, t, latents).prev_sample
         return latents
 
-    def _check_extra(self, extra: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    def _check_extra(self, extra: torch.Tensor | None, batch: int, base: str = "cond",
+                     uncond: torch.Tensor | None = None) -> torch.Tensor | None:
+        if base not in EXTRA_BASES:
+            raise ValueError(f"extra_base must be one of {EXTRA_BASES}, got {base!r}")
         if extra is None:
             return None
+        if base == "uncond" and uncond is None:
+            raise ValueError("extra_base='uncond' composes with the unconditional prediction: it needs "
+                             "negative_prompt_embeds and guidance_scale > 1")
         dim = self.cross_attention_dim
         if extra.ndim != 3 or extra.shape[-1] != dim or extra.shape[0] not in (1, batch):
             raise ValueError(f"extra_prompt_embeds must be [{batch} or 1, L, {dim}], got {list(extra.shape)}")

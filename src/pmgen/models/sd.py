@@ -57,8 +57,8 @@ def _generators(generator: Any, seed: int | None, batch: int) -> list[torch.Gene
 
 def _no_composed_guidance(extra: torch.Tensor | None, scale: float) -> None:
     if extra is not None and scale != 0.0:
-        raise ValueError("the 'guidance' weighting mode (composed guidance) is implemented for the sticker "
-                         "generator only; use mode='concat' with Stable Diffusion")
+        raise ValueError("the 'guidance' and 'compose' weighting modes (composed guidance) are implemented for "
+                         "the sticker generator only; use mode='concat' with Stable Diffusion")
 
 
 class StableDiffusionGenerator:
@@ -114,7 +114,7 @@ class StableDiffusionGenerator:
     def text_to_image(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
                       generator: Any = None, seed: int | None = None, num_inference_steps: int = 30,
                       guidance_scale: float = 7.5, extra_prompt_embeds: torch.Tensor | None = None,
-                      extra_guidance_scale: float = 0.0) -> torch.Tensor:
+                      extra_guidance_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
         """Images float32 ``[B, 3, S, S]`` in [0, 1] from noise."""
         _no_composed_guidance(extra_prompt_embeds, extra_guidance_scale)
         cond, uncond = self._check(prompt_embeds, negative_prompt_embeds, guidance_scale)
@@ -128,7 +128,7 @@ class StableDiffusionGenerator:
                        negative_prompt_embeds: torch.Tensor | None = None, *, strength: float = 0.6,
                        generator: Any = None, seed: int | None = None, num_inference_steps: int = 30,
                        guidance_scale: float = 7.5, extra_prompt_embeds: torch.Tensor | None = None,
-                       extra_guidance_scale: float = 0.0) -> torch.Tensor:
+                       extra_guidance_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
         """SDEdit from ``init_images`` (float ``[1 or B, 3, H, W]`` in [0, 1]); images in [0, 1]."""
         _no_composed_guidance(extra_prompt_embeds, extra_guidance_scale)
         if not 0.0 <= strength <= 1.0:

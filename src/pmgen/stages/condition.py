@@ -12,8 +12,13 @@ matching ``negative_prompt_embeds`` (same shape) for classifier-free guidance. T
 ``"guidance"`` — a continuous weighting by composing guidance directions:
     ``ε = ε_u + g·(ε_t − ε_u) + w·(ε_{t+p} − ε_t)``, where ``ε_t`` is conditioned on the target
     alone and ``ε_{t+p}`` on ``[T ; P ; S]``. Needs one more UNet call per step.
+``"compose"`` — the preference as a concept of its own, composed with the target (Composable
+    Diffusion's AND, Liu et al. 2022): ``ε = ε_u + g·(ε_t − ε_u) + c·w·(ε_p − ε_u)``, where ``ε_p`` is
+    conditioned on the preference alone (the keywords as a prompt, then the soft embeddings and any
+    history-image tokens) and ``c`` = :data:`COMPOSE_SCALE`. The target's own guidance is untouched at
+    every weight, so the target is kept while the preference adds to it. One more UNet call per step.
 
-In both modes ``w = 0`` gives exactly the target-only condition (the non-personalized baseline),
+In every mode ``w = 0`` gives exactly the target-only condition (the non-personalized baseline),
 so with the same seed and init image the baseline is reproduced bit for bit.
 """
 
@@ -26,7 +31,9 @@ from typing import Any, Sequence
 
 import torch
 
-WEIGHTING_MODES = ("concat", "guidance")
+WEIGHTING_MODES = ("concat", "guidance", "compose")
+COMPOSE_SCALE = 2.0
+"""``"compose"`` mode: the preference's guidance scale per unit of weight (``w = 1`` → ``c·w = 2``)."""
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +46,9 @@ def keywords_text(keywords: Sequence[str]) -> str:
 class Condition:
     """One generator condition. Tensors are float32 ``[1, L, D]``.
 
-    ``extra_prompt_embeds`` / ``extra_scale`` are set in ``"guidance"`` mode for ``w > 0``.
+    ``extra_prompt_embeds`` / ``extra_scale`` are set in ``"guidance"`` and ``"compose"`` modes for
+    ``w > 0``; ``extra_base`` says which prediction the extra direction starts from (``"cond"``: the
+    target's, ``"uncond"``: the unconditional one).
     """
 
     weight: float
@@ -48,6 +57,7 @@ class Condition:
     negative_prompt_embeds: torch.Tensor
     extra_prompt_embeds: torch.Tensor | None = None
     extra_scale: float = 0.0
+    extra_base: str = "cond"
     n_preference_tokens: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -134,6 +144,12 @@ class ConditionBuilder:
             return Condition(weight, self.mode, base, uncond, warnings=warnings)
         for w in warnings:
             log.warning(w)
+        if self.mode == "compose":
+            p_states = self.encode(keywords_text(preference_keywords))[0]
+            extra = torch.cat([p_states, *([soft.float()] if soft is not None else [])]).unsqueeze(0)
+            return Condition(weight, self.mode, base, uncond, extra_prompt_embeds=extra,
+                             extra_scale=COMPOSE_SCALE * float(weight), extra_base="uncond",
+                             n_preference_tokens=unit.shape[0], warnings=warnings)
         if self.mode == "guidance":
             extra = torch.cat([t_states, unit]).unsqueeze(0)
             return Condition(weight, self.mode, base, uncond, extra_prompt_embeds=extra, extra_scale=float(weight),
