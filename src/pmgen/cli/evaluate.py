@@ -28,6 +28,7 @@ from pmgen.cli.app import (
     _soft,
     app,
     console,
+    progress_bar,
 )
 from pmgen.data import datasets
 from pmgen.data.schema import DataError
@@ -87,13 +88,10 @@ def evaluate(
     from pmgen.data.datasets.sticker_users import TASTES
 
     grader = Grader(evaluator, datasets.load("stickers", data_dir_), lp, tastes=[t.description for t in TASTES])
-    from rich.progress import Progress
-
     t0 = _time.perf_counter()
-    with Progress(console=console) as bar:
-        task = bar.add_task(f"evaluating {len(names)} methods", total=len(samples))
+    with progress_bar(f"evaluating {len(names)} methods", len(samples)) as update:
         rows, kept = run_methods(pmg, grader, ds, samples, [known[m] for m in names],
-                                 progress=lambda i, n: bar.update(task, completed=i), keep_images=keep_images,
+                                 progress=update, keep_images=keep_images,
                                  soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm), reference=reference)
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
     meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
@@ -161,8 +159,6 @@ def evaluate_feedback(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Simulated users with a hidden α*: does learning each user's α from their picks beat one α for all?"""
-    from rich.progress import Progress
-
     from pmgen.data.datasets.sticker_users import TASTES
     from pmgen.eval import feedback as fe
     from pmgen.eval.grading import Grader
@@ -173,12 +169,10 @@ def evaluate_feedback(
     grader = Grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), datasets.load("stickers", data_dir_),
                     perceptual=False, tastes=[t.description for t in TASTES])
     tables = {}
-    with Progress(console=console) as bar:
-        for split in ("val", "test"):
-            task = bar.add_task(f"candidates ({split} users)", total=n_users * rounds)
+    for split in ("val", "test"):
+        with progress_bar(f"candidates ({split} users)", n_users * rounds) as update:
             tables[split] = fe.candidate_rounds(pmg, grader, ds, split, n_users, rounds,
-                                                out / f"feedback_candidates_{split}.jsonl", seed,
-                                                progress=lambda i, n, t=task: bar.update(t, completed=i))
+                                                out / f"feedback_candidates_{split}.jsonl", seed, progress=update)
     stars = {s: fe.simulated_users(list(t), seed=seed + (0 if s == "test" else 1)) for s, t in tables.items()}
     temperature = fe.tune_temperature(tables["val"], stars["val"], noise, seed)
     global_alpha = fe.tune_global_alpha(tables["val"], stars["val"], noise, seed)
@@ -271,12 +265,9 @@ def _keyword_benchmark_inputs(dataset: str, split: str, n_users: Optional[int], 
 
 def _with_progress(label: str, total: Optional[int], run: Callable[[Callable[[int, int], None]], Any]) -> Any:
     """``run(progress)`` under a progress bar; a ``ValueError`` it raises is a clear error."""
-    from rich.progress import Progress
-
-    with Progress(console=console) as bar:
-        task = bar.add_task(label, total=total)
+    with progress_bar(label, total) as update:
         try:
-            return run(lambda i, n: bar.update(task, completed=i, total=n))
+            return run(update)
         except ValueError as e:
             _fail(str(e))
 
