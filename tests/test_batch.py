@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from pmgen.data.schema import Event, User
 
@@ -147,7 +149,10 @@ def test_local_engine_resumes_and_the_index_says_what_was_retried(tiny_pmg, toy_
         local.run_batch(tiny_pmg, batch, out, group_size=2)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["r0", "r1"]
     monkeypatch.setattr(local, "run_group", real)
-    assert local.run_batch(tiny_pmg, batch, out, group_size=2) == (4, 0)
+    buf = io.StringIO()
+    assert local.run_batch(tiny_pmg, batch, out, group_size=2, console=Console(file=buf)) == (4, 0)
+    # a log (no terminal) shows the progress too; the 2 requests finished before count as done
+    assert [x.split()[1] for x in buf.getvalue().splitlines() if x.startswith("generating: ")] == ["3/4", "4/4"]
     index = {r["request_id"]: r for r in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
     assert {k: v["retried"] for k, v in index.items()} == {"r0": False, "r1": False, "r2": True, "r3": True}
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]

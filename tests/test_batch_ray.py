@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ def test_ray_engine_matches_the_local_engine_and_resumes(local_ray, factory, toy
     batch = _batch(toy_data, tmp_path)
     stats: dict = {}
     assert run_batch_ray(factory, batch, tmp_path / "ray", group_size=2, actors=1, stats=stats) == (5, 1)
-    assert f"{batch}:4" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"{batch}:4" in captured.err
+    assert re.search(r"generating \(Ray\): (\d+)/\1 ", captured.out)  # progress in logs, up to the last request
     assert run_batch(factory(), batch, tmp_path / "local", group_size=2) == (5, 1)
     a, b = _pngs(tmp_path / "ray"), _pngs(tmp_path / "local")
     assert len(a) == 5 * 4 and a.keys() == b.keys()

@@ -105,13 +105,18 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
     assert "evaluating 5 methods: 8/8" in r.output  # progress shows in logs too, not only on a terminal
 
 
-def test_progress_bar_prints_plain_lines_when_not_on_a_terminal(capsys):
-    from pmgen.cli.app import progress_bar
+def test_progress_bar_prints_plain_lines_when_not_on_a_terminal():
+    import io
 
-    with progress_bar("work", 20) as update:
+    from rich.console import Console
+
+    from pmgen.progress import progress_bar
+
+    buf = io.StringIO()
+    with progress_bar("work", 20, Console(file=buf)) as update:
         for i in range(1, 21):
             update(i)
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("work: ")]
+    lines = [x for x in buf.getvalue().splitlines() if x.startswith("work: ")]
     assert [x.split()[1] for x in lines] == [f"{2 * k}/20" for k in range(1, 11)]  # every tenth, once
     assert "min left" in lines[0]
 

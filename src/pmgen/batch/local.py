@@ -36,6 +36,7 @@ from pmgen.batch.common import (
 from pmgen.batch.grouped import DEFAULT_BATCH_SIZE, render_many
 from pmgen.data.requests import Request
 from pmgen.paths import inside
+from pmgen.progress import progress_bar
 
 
 def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
@@ -60,7 +61,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     of the processing window: models are loaded before it).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     console = console or Console()
     start = start_batch(batch, out, data_root, requests, err)
@@ -70,10 +71,10 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     latencies: list[float] = []
     n_candidates = 0
     t_start, wall_start = time.perf_counter(), time.time()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task("generating", total=len(parsed))
-        bar.advance(task, len(parsed) - len(pending))
+    seen = len(parsed) - len(pending)
+    with progress_bar("generating", len(parsed), console, start=seen,
+                      columns=(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TimeRemainingColumn())) as update:
         glist = list(groups(pending, group_size))
         overlapped = overlap and group_size > 1 and len(glist) > 1
         threads = torch.get_num_threads()
@@ -122,7 +123,8 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
                     if isinstance(res, Exception):
                         failed += 1
                         report(p.lineno, message(res))
-                    bar.advance(task)
+                    seen += 1
+                    update(seen)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

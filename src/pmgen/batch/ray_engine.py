@@ -53,6 +53,7 @@ from pmgen.batch.common import (
 from pmgen.batch.grouped import DEFAULT_BATCH_SIZE, render_many
 from pmgen.data.requests import Request, read_batch
 from pmgen.paths import RESULT_MARKER, inside
+from pmgen.progress import progress_bar
 
 ROLES = ("keywords", "generate")
 
@@ -321,9 +322,12 @@ def run_batch_ray(factory: Callable[[frozenset[str]], Any], batch: Path, out: Pa
                                 fn_constructor_kwargs=dict(factory=factory, out=str(out), unet_batch=unet_batch,
                                                            fault=os.environ.get(FAULT_ENV), **common))
             results: dict[str, dict[str, Any]] = {}
-            for item in ds.iter_rows():
-                res = pickle.loads(item["payload"])
-                results[res["request_id"]] = res  # a retried group reports each request again: the last word wins
+            before = len(start.parsed) - len(pending)
+            with progress_bar("generating (Ray)", len(start.parsed), console, start=before) as update:
+                for item in ds.iter_rows():
+                    res = pickle.loads(item["payload"])
+                    results[res["request_id"]] = res  # a retried group reports each request again: the last word wins
+                    update(before + len(results))
         finally:
             if started_here:
                 ray.shutdown()

@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -38,33 +36,11 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Dataset 
                                                     "(default: $PMGEN_DATA_DIR or ~/.cache/pmgen/data).")]
 
 
-@contextmanager
-def progress_bar(label: str, total: Optional[int]) -> Iterator[Callable[..., None]]:
-    """Yield ``update(done, total=None)``: a live bar on a terminal; when the output is a log file or CI
-    (no live display), a plain line at every tenth of the work with the time left, so long runs show
-    where they are."""
-    from rich.progress import Progress
+def progress_bar(label: str, total: Optional[int]) -> Any:
+    """:func:`pmgen.progress.progress_bar` on the command line's console."""
+    from pmgen.progress import progress_bar as bar
 
-    with Progress(console=console) as bar:
-        task = bar.add_task(label, total=total)
-        state = {"total": total, "shown": 0, "t0": time.perf_counter()}
-
-        def update(done: int, total_: Optional[int] = None) -> None:
-            if total_ is not None:
-                state["total"] = total_
-            bar.update(task, completed=done, total=state["total"])
-            n = state["total"]
-            if console.is_terminal or not n or done <= 0:
-                return
-            tenth = min(10, done * 10 // n)
-            if tenth > state["shown"] or done == n:
-                state["shown"] = tenth
-                elapsed = time.perf_counter() - state["t0"]
-                left = elapsed / done * (n - done)
-                console.print(f"{label}: {done}/{n} ({elapsed / 60:.1f} min, ~{left / 60:.1f} min left)",
-                              highlight=False)
-
-        yield update
+    return bar(label, total, console)
 
 
 def _fail(message: str, code: int = 1) -> None:
