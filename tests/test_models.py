@@ -189,3 +189,37 @@ def test_missing_sd_model_is_a_clear_error(tmp_path):
         StableDiffusionGenerator.from_pretrained(tmp_path / "nothing")
     with pytest.raises(ModelNotAvailable, match="offline"):
         CLIPScorer.from_pretrained("some-org/some-clip-not-cached")
+
+
+def _card_commands() -> list[tuple[str, str]]:
+    """Every ``pmgen train ...`` command written in a shipped model card (continuation lines joined)."""
+    import re
+
+    zoo = Path(__file__).resolve().parents[1] / "src" / "pmgen" / "zoo"
+    found = []
+    for card in sorted(zoo.glob("*/*/README.md")):
+        text = re.sub(r"\\\n\s*", " ", card.read_text())
+        for cmd in re.findall(r"pmgen train [^`\n]+", text):
+            if "<" not in cmd:  # placeholders such as <this folder>
+                found.append((str(card.relative_to(zoo)), cmd.split("#")[0].strip()))
+    return found
+
+
+@pytest.mark.parametrize("card,command", _card_commands())
+def test_model_card_commands_parse(card, command):
+    """A model card's reproduce/continue command is one the CLI accepts (options are renamed with the CLI):
+    with --help appended, click parses every option (an unknown one is exit 2) and then only prints help."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from pmgen.cli import app
+
+    r = CliRunner().invoke(app, shlex.split(command)[1:] + ["--help"])
+    assert r.exit_code == 0, f"{card}: {command}\n{r.output}"
+
+
+def test_model_cards_have_commands():
+    cards = {c for c, _ in _card_commands()}
+    assert {"sticker-tiny/generator/README.md", "sticker-tiny/soft-prompt/README.md",
+            "sticker-tiny/generator-compose/README.md"} <= cards
