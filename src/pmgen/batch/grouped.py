@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import torch
 
+from pmgen.models.generator import guide
+
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LENGTH_STEP = 32
 
@@ -148,14 +150,9 @@ def _denoise_chunk(gen: Any, chunk: Sequence[_Row], key: tuple, batch_size: int)
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
         out = gen.unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
-        if use_cfg:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
-        else:
-            out_cond = out
-        if extra_length is not None:
-            out_extra = gen.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra,
-                                 encoder_attention_mask=emask).sample
-            out = out + scale * (out_extra - (out_uncond if extra_base == "uncond" else out_cond))
+        out_extra = (gen.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra,
+                              encoder_attention_mask=emask).sample if extra_length is not None else None)
+        out = guide(out, guidance_scale, use_cfg, out_extra, scale if out_extra is not None else 0.0,
+                    extra_base or "cond")
         latents = scheduler.step(out, t, latents).prev_sample
     return latents[: len(chunk)]

@@ -45,6 +45,24 @@ EXTRA_BASES = ("cond", "uncond")
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
 
+def guide(out: torch.Tensor, guidance_scale: float, use_cfg: bool, out_extra: torch.Tensor | None = None,
+          extra_scale: float | torch.Tensor = 0.0, extra_base: str = "cond") -> torch.Tensor:
+    """The guided prediction from one step's UNet outputs (one place for the sampler and the batch engine).
+
+    ``out`` is ``[ε_uncond ; ε_cond]`` with classifier-free guidance (``use_cfg``), else ``ε_cond``;
+    with ``out_extra`` (composed guidance) ``extra_scale·(ε_extra − ε_base)`` is added, ``ε_base``
+    being ``ε_cond`` or, for ``extra_base="uncond"``, ``ε_uncond``.
+    """
+    if use_cfg:
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + guidance_scale * (out_cond - out_uncond)
+    else:
+        out_uncond, out_cond = out, out  # no unconditional prediction: _check_extra refuses "uncond" then
+    if out_extra is not None:
+        out = out + extra_scale * (out_extra - (out_uncond if extra_base == "uncond" else out_cond))
+    return out
+
+
 def build_vae(block_out_channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
               latent_channels: int = 4, norm_num_groups: int = 32, image_size: int = 64) -> Any:
     """An :class:`~diffusers.AutoencoderKL` downsampling by ``2 ** (len(block_out_channels) - 1)``.
@@ -331,14 +349,9 @@ class StickerGenerator:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             out = self.unet(model_in, t, encoder_hidden_states=context).sample
-            if use_cfg:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
-            else:
-                out_cond = out
-            if use_extra:
-                out_extra = self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
-                out = out + extra_scale * (out_extra - (out_uncond if extra_base == "uncond" else out_cond))
+            out_extra = (self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
+                         if use_extra else None)
+            out = guide(out, guidance_scale, use_cfg, out_extra, extra_scale, extra_base)
             latents = scheduler.step(out, t, latents).prev_sample
         return latents
 
