@@ -98,6 +98,11 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
     assert -1 <= none["acc_text"]["mean"] <= 1 and none["acc_text"]["n"] == 8
     assert none["acc_text"]["ci95"][0] <= none["acc_text"]["mean"] <= none["acc_text"]["ci95"][1]
     assert {p["alpha"] for p in m["alpha_sweep"]["curve"]} >= {0.0, 1.0}
+    # the oracle ceiling: each method's w = 0 candidate is the baseline, so the floor is met and taste never drops
+    ceil = m["candidate_ceiling"]["pmg"]
+    assert ceil["acc_text"] >= 0.95 * none["acc_text"]["mean"] - 1e-9
+    assert ceil["pers_taste"] >= none["pers_taste"]["mean"] - 1e-9
+    assert "Candidate-pool ceiling" in (out / "report.md").read_text()
     rows = [x for x in m["rows"] if x["method"] == "none"]
     assert all(x["weight"] == 0.0 for x in rows) and len(rows) == 8
     for name in ("report.md", "tradeoff.png", "alpha_sweep.png", "samples.png"):

@@ -183,6 +183,28 @@ def test_both_at_once_counts_only_personalized_results():
     assert out["none"]["n"] == 0
 
 
+def test_candidate_ceiling_is_the_most_taste_at_the_accuracy_floor():
+    from pmgen.eval.summary import candidate_ceiling
+
+    def row(s, method, w, acc, taste, chosen=False):
+        return {"user_id": s, "sample_id": s, "method": method, "weight": w, "acc_text": acc, "pers_taste": taste,
+                "chosen": chosen, "both": float(taste > 0.5)}
+
+    rows = [row("a", "none", 0.0, 1.0, 0.0, True), row("b", "none", 0.0, 1.0, 0.0, True)]
+    # a: a free taste gain (w = 1 keeps accuracy); b: taste only at a large accuracy cost (w = 2)
+    rows += [row("a", "pmg", 0.0, 1.0, 0.0, True), row("a", "pmg", 1.0, 1.0, 0.8),
+             row("b", "pmg", 0.0, 1.0, 0.0), row("b", "pmg", 2.0, 0.5, 1.0, True)]
+    out = candidate_ceiling(rows, "none", keep=0.95)
+    c = out["pmg"]
+    assert c["acc_text"] == pytest.approx(1.0) and c["pers_taste"] == pytest.approx(0.4)  # a at w=1, b at w=0
+    assert c["acc_text_gain"] == pytest.approx(0.0) and c["both_personalized"] == 1.0 and c["mean_weight"] == 0.5
+    loose = candidate_ceiling(rows, "none", keep=0.7)["pmg"]  # the floor now admits b's w = 2 candidate
+    assert loose["pers_taste"] == pytest.approx(0.9) and loose["acc_text"] == pytest.approx(0.75)
+    # a method that cannot keep the floor with any candidate gets no ceiling
+    bad = rows[:2] + [row("a", "x", 0.0, 0.1, 0.0, True), row("b", "x", 0.0, 0.1, 0.0, True)]
+    assert candidate_ceiling(bad, "none") == {}
+
+
 def test_bootstrap_ci_resamples_users():
     from pmgen.eval.stats import bootstrap_ci
 

@@ -79,6 +79,64 @@ def both_at_once(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def candidate_ceiling(rows: list[dict[str, Any]], baseline: str = "none", keep: float = 0.95,
+                      gain: str = "pers_taste", cost: str = "acc_text") -> dict[str, dict[str, Any]]:
+    """Per method: what an **oracle** selection could get from the candidates it generated — the most
+    ``gain`` (mean over samples) while the mean ``cost`` metric stays ≥ ``keep`` × the baseline's.
+
+    The oracle sees the evaluator's grades of every candidate (per sample it keeps the argmax of
+    ``gain + λ·cost``, with the smallest λ that meets the accuracy floor, found by bisection). It is
+    not a method: it tells how much of a shortfall is the selector's (the candidates hold better
+    choices) and how much the generator's (they do not). It is optimistic: choosing by the grader
+    also picks the grader's noise.
+    """
+    base = {r["sample_id"]: r for r in rows if r["method"] == baseline and r["chosen"] and cost in r}
+    if not base:
+        return {}
+    floor = keep * statistics.fmean(r[cost] for r in base.values())
+    out: dict[str, dict[str, Any]] = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        if m == baseline:
+            continue
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["method"] == m and r["sample_id"] in base and gain in r and cost in r:
+                groups.setdefault(r["sample_id"], []).append(r)
+        if not groups:
+            continue
+
+        def pick(lam: float) -> list[dict[str, Any]]:
+            return [max(sorted(c, key=lambda r: r["weight"]), key=lambda r: r[gain] + lam * r[cost])
+                    for c in groups.values()]
+
+        def meets(p: list[dict[str, Any]]) -> bool:
+            return statistics.fmean(r[cost] for r in p) >= floor
+
+        lo, hi = 0.0, 1e4
+        if meets(pick(lo)):
+            hi = lo
+        elif not meets(pick(hi)):
+            continue  # the candidates cannot keep the accuracy floor at all
+        for _ in range(60):
+            if hi - lo < 1e-6:
+                break
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if meets(pick(mid)) else (mid, hi)
+        chosen = pick(hi)
+        out[m] = {"lambda": hi, "n": len(chosen), "keep": keep,
+                  "mean_weight": statistics.fmean(r["weight"] for r in chosen)}
+        for metric in (cost, gain, "gt_hit", "lpips_history"):
+            vals = [r[metric] for r in chosen if metric in r]
+            bvals = [base[r["sample_id"]][metric] for r in chosen if metric in r and metric in base[r["sample_id"]]]
+            if vals:
+                out[m][metric] = statistics.fmean(vals)
+                if bvals and statistics.fmean(bvals) != 0:
+                    out[m][metric + "_gain"] = statistics.fmean(vals) / statistics.fmean(bvals) - 1
+        pers = [r for r in chosen if r["weight"] > 0 and "both" in r]
+        out[m]["both_personalized"] = statistics.fmean(r["both"] for r in pers) if pers else float("nan")
+    return out
+
+
 def paired_margin(rows: list[dict[str, Any]], a: str, b: str, metric: str) -> tuple[float, float, float]:
     """Mean of (a − b) over samples both methods graded, with a 95% bootstrap CI over users."""
     by = {(r["sample_id"], r["method"]): r for r in rows}
