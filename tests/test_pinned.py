@@ -6,9 +6,12 @@ hardening and architecture changes — and their sha256 (``expected.json``). The
 fixed here so that the pin covers what the refactors move: target keywords, conditions, the
 generator, the selector and the record.
 
-On the CPU kind that made them (``torch.backends.cpu.get_cpu_capability()`` = AVX512) the images
-must be bit-identical (generated with one torch thread, as they were made); on another kind, float kernels may round differently, so there the test
-allows at most 2/255 per pixel and the same chosen candidate.
+The PNGs were made on one AVX512 machine. Float kernels (MKL/oneDNN) pick their code path and
+blocking by CPU model, not only by instruction set, so bit-identity is checked per machine:
+``expected.json`` holds, under ``sha256_by_machine``, the hashes e27354c itself produced on each
+machine it was run on (one torch thread), keyed by ``machine_fingerprint()``. On a recorded machine
+the images must be bit-identical; on any other, at most 2/255 per pixel and the same chosen candidate.
+To add a machine, run e27354c's pipeline there (not today's code) and record its hashes.
 """
 
 from __future__ import annotations
@@ -23,9 +26,29 @@ import torch
 from PIL import Image
 
 PINNED = Path(__file__).parent / "data" / "pinned"
-PINNED_ON = "AVX512"
 KEYWORDS = {"su0001-0": ["cat", "kitten", "cat face"], "su0014-1": ["rocket", "space", "planet"],
             "su0014-2": ["pizza", "food", "burger"]}
+
+
+def machine_fingerprint() -> str:
+    """Instruction set torch dispatches to, and the CPU model the float kernels tune their blocking to."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    return (f"{torch.backends.cpu.get_cpu_capability()} {fields.get('vendor_id', '?')} family "
+            f"{fields.get('cpu family', '?')} model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}")
+
+
+def test_machine_fingerprint_names_the_instruction_set_and_the_cpu_model():
+    fp = machine_fingerprint()
+    assert fp.startswith(torch.backends.cpu.get_cpu_capability() + " ")
+    assert " family " in fp and " model " in fp
 
 
 class FixedKeywords:
@@ -75,8 +98,9 @@ def test_shipped_models_reproduce_the_pinned_candidates(shipped_pmg, data_root, 
     assert res.record.chosen == expected["chosen"]
     imgs = (res.images.clamp(0, 1) * 255).round().to(torch.uint8)
     hashes = [hashlib.sha256(im.numpy().tobytes()).hexdigest()[:16] for im in imgs]
-    if torch.backends.cpu.get_cpu_capability() == PINNED_ON:
-        assert hashes == expected["sha256"]
+    recorded = expected["sha256_by_machine"].get(machine_fingerprint())
+    if recorded is not None:
+        assert hashes == recorded
     for w, im in zip((0, 1, 2), imgs):
         ref = np.asarray(Image.open(PINNED / f"{sample_id}-w{w}.png"), dtype=np.int16)
         assert np.abs(im.permute(1, 2, 0).numpy().astype(np.int16) - ref).max() <= 2
