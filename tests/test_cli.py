@@ -132,6 +132,21 @@ def test_soft_prompt_option_names_weights_or_turns_them_off() -> None:
     assert _soft(None) == {}  # the preset's own setting
     assert _soft("off") == _soft("None") == {"soft_prompt": ""}
     assert _soft("zoo:sticker-tiny/soft-prompt") == {"soft_prompt": "zoo:sticker-tiny/soft-prompt"}
+    assert _soft(None, "g", "/some/selector") == {"generator": "g", "selector": "/some/selector"}
+
+
+def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_error(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pmgen.cli import app
+    from pmgen.pipeline import PMG
+
+    pmg = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/evaluator")
+    assert pmg.preset.selector == "zoo:sticker-tiny/evaluator"
+    assert pmg.selector.model.cfg.info["role"] == "evaluator"
+    res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", str(tmp_path / "missing"),
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0 and "missing" in res.output
 
 
 def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):

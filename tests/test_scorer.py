@@ -66,3 +66,83 @@ def test_config_validation():
         ScorerConfig(arch="vit")
     with pytest.raises(ValueError, match="multiples of 8"):
         ScorerConfig(widths=(30,))
+
+
+# ------------------------------------------------------------------ generator views (selector training)
+def _tiny_catalog(n=5):
+    from pmgen.data.catalog import ImageCatalog
+    from pmgen.data.schema import Item
+
+    g = torch.Generator().manual_seed(0)
+    items = [Item(id=f"i{k}", title=t, attributes={"tags": ["tag"]})
+             for k, t in enumerate(["cat face", "red heart", "rocket", "pizza", "sun", "moon", "tree", "car"][:n])]
+    return ImageCatalog(items, torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8))
+
+
+class _CountingGenerator:
+    """A tiny sticker generator that counts its image_to_image rows."""
+
+    def __init__(self):
+        from tiny_models import tiny_sticker_generator
+
+        torch.manual_seed(0)
+        self.gen = tiny_sticker_generator(text_max_length=8)
+        self.content_hash = "tiny"
+        self.rows = 0
+
+    def image_to_image(self, init, *a, **kw):
+        self.rows += init.shape[0]
+        return self.gen.image_to_image(init, *a, **kw)
+
+
+def _parts(tmp_path):
+    from tiny_models import write_tiny_bert
+
+    from pmgen.models.text_encoder import TextEncoder
+    from pmgen.stages.condition import ConditionBuilder
+
+    gen = _CountingGenerator()
+    return gen, ConditionBuilder(TextEncoder(write_tiny_bert(tmp_path / "bert")), 8), 4.0
+
+
+def test_generated_views_are_the_generator_at_weight_zero_and_resume_from_their_cache(tmp_path, monkeypatch):
+    from pmgen.stages.keywords import target_keywords
+    from pmgen.train.scorer import generated
+
+    monkeypatch.setattr(generated, "CHUNK", 2)
+    cat = _tiny_catalog(5)
+    parts = _parts(tmp_path)
+    gen, builder, _ = parts
+    calls = iter([False, False, True])  # stop after two chunks
+    part = generated.generated_views(cat, (0.6, 1.0), seed=3, cache=tmp_path / "c", parts=parts,
+                                     stop=lambda: next(calls, True), log=lambda m: None)
+    assert part is None and gen.rows == 4  # stopped; the finished rows are cached
+    views = generated.generated_views(cat, (0.6, 1.0), seed=3, cache=tmp_path / "c", parts=parts,
+                                      log=lambda m: None)
+    assert gen.rows == 10 and views.shape == (2, 5, 3, 64, 64) and views.dtype == torch.uint8
+    # row k at strength s is the generator's img2img of item k under its own keywords (w = 0)
+    conds = [builder.build(list(target_keywords(item=it, k=5).keywords), [], 0.0) for it in cat.items[2:4]]
+    direct = gen.gen.image_to_image(cat.images[2:4].float() / 255, torch.cat([c.prompt_embeds for c in conds]),
+                                    torch.cat([c.negative_prompt_embeds for c in conds]), strength=0.6,
+                                    seed=3 + 2, num_inference_steps=20, guidance_scale=4.0)
+    assert torch.equal(views[0, 2:4], (direct.clamp(0, 1) * 255).round().to(torch.uint8))
+    assert not torch.equal(views[0], views[1])
+    again = generated.generated_views(cat, (0.6, 1.0), seed=3, cache=tmp_path / "c", parts=parts)
+    assert gen.rows == 10 and torch.equal(again, views)  # all cached: the generator is not called again
+
+
+def test_generated_views_settings_are_checked_and_keep_a_catalog_only_runs_key(tmp_path):
+    import pytest
+
+    from pmgen.train.scorer.config import ScorerTrainConfig
+    from pmgen.train.scorer.trainer import _config_key
+
+    with pytest.raises(ValueError, match="generated_strengths"):
+        ScorerTrainConfig(out=str(tmp_path), generated_strengths=(0.0,))
+    with pytest.raises(ValueError, match="generated_fraction"):
+        ScorerTrainConfig(out=str(tmp_path), generated_strengths=(0.6,), generated_fraction=1.5)
+    plain = ScorerTrainConfig(out=str(tmp_path))
+    assert plain.generated_strengths == ()
+    # a catalog-only run's checkpoint key is the one it had before these settings existed
+    assert _config_key(plain) == _config_key(ScorerTrainConfig(out=str(tmp_path), generated_fraction=0.9))
+    assert _config_key(plain) != _config_key(ScorerTrainConfig(out=str(tmp_path), generated_strengths=(0.6,)))

@@ -147,13 +147,20 @@ def _learned_alpha(pmg, data_root: Optional[Path]):
     return alpha_of
 
 
-def _soft(soft_prompt: Optional[str], generator: Optional[str] = None) -> dict:
-    """Preset overrides: soft-prompt weights (or ``off``) and generator weights, when given."""
+SelectorOpt = Annotated[Optional[str], typer.Option(
+    help="Selector weights to use instead of the preset's (a folder or zoo:..., e.g. "
+         "zoo:sticker-tiny/selector-catalog).")]
+
+
+def _soft(soft_prompt: Optional[str], generator: Optional[str] = None, selector: Optional[str] = None) -> dict:
+    """Preset overrides: soft-prompt weights (or ``off``), generator and selector weights, when given."""
     out: dict = {}
     if soft_prompt is not None:
         out["soft_prompt"] = "" if soft_prompt.strip().lower() in ("off", "none", "") else soft_prompt
     if generator is not None:
         out["generator"] = generator
+    if selector is not None:
+        out["selector"] = selector
     return out
 
 

@@ -13,6 +13,7 @@ from pmgen.cli.app import (
     AlphaOpt,
     DataDirOpt,
     GeneratorOpt,
+    SelectorOpt,
     HistOpt,
     MinAccOpt,
     PresetOpt,
@@ -52,6 +53,7 @@ def evaluate(
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
     history_weight: HistOpt = None, min_accuracy: MinAccOpt = None, generator: GeneratorOpt = None,
+    selector: SelectorOpt = None,
     reference: Annotated[bool, typer.Option(help="Also grade the real target images (the accuracy ceiling).")] = True,
     data_dir_: DataDirOpt = None,
 ) -> None:
@@ -66,7 +68,7 @@ def evaluate(
 
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
                                     history_weight, min_accuracy)
-    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations, pmg.history_encoder is not None)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)

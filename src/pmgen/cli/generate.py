@@ -13,6 +13,7 @@ from pmgen.cli.app import (
     AlphaOpt,
     DataDirOpt,
     GeneratorOpt,
+    SelectorOpt,
     HistOpt,
     KOpt,
     MinAccOpt,
@@ -56,7 +57,7 @@ def generate(
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None,
-    soft_prompt: SoftOpt = None, generator: GeneratorOpt = None,
+    soft_prompt: SoftOpt = None, generator: GeneratorOpt = None, selector: SelectorOpt = None,
     history_images: Annotated[Optional[bool], typer.Option(
         "--history-images/--no-history-images",
         help="Add the history-image tokens (the user's history stickers through the preset's trained "
@@ -83,7 +84,7 @@ def generate(
     if history_images is not None:
         overrides["use_history_images"] = history_images
     if batch is not None:
-        _batch(batch, out, preset, overrides, alpha, soft_prompt, generator, engine, group_size, ray_address,
+        _batch(batch, out, preset, overrides, alpha, soft_prompt, generator, selector, engine, group_size, ray_address,
                actors, llm_actors, stats, data_dir_)
         return
     if engine != "local" or ray_address is not None or actors is not None:
@@ -104,7 +105,7 @@ def generate(
         _fail(str(e), 2)
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
-    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector))
     learned = _learned_alpha(pmg, data_dir_)(req.user.user_id) if alpha is None else None
     try:
         res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
@@ -126,7 +127,7 @@ def generate(
 
 
 def _batch(batch: Path, out: Optional[Path], preset: str, overrides: dict, alpha: Optional[float],
-           soft_prompt: Optional[str], generator: Optional[str], engine: str, group_size: int,
+           soft_prompt: Optional[str], generator: Optional[str], selector: Optional[str], engine: str, group_size: int,
            ray_address: Optional[str], actors: Optional[int], llm_actors: int, stats_path: Optional[Path],
            data_dir_: Optional[Path]) -> None:
     """`pmgen generate --batch`: every option and the batch file checked before any model loads."""
@@ -158,14 +159,14 @@ def _batch(batch: Path, out: Optional[Path], preset: str, overrides: dict, alpha
         if engine == "local":
             from pmgen.batch.local import run_batch
 
-            pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator))
+            pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector))
             done, failed = run_batch(pmg, batch, batch_out, data_dir_, console, err, requests=parsed,
                                      alpha_of=None if alpha is not None else _learned_alpha(pmg, data_dir_),
                                      group_size=group_size, stats=run_stats)
         else:
             from pmgen.batch.ray_engine import PresetFactory, run_batch_ray
 
-            factory = PresetFactory(preset, overrides, _soft(soft_prompt, generator), "default")
+            factory = PresetFactory(preset, overrides, _soft(soft_prompt, generator, selector), "default")
             learned = None if alpha is not None else _learned_alpha(SimpleNamespace(settings=Settings(**overrides)),
                                                                     data_dir_)
             done, failed = run_batch_ray(factory, batch, batch_out, data_dir_, console, err, requests=parsed,

@@ -41,6 +41,9 @@ class ScorerTrainConfig(RunConfig):
         weight_decay: AdamW weight decay.
         warmup: linear warmup steps.
         eval_every: steps between held-out loss / accuracy checks.
+        generated_strengths: img2img strengths of the generator views of the catalog
+            (:mod:`pmgen.train.scorer.generated`) mixed into training; empty → catalog art only.
+        generated_fraction: share of a batch's images drawn from those views (in [0, 1]).
     """
 
     out: str | None = None  # type: ignore[assignment]
@@ -59,6 +62,8 @@ class ScorerTrainConfig(RunConfig):
     weight_decay: float = 0.05
     warmup: int = 100
     eval_every: int = 250
+    generated_strengths: tuple[float, ...] | None = None
+    generated_fraction: float = 0.5
 
     KIND: ClassVar[str] = "scorer"
     CHECKPOINT_NAME: ClassVar[str] = "resume.pt"
@@ -69,6 +74,9 @@ class ScorerTrainConfig(RunConfig):
                 setattr(self, k, v)
         if self.widths is not None:
             self.widths = tuple(int(w) for w in self.widths)
+        if self.generated_strengths is None:
+            self.generated_strengths = ()
+        self.generated_strengths = tuple(float(s) for s in self.generated_strengths)
         if self.out is None and self.role in ROLE_DEFAULTS:
             from pmgen.paths import cache_dir
             from pmgen.presets import ZOO
@@ -83,7 +91,9 @@ class ScorerTrainConfig(RunConfig):
                 (0 < self.holdout_fraction < 0.5, "holdout_fraction", "in (0, 0.5)"),
                 (self.batch_size >= 8, "batch_size", ">= 8"),
                 ((self.steps or 0) >= 1, "steps", ">= 1"),
-                (self.lr > 0, "lr", "> 0")]
+                (self.lr > 0, "lr", "> 0"),
+                (all(0 < s <= 1 for s in self.generated_strengths or ()), "generated_strengths", "each in (0, 1]"),
+                (0 <= self.generated_fraction <= 1, "generated_fraction", "in [0, 1]")]
 
     @classmethod
     def default_train_dir(cls, values: Mapping[str, Any]) -> Path:

@@ -111,6 +111,15 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         else:
             train_groups.setdefault(g, []).append(i)
     group_keys = sorted(train_groups)
+    views = None
+    if cfg.generated_strengths:
+        from pmgen.train.scorer.generated import generated_views
+
+        views = generated_views(catalog, cfg.generated_strengths, cfg.seed, work.parent / "scorer-views", log=log,
+                                stop=stop)
+        if views is None:
+            log("stopped while drawing the generator views; the same command continues them (they are cached)")
+            return None
 
     torch.manual_seed(cfg.seed)
     model_cfg = ScorerConfig(arch=cfg.arch, widths=cfg.widths, depth=cfg.depth, embed_dim=cfg.embed_dim,
@@ -150,7 +159,13 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         keys = rng.sample(group_keys, cfg.batch_size)
         idx = torch.tensor([rng.choice(train_groups[k]) for k in keys])
         txt = torch.tensor([index[rng.choice(variants[i])] for i in idx.tolist()])
-        x = augment(images[idx].float() / 255, gen)
+        x = images[idx].clone()
+        if views is not None:
+            use = torch.rand(len(idx), generator=gen) < cfg.generated_fraction
+            if use.any():
+                which = torch.randint(len(views), (int(use.sum()),), generator=gen)
+                x[use] = views[which, idx[use]]
+        x = augment(x.float() / 255, gen)
         loss = clip_loss(model.encode_images(x), model.encode_text_vectors(vecs[txt]), model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,6 +178,9 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
             rec.update(evaluate(model, images, vecs, title_idx, held_idx, groups, seed=cfg.seed))
+            if views is not None:
+                rec.update(evaluate(model, views[0], vecs, title_idx, held_idx, groups, seed=cfg.seed,
+                                    name="heldout_generated"))
             model.train()
             log(json.dumps(rec))
         elif step % cfg.log_every == 0:
@@ -177,6 +195,9 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         return None
     model.eval()
     final = evaluate(model, images, vecs, title_idx, held_idx, groups, seed=cfg.seed)
+    if views is not None:
+        final.update(evaluate(model, views[0], vecs, title_idx, held_idx, groups, seed=cfg.seed,
+                              name="heldout_generated"))
     final_train = evaluate(model, images, vecs, title_idx,
                            [i for g in group_keys for i in train_groups[g]][::4], groups, seed=cfg.seed)
     model.cfg.info = {
@@ -186,6 +207,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         "train_minutes": round(seconds / 60, 1),
         "heldout": final, "train_subset": {k.replace("heldout", "train"): v for k, v in final_train.items()},
         "final_loss": history[-1]["loss"],
+        "generated_strengths": list(cfg.generated_strengths or ()), "generated_fraction": cfg.generated_fraction,
     }
     model.save(Path(cfg.out))
     write_model_card(cfg, model, history)
@@ -196,19 +218,41 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
 def _config_key(cfg: ScorerTrainConfig) -> str:
     # the run-control fields may change on resume (the same key as before they were RunConfig fields)
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in cfg.RUN_FIELDS}
+    if not cfg.generated_strengths:  # a catalog-only run keeps the key it had before these settings existed
+        d.pop("generated_strengths"), d.pop("generated_fraction")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
 def evaluate(model: DualEncoder, images: torch.Tensor, vecs: torch.Tensor, title_idx: torch.Tensor,
-             idx: list[int], groups: list[str], seed: int, n_candidates: int = 100) -> dict[str, float]:
-    """Image→text top-1/top-5 among ``n_candidates`` names (the true one + others of other groups)."""
+             idx: list[int], groups: list[str], seed: int, n_candidates: int = 100,
+             name: str = "heldout") -> dict[str, float]:
+    """Image→text top-1/top-5 among ``n_candidates`` names (the true one + others of other groups),
+    as ``{name}_top1`` and ``{name}_top5``."""
     emb = torch.cat([model.encode_images(images[idx[i:i + 256]].float() / 255) for i in range(0, len(idx), 256)])
     cands = candidate_matrix(idx, groups, title_idx.tolist(), n_candidates, seed)
     txt = model.encode_text_vectors(vecs)
     sims = torch.einsum("nd,ncd->nc", emb, txt[cands])
     hits = topk_hits(sims)
-    return {"heldout_top1": round(hits[1], 4), "heldout_top5": round(hits[5], 4)}
+    return {f"{name}_top1": round(hits[1], 4), f"{name}_top5": round(hits[5], 4)}
+
+
+def generated_rows(info: dict[str, Any]) -> str:
+    """Model-card rows of a run trained on generator views too (empty for a catalog-only run)."""
+    if not info.get("generated_strengths"):
+        return ""
+    h = info["heldout"]
+    return (f"| generator views of the catalog | strengths {info['generated_strengths']}, "
+            f"{info['generated_fraction']:.0%} of each batch |\n"
+            f"| held-out generator views (strength {info['generated_strengths'][0]:g}) top-1 / top-5 | "
+            f"{h['heldout_generated_top1']:.3f} / {h['heldout_generated_top5']:.3f} |\n")
+
+
+def generated_options(cfg: ScorerTrainConfig) -> str:
+    if not cfg.generated_strengths:
+        return ""
+    return (f" --generated-strengths {','.join(f'{s:g}' for s in cfg.generated_strengths)}"
+            f" --generated-fraction {cfg.generated_fraction:g}")
 
 
 def write_model_card(cfg: ScorerTrainConfig, model: DualEncoder, history: list[dict[str, Any]]) -> None:
@@ -247,9 +291,9 @@ else 'Used only to grade results, never for selection.'}
 | final train loss | {info['final_loss']} |
 | held-out image→text top-1 / top-5 (100 names) | {info['heldout']['heldout_top1']:.3f} / {info['heldout']['heldout_top5']:.3f} |
 | training-item image→text top-1 / top-5 (100 names) | {info['train_subset']['train_top1']:.3f} / {info['train_subset']['train_top5']:.3f} |
-| training time | {info['train_minutes']} min wall clock on a 2-core CPU |
+{generated_rows(info)}| training time | {info['train_minutes']} min wall clock on a 2-core CPU |
 
-Reproduce: `pmgen train scorer --role {cfg.role}` (seed {cfg.seed}).
+Reproduce: `pmgen train scorer --role {cfg.role}{generated_options(cfg)}` (seed {cfg.seed}).
 
 ![loss](loss.png)
 """
