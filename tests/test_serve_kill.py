@@ -97,7 +97,11 @@ def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path):
                 statuses[g] = r
                 if r["status"] == "failed":
                     assert r["error"]
-            assert all(statuses[g]["resumed"] >= 1 for g in pending_at_kill)
+            # a generation the server stored just before the kill may never have had its 202 reach the client:
+            # it is not acknowledged, but it was pending in the store, so it is resumed all the same
+            resumed = {g: statuses.get(g) or c.get(f"/v1/generations/{g}", params={"wait": 60}).json()
+                       for g in pending_at_kill}
+            assert all(r["resumed"] >= 1 for r in resumed.values()), resumed
             assert sum(r["status"] == "done" for r in statuses.values()) >= len(acked["generations"]) - 1
             # every acknowledged feedback row is there
             fb_ids = {f["id"] for u in range(N_CLIENTS) for f in c.get(f"/v1/users/kill-u{u}").json()["feedback"]}
