@@ -27,7 +27,6 @@ from pmgen.data.catalog import ImageCatalog
 from pmgen.train.run import atomic_save
 
 CHUNK = 64
-N_TARGET_KEYWORDS = 5  # the pipeline's default (Settings.n_target_keywords)
 
 
 def views_key(generator_hash: str, strengths: Sequence[float], seed: int, n_items: int) -> str:
@@ -46,6 +45,7 @@ def generated_views(catalog: ImageCatalog, strengths: Sequence[float], seed: int
 
     ``parts`` — ``(generator, condition builder, target_keywords)`` — defaults to the preset's own.
     """
+    from pmgen.pipeline import Settings
     from pmgen.stages.keywords import target_keywords
 
     if parts is None:
@@ -59,6 +59,7 @@ def generated_views(catalog: ImageCatalog, strengths: Sequence[float], seed: int
     else:
         gen, builder, guidance = parts
     n = len(catalog.items)
+    k = Settings().n_target_keywords  # the pipeline's own target-keyword count
     key = views_key(gen.content_hash, strengths, seed, n)
     path = Path(cache) / f"generated_views_{key}.pt"
     state = torch.load(path) if path.is_file() else {"images": None, "done": 0}
@@ -74,7 +75,7 @@ def generated_views(catalog: ImageCatalog, strengths: Sequence[float], seed: int
     while done < total and not stop():
         si, s0 = divmod(done, n)
         s1 = min(n, s0 + CHUNK)
-        conds = [builder.build(list(target_keywords(item=it, k=N_TARGET_KEYWORDS).keywords), [], 0.0) for it in catalog.items[s0:s1]]
+        conds = [builder.build(list(target_keywords(item=it, k=k).keywords), [], 0.0) for it in catalog.items[s0:s1]]
         out = gen.image_to_image(catalog.images[s0:s1].float() / 255, torch.cat([c.prompt_embeds for c in conds]),
                                  torch.cat([c.negative_prompt_embeds for c in conds]), strength=strengths[si],
                                  seed=seed + 7919 * si + s0, num_inference_steps=20, guidance_scale=guidance)
