@@ -103,6 +103,11 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
     assert ceil["acc_text"] >= 0.95 * none["acc_text"]["mean"] - 1e-9
     assert ceil["pers_taste"] >= none["pers_taste"]["mean"] - 1e-9
     assert "Candidate-pool ceiling" in (out / "report.md").read_text()
+    # the second oracle: the selector told the target's name and the hidden taste, graded by the evaluator
+    told = m["candidate_ceiling_told_selector"]["pmg"]
+    assert told["acc_text"] >= 0.95 * none["acc_text"]["mean"] - 1e-9 and told["n"] == 8
+    assert all(-1 <= x["oracle_title"] <= 1 and -1 <= x["oracle_taste"] <= 1 for x in m["rows"] if x["method"] == "pmg")
+    assert "| pmg | selector, told |" in (out / "report.md").read_text()
     rows = [x for x in m["rows"] if x["method"] == "none"]
     assert all(x["weight"] == 0.0 for x in rows) and len(rows) == 8
     for name in ("report.md", "tradeoff.png", "alpha_sweep.png", "samples.png"):

@@ -84,7 +84,7 @@ def make(tiny, tmp, **overrides):
               "val_users": 2, "val_every": 100, "n_img": 2, "lr": 1e-2, "proj_lr": 1e-2}
     cfg = HistoryImageTrainConfig(**{**values, **overrides})
     return HistoryImageTrainer(cfg, te, gen, latents, features, examples(3), examples(2), text_max_length=L,
-                               log=lambda m: None, image_encoder_name="tiny-selector")
+                               log=lambda m: None, image_encoder_name="tiny-selector", image_encoder_hash="0123abcd")
 
 
 def test_only_the_projection_trains_and_the_generator_stays_frozen(tiny, tmp_path) -> None:
@@ -108,6 +108,7 @@ def test_resume_is_exact_and_the_export_loads_back_with_a_card(tiny, tmp_path) -
     assert {"config.json", "history_images.safetensors", "README.md", "loss.png"} <= {p.name for p in out.iterdir()}
     loaded = HistoryImageEncoder.load(out)
     assert loaded.cfg.image_encoder == "tiny-selector" and loaded.cfg.n_tokens == 2
+    assert loaded.cfg.image_encoder_hash == "0123abcd"  # the weights it read, checked on use
     assert json.loads((out / "config.json").read_text())["info"]["steps"] == 3
     feats = tiny[3][:2].unsqueeze(0)
     with torch.no_grad():
@@ -186,3 +187,28 @@ def test_an_encoder_trained_on_another_image_encoder_is_refused(tiny_pmg) -> Non
     p = tiny_pmg
     with pytest.raises(ValueError, match="trained on the embeddings of 'other-selector'"):
         PMG(p.preset, p.llm, p.text_encoder, p.generator, p.selector, history_encoder=_encoder(name="other-selector"))
+
+
+def test_an_encoder_trained_on_other_weights_of_the_same_selector_is_refused(tiny_pmg) -> None:
+    """A retrained selector keeps its name but embeds differently: the recorded weight hash tells them apart."""
+    from pmgen.pipeline import PMG
+
+    p = tiny_pmg
+    same = _encoder(name=p.selector.name)
+    same.cfg.image_encoder_hash = p.selector.content_hash
+    PMG(p.preset, p.llm, p.text_encoder, p.generator, p.selector, history_encoder=same)  # the one it read: fine
+    other = _encoder(name=p.selector.name)
+    other.cfg.image_encoder_hash = "ffffffffffffffff"
+    with pytest.raises(ValueError, match="retrained selector embeds differently"):
+        PMG(p.preset, p.llm, p.text_encoder, p.generator, p.selector, history_encoder=other)
+    unrecorded = _encoder(name=p.selector.name)  # an encoder from before the hash was recorded: name check only
+    PMG(p.preset, p.llm, p.text_encoder, p.generator, p.selector, history_encoder=unrecorded)
+
+
+def test_the_shipped_history_image_encoder_records_the_shipped_selector() -> None:
+    from pmgen.models.llm import folder_hash
+    from pmgen.presets import ZOO
+    from pmgen.stages.history_images import HistoryImageEncoder
+
+    enc = HistoryImageEncoder.load(ZOO / "sticker-tiny" / "history-images")
+    assert enc.cfg.image_encoder_hash == folder_hash(ZOO / "sticker-tiny" / "selector")

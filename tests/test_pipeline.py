@@ -203,6 +203,16 @@ def test_candidate_ceiling_is_the_most_taste_at_the_accuracy_floor():
     # a method that cannot keep the floor with any candidate gets no ceiling
     bad = rows[:2] + [row("a", "x", 0.0, 0.1, 0.0, True), row("b", "x", 0.0, 0.1, 0.0, True)]
     assert candidate_ceiling(bad, "none") == {}
+    # another judge chooses (by=), the evaluator's floor and grades measure: a judge that sees taste in a's
+    # w = 0 candidate and none at w = 1 keeps w = 0 there — no taste gained, and the evaluator says so
+    for r in rows:
+        r["j_taste"], r["j_acc"] = (1.0 - r["pers_taste"], r["acc_text"]) if r["sample_id"] == "a" else (r["pers_taste"], r["acc_text"])
+    told = candidate_ceiling(rows, "none", keep=0.95, by=("j_taste", "j_acc"))["pmg"]
+    assert told["pers_taste"] == pytest.approx(0.0) and told["acc_text"] == pytest.approx(1.0)
+    assert told["mean_weight"] == 0.0 and told["pers_taste"] < c["pers_taste"]
+    # rows without the judge's scores are left out, not guessed
+    assert candidate_ceiling([{k: v for k, v in r.items() if k != "j_taste"} for r in rows], "none",
+                             by=("j_taste", "j_acc")) == {}
 
 
 def test_bootstrap_ci_resamples_users():

@@ -129,17 +129,28 @@ def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample]
                                target_image=req.target_image, history_images=[ds.image_path(i) for i in hist],
                                soft_prompt=softs.get(m.soft_prompt) if m.soft_prompt else None, **m.overrides)
             metrics = grader.grade(res.images, s, taste, hist)
+            told = oracle_scores(pmg.selector, res.images, req.target.title, taste)
             for i, (cand, mt) in enumerate(zip(res.record.candidates, metrics)):
                 rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": m.name,
                              "weight": cand.weight, "d_t": cand.d_t, "d_p": cand.d_p,
                              **({"d_h": cand.d_h} if cand.d_h is not None else {}),
-                             "chosen": i == res.chosen, **mt})
+                             **{k: v[i] for k, v in told.items()}, "chosen": i == res.chosen, **mt})
             if n < keep_images:
                 kept[s.sample_id][m.name] = res.chosen_image
                 kept[s.sample_id][m.name + ":keywords"] = ", ".join(res.record.preference_keywords[:4])
         if progress is not None:
             progress(n + 1, len(samples))
     return rows, kept
+
+
+def oracle_scores(selector: Any, images: Any, title: str, taste: str | None) -> dict[str, list[float]]:
+    """The selector's cosine similarity of each candidate to the target's **name** and the user's **hidden
+    taste** — texts no method is given (they see keywords). Kept in the rows only for the told-selector
+    ceiling (:func:`pmgen.eval.summary.candidate_ceiling` ``by=``); empty without a hidden taste."""
+    if not taste:
+        return {}
+    sims = selector.text_similarity(images, [title, taste])
+    return {"oracle_title": [float(v) for v in sims[:, 0]], "oracle_taste": [float(v) for v in sims[:, 1]]}
 
 
 def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0) -> list[Sample]:

@@ -80,7 +80,8 @@ def both_at_once(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def candidate_ceiling(rows: list[dict[str, Any]], baseline: str = "none", keep: float = 0.95,
-                      gain: str = "pers_taste", cost: str = "acc_text") -> dict[str, dict[str, Any]]:
+                      gain: str = "pers_taste", cost: str = "acc_text",
+                      by: tuple[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per method: what an **oracle** selection could get from the candidates it generated — the most
     ``gain`` (mean over samples) while the mean ``cost`` metric stays ≥ ``keep`` × the baseline's.
 
@@ -89,7 +90,13 @@ def candidate_ceiling(rows: list[dict[str, Any]], baseline: str = "none", keep: 
     not a method: it tells how much of a shortfall is the selector's (the candidates hold better
     choices) and how much the generator's (they do not). It is optimistic: choosing by the grader
     also picks the grader's noise.
+
+    ``by = (gain key, cost key)`` chooses with another judge's scores instead (e.g. the selector's
+    similarity to the hidden taste and to the target's name, :func:`pmgen.eval.evaluate.run_methods`):
+    λ is still set by the evaluator's accuracy floor, and the evaluator's grades are reported. The
+    gap between the two oracles is the evaluator's own noise, which no other model can find.
     """
+    pick_gain, pick_cost = by or (gain, cost)
     base = {r["sample_id"]: r for r in rows if r["method"] == baseline and r["chosen"] and cost in r}
     if not base:
         return {}
@@ -100,13 +107,13 @@ def candidate_ceiling(rows: list[dict[str, Any]], baseline: str = "none", keep: 
             continue
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            if r["method"] == m and r["sample_id"] in base and gain in r and cost in r:
+            if r["method"] == m and r["sample_id"] in base and all(k in r for k in (gain, cost, pick_gain, pick_cost)):
                 groups.setdefault(r["sample_id"], []).append(r)
         if not groups:
             continue
 
         def pick(lam: float) -> list[dict[str, Any]]:
-            return [max(sorted(c, key=lambda r: r["weight"]), key=lambda r: r[gain] + lam * r[cost])
+            return [max(sorted(c, key=lambda r: r["weight"]), key=lambda r: r[pick_gain] + lam * r[pick_cost])
                     for c in groups.values()]
 
         def meets(p: list[dict[str, Any]]) -> bool:

@@ -36,6 +36,8 @@ class HistoryImageConfig:
 
     Attributes:
         image_encoder: name of the image encoder whose embeddings it reads (the selector; checked on use).
+        image_encoder_hash: content hash of that encoder's weights (checked on use: a retrained selector of
+            the same name embeds differently; empty = not recorded).
         feature_dim: width of those embeddings.
         text_width: the generator's text-embedding width (384 for MiniLM).
         n_tokens: condition tokens per user.
@@ -50,6 +52,7 @@ class HistoryImageConfig:
     n_tokens: int = 4
     max_images: int = 12
     norm: float = 0.0
+    image_encoder_hash: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,11 +98,17 @@ class HistoryImageEncoder(nn.Module):
         return self(feats.unsqueeze(0))[0]
 
     def check_image_encoder(self, image_encoder: Any) -> None:
-        """Refuse an image encoder of another name or width than the one trained with."""
+        """Refuse an image encoder of another name, or other weights, than the one trained with."""
         name = str(getattr(image_encoder, "name", ""))
         if name and self.cfg.image_encoder and name != self.cfg.image_encoder:
             raise ValueError(f"history-image encoder was trained on the embeddings of {self.cfg.image_encoder!r}, "
                              f"not {name!r}")
+        digest = str(getattr(image_encoder, "content_hash", "") or "")
+        if digest and self.cfg.image_encoder_hash and digest != self.cfg.image_encoder_hash:
+            raise ValueError(f"history-image encoder was trained on the embeddings of the {self.cfg.image_encoder!r} "
+                             f"with weights {self.cfg.image_encoder_hash}, but this one's are {digest} (a retrained "
+                             "selector embeds differently: retrain the history-image encoder with "
+                             "`pmgen train history-images`, or use the selector it was trained with)")
 
     @property
     def name(self) -> str:

@@ -45,7 +45,8 @@ def prepare(cfg: HistoryImageTrainConfig, preset: str = "sticker-tiny", log: Cal
     from pmgen.train.history_images.trainer import HistoryImageTrainer
 
     return HistoryImageTrainer(cfg, te, gen, latents, features, train, val, p.text_max_length, log=log,
-                            image_encoder_name=str(getattr(selector, "name", "selector")))
+                            image_encoder_name=str(getattr(selector, "name", "selector")),
+                            image_encoder_hash=str(getattr(selector, "content_hash", "") or ""))
 
 
 def main(given: Mapping[str, Any], resume: bool = False, preset: str = "sticker-tiny",

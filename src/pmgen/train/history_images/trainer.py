@@ -19,7 +19,7 @@ class HistoryImageTrainer(SoftPromptTrainer):
 
     Args: as :class:`SoftPromptTrainer`, without the LLM, plus ``features`` — the frozen image
     encoder's embeddings ``[N, F]`` of every image the examples' ``history_rows`` point to — and
-    ``image_encoder_name`` (recorded, checked at inference).
+    ``image_encoder_name`` / ``image_encoder_hash`` (recorded, checked at inference).
     """
 
     SHAPE_KEYS = ("feature_dim", "text_width", "n_tokens", "max_images")
@@ -27,18 +27,20 @@ class HistoryImageTrainer(SoftPromptTrainer):
 
     def __init__(self, cfg: HistoryImageTrainConfig, text_encoder: Any, generator: Any, latents: torch.Tensor,
                  features: torch.Tensor, train: Any, val: Any, text_max_length: int = 32,
-                 log: Callable[[str], None] = print, image_encoder_name: str = "selector"):
+                 log: Callable[[str], None] = print, image_encoder_name: str = "selector",
+                 image_encoder_hash: str = ""):
         if not train.history_rows or not val.history_rows:
             raise ValueError("the examples carry no history_rows (build them with build_examples)")
         self.features = features.float()
         self.image_encoder_name = image_encoder_name
+        self.image_encoder_hash = image_encoder_hash
         super().__init__(cfg, None, text_encoder, generator, latents, train, val, text_max_length, log=log)
 
     def build_encoder(self, width: int, norm: float, llm_name: str = "") -> Any:
         cfg = self.cfg
         return HistoryImageEncoder(HistoryImageConfig(
             image_encoder=self.image_encoder_name, feature_dim=int(self.features.shape[1]), text_width=width,
-            n_tokens=cfg.n_img, max_images=cfg.max_images, norm=norm))
+            n_tokens=cfg.n_img, max_images=cfg.max_images, norm=norm, image_encoder_hash=self.image_encoder_hash))
 
     def encode(self, ex: Any, idx: Sequence[int]) -> torch.Tensor:
         rows = [ex.history_rows[i][: self.cfg.max_images] for i in idx]
