@@ -149,9 +149,15 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
     pmg = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/evaluator")
     assert pmg.preset.selector == "zoo:sticker-tiny/evaluator"
     assert pmg.selector.model.cfg.info["role"] == "evaluator"
+    # the preset's history-image tokens were trained on the shipped selector's embeddings: left out, with the reason
+    assert pmg.history_encoder is None and "history-image encoder was trained" in pmg.history_encoder_refused
     res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", str(tmp_path / "missing"),
                                    "--out", str(tmp_path / "out")])
     assert res.exit_code != 0 and "missing" in res.output
+    res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", "zoo:sticker-tiny/evaluator",
+                                   "--methods", "none,pmg+images", "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "history-image methods: history-image encoder was trained" in " ".join(res.output.split())
+    assert PMG.from_preset("sticker-tiny", keyword_cache=None).history_encoder is not None  # its own selector: kept
 
 
 def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):

@@ -180,6 +180,8 @@ class PMG:
         self.history_encoder = history_encoder
         if history_encoder is not None:
             history_encoder.check_image_encoder(selector)
+        self.history_encoder_refused = ""
+        """Why :meth:`from_preset` left the preset's history-image encoder out (it does not fit the selector)."""
         self._extractors: dict[tuple[int, int], Any] = {}
         self._builders: dict[str, ConditionBuilder] = {}
 
@@ -201,8 +203,25 @@ class PMG:
             from pmgen.stages.keywords import KeywordCache
 
             keyword_cache = KeywordCache()
-        return cls(preset, llm, text_encoder, generator, selector, soft, settings, keyword_cache,
-                   load_history_encoder(preset))
+        return cls.with_preset_history_encoder(preset, llm, text_encoder, generator, selector, soft, settings,
+                                               keyword_cache, load_history_encoder(preset))
+
+    @classmethod
+    def with_preset_history_encoder(cls, preset: Preset, llm: Any, text_encoder: Any, generator: Any, selector: Any,
+                                    soft_prompt: Any, settings: Settings | None, keyword_cache: Any,
+                                    history_encoder: Any) -> "PMG":
+        """A PMG with the preset's history-image encoder if it fits ``selector``; else without it, the reason kept
+        in :attr:`history_encoder_refused` (e.g. another ``--selector``: the preset's history tokens were trained
+        on its own selector's embeddings) and told when history-image tokens are asked for."""
+        refused = ""
+        if history_encoder is not None:
+            try:
+                history_encoder.check_image_encoder(selector)
+            except ValueError as e:
+                history_encoder, refused = None, str(e)
+        pmg = cls(preset, llm, text_encoder, generator, selector, soft_prompt, settings, keyword_cache, history_encoder)
+        pmg.history_encoder_refused = refused
+        return pmg
 
     def models(self, soft_prompt: SoftPrompt | None = None, history_encoder: Any = None) -> dict[str, dict[str, str]]:
         """Name and content hash of each model used (the record's ``models`` field)."""
@@ -343,8 +362,9 @@ class PMG:
         hist_tokens = None
         if personalized and s.use_history_images:
             if self.history_encoder is None:
-                raise ValueError("use_history_images needs a trained history-image encoder: this preset names none "
-                                 "(train one with `pmgen train history-images`)")
+                raise ValueError(f"use_history_images: {self.history_encoder_refused}" if self.history_encoder_refused
+                                 else "use_history_images needs a trained history-image encoder: this preset names "
+                                      "none (train one with `pmgen train history-images`)")
             if hist:
                 t = time.perf_counter()
                 hist_tokens = self.history_encoder.embed(self.selector, torch.cat(hist))

@@ -105,7 +105,7 @@ class PresetFactory:
             te = load_text_encoder(p, gen)
             sel = load_scorer(p, "selector", te)
             hist = load_history_encoder(p)  # the generator actors plan the conditions
-        return PMG(p, llm, te, gen, sel, soft, settings, cache, hist)
+        return PMG.with_preset_history_encoder(p, llm, te, gen, sel, soft, settings, cache, hist)
 
 
 def _info(model: Any) -> ModelInfo | None:

@@ -75,7 +75,8 @@ def evaluate(
     bad = [m for m in names if m not in known]
     if bad:
         _fail(f"unknown or unavailable method(s) {bad}; available with preset {preset}: {', '.join(known)}"
-              + ("" if pmg.soft_prompt is not None else " (soft-embedding methods need trained soft-prompt weights)"),
+              + ("" if pmg.soft_prompt is not None else " (soft-embedding methods need trained soft-prompt weights)")
+              + (f" (history-image methods: {pmg.history_encoder_refused})" if pmg.history_encoder_refused else ""),
               2)
     ds = datasets.load("sticker-users", data_dir_)
     if split not in ("test", "val"):
