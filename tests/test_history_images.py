@@ -46,7 +46,8 @@ def test_tokens_shape_norm_padding_and_save_load(tmp_path) -> None:
 def test_config_rejects_bad_shapes() -> None:
     from pmgen.stages.history_images import HistoryImageConfig
 
-    for bad in ({"n_tokens": 0}, {"max_images": 0}, {"norm": -1.0}, {"feature_dim": 0}, {"n_tokens": 65}):
+    for bad in ({"n_tokens": 0}, {"max_images": 0}, {"norm": -1.0}, {"feature_dim": 0}, {"n_tokens": 65},
+                {"image_encoder_hash": "../../etc"}, {"image_encoder_hash": "a" * 65}, {"image_encoder_hash": ["ab"]}):
         with pytest.raises(ValueError):
             HistoryImageConfig(image_encoder="x", feature_dim=bad.get("feature_dim", 8),
                                **{k: v for k, v in bad.items() if k != "feature_dim"})

@@ -60,6 +60,10 @@ class HistoryImageConfig:
                 or not 1 <= self.max_images <= 256 or self.norm < 0:
             raise ValueError("feature_dim >= 1, text_width >= 1, n_tokens in 1..64, max_images in 1..256 and "
                              "norm >= 0 are required")
+        h = self.image_encoder_hash
+        if not isinstance(h, str) or len(h) > 64 or any(c not in "0123456789abcdef" for c in h):
+            raise ValueError(f"image_encoder_hash must be a hex digest of at most 64 characters (or empty), "
+                             f"got {str(h)[:80]!r}")
 
 
 class HistoryImageEncoder(nn.Module):
