@@ -182,3 +182,43 @@ def test_min_accuracy_guard_refuses_candidates_that_lose_the_target():
     assert argmax_z(z, [True, False, False]) == 0  # the baseline is always eligible
     with pytest.raises(ValueError):
         keeps_target(d_t, 1.5)
+
+
+class EmbeddingSelector(FakeSelector):
+    """FakeSelector plus unit image embeddings (the contrast's ``image · background``)."""
+
+    def __init__(self, sims, emb):
+        super().__init__(sims)
+        self.emb = torch.tensor(emb)
+
+    def image_embeddings(self, images):
+        return self.emb
+
+    def text_embeddings(self, texts):
+        return torch.tensor([[1.0, 0.0] if "face" in t else [0.0, 1.0] for t in texts])
+
+
+def test_contrast_measures_the_preference_against_the_background():
+    from pmgen.stages.select import background_embedding
+
+    imgs = torch.zeros(3, 3, 8, 8)
+    # candidate 2 is closest to the preference text but only because it is close to *every* user's text
+    sims = [[0.8, 0.30], [0.8, 0.40], [0.8, 0.45]]
+    emb = [[0.0, 0.0], [0.0, 0.05], [0.0, 0.4]]
+    sel = EmbeddingSelector(sims, emb)
+    bg = background_embedding(sel, ["cats, kitten", "space, rocket", ""])  # empty texts are skipped
+    assert bg.tolist() == pytest.approx([0.0, 1.0])
+    plain = select(imgs, sel, "t", "p", alpha=2 / 3)
+    contrasted = select(imgs, sel, "t", "p", alpha=2 / 3, background=bg, contrast=1.0)
+    assert plain.chosen == 2 and contrasted.chosen == 1
+    assert contrasted.d_p == pytest.approx([(1 + 0.30) / 2, (1 + 0.35) / 2, (1 + 0.05) / 2])
+    assert contrasted.d_t == plain.d_t  # accuracy is untouched
+    half = select(imgs, sel, "t", "p", background=bg, contrast=0.5)
+    assert half.d_p[2] == pytest.approx((1 + 0.45 - 0.2) / 2)
+    assert select(imgs, sel, "t", "", background=bg, contrast=1.0).d_p == [1.0, 1.0, 1.0]  # no preference: neutral
+    with pytest.raises(ValueError, match="background"):
+        select(imgs, sel, "t", "p", contrast=1.0)
+    with pytest.raises(ValueError, match="contrast"):
+        select(imgs, sel, "t", "p", background=bg, contrast=1.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        background_embedding(sel, ["", "  "])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 import time
 import zlib
@@ -268,6 +269,9 @@ def test_batch_file_limits(tmp_path):
     (["--strength", "2"], "--strength: strength must be in [0, 1]"),
     (["--seed", "-1"], "--seed: seed must be an integer"),
     (["--mode", "magic"], "--mode: mode must be one of"),
+    (["--contrast", "nan"], "--contrast: contrast must be in [0, 1]"),
+    (["--contrast", "2"], "--contrast: contrast must be in [0, 1]"),
+    (["--target-text", "../etc/passwd"], "--target-text: target_text must be one of"),
 ])
 def test_bad_options_fail_before_models_load(opts, expect, no_model_load):
     r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "x"] + opts)
@@ -397,3 +401,59 @@ def test_fuzz_malformed_requests_no_traceback_nothing_outside(tiny_pmg, toy_data
     assert {k: v for k, v in after.items() if not k.startswith("fuzz/out")} == snapshot
     assert tree(root) == snapshot_data
     assert time.perf_counter() - t < 240
+
+
+# ------------------------------------------------------------------ the preference background file
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b"not json", "not a JSON file"),
+    (b"\xff\xfe\x00", "not a JSON file"),
+    (b'["a", "b"]', "expected an object"),
+    (b'{"texts": []}', "expected an object"),
+    (b'{"texts": "cats"}', "expected an object"),
+    (b'{"texts": ["cats", 3]}', "texts[1] must be a non-empty string"),
+    (b'{"texts": ["cats", "  "]}', "texts[1] must be a non-empty string"),
+    (json.dumps({"texts": ["x" * 1001]}).encode(), "texts[0] must be a non-empty string of at most 1,000"),
+    (json.dumps({"texts": ["cats"] * 10_001}).encode(), "10,001 texts; at most 10,000"),
+])
+def test_preference_background_file_is_checked(tmp_path, content, expect):
+    from pmgen.presets import get_preset, load_preference_background
+
+    path = tmp_path / "bg.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(expect)) as e:
+        load_preference_background(get_preset("sticker-tiny", preference_background=str(path)))
+    assert str(path) in str(e.value)
+
+
+def test_preference_background_size_and_missing_file(tmp_path):
+    from pmgen.presets import MAX_BACKGROUND_BYTES, get_preset, load_preference_background
+
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_BACKGROUND_BYTES + 1))
+    with pytest.raises(ValueError, match="bytes; a preference background is at most"):
+        load_preference_background(get_preset("sticker-tiny", preference_background=str(big)))
+    with pytest.raises(FileNotFoundError, match="preference background not found"):
+        load_preference_background(get_preset("sticker-tiny", preference_background=str(tmp_path / "nope.json")))
+    with pytest.raises(FileNotFoundError):  # a folder is not a background file
+        load_preference_background(get_preset("sticker-tiny", preference_background=str(tmp_path)))
+    shipped = load_preference_background(get_preset("sticker-tiny"))
+    assert shipped and all(isinstance(t, str) and t for t in shipped)
+
+
+def test_write_background_never_replaces_a_foreign_file(tmp_path):
+    from pmgen.train.background import FORMAT, write_background
+
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}')
+    with pytest.raises(FileExistsError, match="not a pmgen preference background"):
+        write_background(foreign, ["cats"], {})
+    assert foreign.read_text() == '{"mine": true}'
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(FileExistsError):
+        write_background(tmp_path / "dir.json", ["cats"], {})
+    ours = write_background(tmp_path / "sub" / "bg.json", ["cats, kitten"], {"n_users": 1})
+    again = write_background(ours, ["space"], {"n_users": 1})  # a pmgen background is replaced
+    assert json.loads(again.read_text()) == {"format": FORMAT, "n_users": 1, "texts": ["space"]}
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["bg.json"]  # no temporary file left

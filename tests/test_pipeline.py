@@ -37,6 +37,46 @@ def test_generate_record_contract_and_w0_identity(tiny_pmg, toy_data):
         assert not torch.equal(res.images[0], res.images[2])  # the preference changes the image
 
 
+def test_title_and_contrast_selection_same_candidates_other_scores(tiny_pmg, toy_data):
+    """target_text / contrast change only how the candidates are scored (the images are the same), the
+    record says which; the preset's background is embedded once."""
+    from pmgen.presets import load_preference_background
+    from pmgen.stages.condition import keywords_text
+    from pmgen.stages.select import background_embedding
+
+    root, items, user = toy_data
+    kw = dict(context=[], target_image=root / "img" / "a.png")
+    paper = tiny_pmg.generate(user, items["a"], items, **kw)
+    ours = tiny_pmg.generate(user, items["a"], items, target_text="title", contrast=1.0, **kw)
+    assert torch.equal(paper.images, ours.images)
+    assert (paper.record.target_text, paper.record.contrast) == ("keywords", 0.0)
+    assert (ours.record.target_text, ours.record.contrast) == ("title", 1.0)
+    assert ours.record.to_json()["target_text"] == "title"
+    sel = tiny_pmg.selector
+    sims = sel.text_similarity(ours.images, [items["a"].title, keywords_text(ours.record.preference_keywords)])
+    bg = background_embedding(sel, load_preference_background(tiny_pmg.preset))
+    assert [c.d_t for c in ours.record.candidates] == pytest.approx(((1 + sims[:, 0]) / 2).tolist(), abs=1e-6)
+    if ours.record.preference_keywords:
+        expect = (1 + sims[:, 1] - sel.image_embeddings(ours.images) @ bg) / 2
+        assert [c.d_p for c in ours.record.candidates] == pytest.approx(expect.tolist(), abs=1e-6)
+    assert tiny_pmg.background() is tiny_pmg.background()  # embedded once
+
+
+def test_contrast_without_a_background_fails_before_any_model_runs(tiny_pmg, toy_data, monkeypatch):
+    from pmgen.pipeline import PMG
+    from pmgen.presets import get_preset
+
+    root, items, user = toy_data
+    preset = get_preset("sticker-tiny", text_max_length=16, contrast=0.0, preference_background="")
+    pmg = PMG(preset, tiny_pmg.llm, tiny_pmg.text_encoder, tiny_pmg.generator, tiny_pmg.selector,
+              settings=tiny_pmg.settings)
+    monkeypatch.setattr(pmg, "extractor", lambda *a, **k: pytest.fail("keywords ran before the check"))
+    with pytest.raises(ValueError, match="needs a preference background"):
+        pmg.generate(user, items["a"], items, contrast=1.0)
+    with pytest.raises(ValueError, match="must name a preference_background"):
+        get_preset("sticker-tiny", preference_background="")  # its default contrast is 1
+
+
 @pytest.mark.parametrize("mode", ["guidance", "compose"])
 def test_w0_identity_in_other_weighting_modes(tiny_pmg, toy_data, mode):
     root, items, user = toy_data
@@ -267,3 +307,17 @@ def test_demo_shows_each_user_with_and_without_soft_embeddings(tiny_pmg, data_ro
     with PILImage.open(pic) as a, PILImage.open(plain_pic) as b:
         assert a.width == b.width and a.height > b.height + 128  # a second row of images
     assert not any(p.name == "keywords-only" for p in (tmp_path / "plain").rglob("*"))
+
+
+def test_evaluate_methods_pin_their_selection_whatever_the_preset_default():
+    from pmgen.eval.evaluate import default_methods
+
+    without = default_methods(True, history_available=True)
+    assert "pmg-compose-contrast" not in without and "pmg-contrast" not in without
+    known = default_methods(True, history_available=True, background_available=True)
+    for m in known.values():
+        if m.name != "none":
+            assert {"target_text", "contrast"} <= set(m.overrides), m.name
+    assert known["pmg"].overrides["contrast"] == 0 and known["pmg"].overrides["mode"] == "concat"
+    assert known["pmg-compose-contrast"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title",
+                                                       "contrast": 1.0}

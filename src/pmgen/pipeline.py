@@ -35,6 +35,7 @@ from pmgen.stages.verbalize import TEXT_CHARS, shortened_texts
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)
+TARGET_TEXTS = ("keywords", "title")
 
 
 @dataclass
@@ -60,6 +61,11 @@ class Settings:
         use_history_images: add the history-image tokens (the user's history stickers through the
             trained history-image encoder, :mod:`pmgen.stages.history_images`) to the preference unit,
             after the keywords and soft embeddings; needs the request's history images.
+        target_text: what d_t compares each candidate with: ``"keywords"`` (the target keywords, as
+            in the paper) or ``"title"`` (the target item's title).
+        contrast: ``c`` in ``d_p = s(sim(image, preference) − c·(image · background))``, the user's
+            preference measured against other users' (0 = off; needs the preset's preference
+            background, see :func:`pmgen.stages.select.select`).
     """
 
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
@@ -77,6 +83,16 @@ class Settings:
     use_soft: bool = False
     use_keywords: bool = True
     use_history_images: bool = False
+    target_text: str = "keywords"
+    contrast: float = 0.0
+
+    @classmethod
+    def for_preset(cls, preset: Preset, **overrides: Any) -> "Settings":
+        """The preset's defaults (sampler, weighting mode, α, selection), then ``overrides``."""
+        base = dict(strength=preset.strength, num_inference_steps=preset.num_inference_steps,
+                    guidance_scale=preset.guidance_scale, mode=preset.mode, alpha=preset.alpha,
+                    target_text=preset.target_text, contrast=preset.contrast)
+        return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
         self.weights = tuple(weight_grid(self.weights))
@@ -98,6 +114,10 @@ class Settings:
             raise ValueError(f"history_weight must be in [0, 1], got {self.history_weight}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.target_text not in TARGET_TEXTS:
+            raise ValueError(f"target_text must be one of {TARGET_TEXTS}, got {self.target_text!r}")
+        if not 0 <= self.contrast <= 1:
+            raise ValueError(f"contrast must be in [0, 1], got {self.contrast}")
         if self.k > 64 or self.n_target_keywords > 64 or self.budget_tokens > 8192:
             raise ValueError("k and n_target_keywords must be <= 64 and budget_tokens <= 8192")
 
@@ -174,8 +194,7 @@ class PMG:
         self.generator = generator
         self.selector = selector
         self.soft_prompt = soft_prompt
-        self.settings = settings or Settings(strength=preset.strength, num_inference_steps=preset.num_inference_steps,
-                                             guidance_scale=preset.guidance_scale, use_soft=soft_prompt is not None)
+        self.settings = settings or Settings.for_preset(preset, use_soft=soft_prompt is not None)
         self.keyword_cache = keyword_cache
         self.history_encoder = history_encoder
         if history_encoder is not None:
@@ -184,6 +203,7 @@ class PMG:
         """Why :meth:`from_preset` left the preset's history-image encoder out (it does not fit the selector)."""
         self._extractors: dict[tuple[int, int], Any] = {}
         self._builders: dict[str, ConditionBuilder] = {}
+        self._background: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -243,6 +263,20 @@ class PMG:
             self._extractors[key] = PreferenceExtractor(self.llm, k=key[0], cache=self.keyword_cache,
                                                         budget_tokens=key[1])
         return self._extractors[key]
+
+    def background(self) -> torch.Tensor:
+        """The selector's embedding of the preset's preference background (loaded and embedded once), for
+        ``contrast`` (:func:`pmgen.stages.select.select`); a clear error when the preset names none."""
+        if self._background is None:
+            from pmgen.presets import load_preference_background
+            from pmgen.stages.select import background_embedding
+
+            texts = load_preference_background(self.preset)
+            if texts is None:
+                raise ValueError(f"contrast > 0 needs a preference background; preset {self.preset.name!r} names "
+                                 "none (set contrast to 0, or give the preset a preference_background file)")
+            self._background = background_embedding(self.selector, texts)
+        return self._background
 
     def builder(self, mode: str) -> ConditionBuilder:
         if mode not in self._builders:
@@ -316,6 +350,8 @@ class PMG:
         :meth:`soft_embeddings` give for this history and settings.
         """
         s = dataclasses.replace(settings or self.settings, **overrides) if overrides else (settings or self.settings)
+        if s.contrast > 0:
+            self.background()  # fail before any model runs when the preset has no background
         sp = soft_prompt if soft_prompt is not None else self.soft_prompt
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
@@ -413,8 +449,10 @@ class PMG:
         tkw, pref_kw = plan.target_keywords, plan.preference_keywords
         t = time.perf_counter()
         hist_t = torch.cat(plan.history) if plan.history else None
-        sel = select(images, self.selector, keywords_text(tkw), keywords_text(pref_kw), s.alpha, hist_t,
-                     s.history_weight, s.min_accuracy)
+        use_title = s.target_text == "title" and plan.target.title.strip()
+        target_text = plan.target.title if use_title else keywords_text(tkw)
+        sel = select(images, self.selector, target_text, keywords_text(pref_kw), s.alpha, hist_t,
+                     s.history_weight, s.min_accuracy, self.background() if s.contrast > 0 else None, s.contrast)
         timings["select"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - plan.t_start
 
@@ -434,6 +472,7 @@ class PMG:
             init="target image" if init is not None else "noise (target has no image)",
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
             history_weight=s.history_weight, min_accuracy=s.min_accuracy, preset=self.preset.name,
+            target_text=s.target_text, contrast=s.contrast,
             models=self.models(sp if soft is not None else None,
                                self.history_encoder if plan.history_tokens is not None else None),
             history_image_tokens=(f"on ({plan.history_tokens.shape[0]} tokens from {len(plan.history)} images)"

@@ -40,6 +40,10 @@ class Preset:
         soft_prompt: reference to trained soft-prompt weights (``""`` = soft embeddings off).
         history_images: reference to a trained history-image encoder (``""`` = none; see
             :mod:`pmgen.stages.history_images`); used when a request sets ``use_history_images``.
+        mode, alpha, target_text, contrast: the default weighting mode and selection (see
+            :class:`pmgen.pipeline.Settings`); a request can override each.
+        preference_background: reference to a JSON file ``{"texts": [...]}`` of other users'
+            preference texts, the background of ``contrast`` (``""`` = none).
     """
 
     name: str
@@ -57,12 +61,21 @@ class Preset:
     text_max_length: int = 32
     soft_prompt: str = ""
     history_images: str = ""
+    mode: str = "concat"
+    alpha: float = 2 / 3
+    target_text: str = "keywords"
+    contrast: float = 0.0
+    preference_background: str = ""
 
     def __post_init__(self) -> None:
         if self.generator_kind not in ("sticker", "stable-diffusion"):
             raise ValueError(f"generator_kind must be 'sticker' or 'stable-diffusion', got {self.generator_kind!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.contrast <= 1.0:
+            raise ValueError(f"alpha and contrast must be in [0, 1], got {self.alpha}, {self.contrast}")
+        if self.contrast > 0 and not self.preference_background:
+            raise ValueError("a preset with contrast > 0 must name a preference_background")
         if self.num_inference_steps < 1 or self.guidance_scale < 0 or self.image_size < 8:
             raise ValueError("num_inference_steps >= 1, guidance_scale >= 0 and image_size >= 8 are required")
 
@@ -79,6 +92,12 @@ PRESETS: dict[str, Preset] = {
         evaluator="zoo:sticker-tiny/evaluator",
         soft_prompt="zoo:sticker-tiny/soft-prompt",
         history_images="zoo:sticker-tiny/history-images",
+        # chosen on the val users (README, "Choosing with a background"): the preference composed with the
+        # target, d_t to the title, d_p against other users' preferences; the paper's is concat/keywords/0
+        mode="compose",
+        target_text="title",
+        contrast=1.0,
+        preference_background="zoo:sticker-tiny/preference-background.json",
     ),
     "sd15": Preset(
         name="sd15",
@@ -226,6 +245,42 @@ def load_history_encoder(preset: Preset) -> Any:
     if not isinstance(path, Path):
         raise FileNotFoundError(f"history-image encoder not found: {preset.history_images}")
     return HistoryImageEncoder.load(path)
+
+
+MAX_BACKGROUND_TEXTS = 10_000
+MAX_BACKGROUND_BYTES = 4 * 1024 * 1024
+
+
+def load_preference_background(preset: Preset) -> list[str] | None:
+    """The preset's preference background (``{"texts": [str, ...]}``), or ``None`` when it names none.
+
+    The file is checked like any input: at most 4 MiB, a JSON object whose ``texts`` is a non-empty list
+    of at most 10,000 strings of at most ``max_title_chars`` characters each (errors name the file and
+    the entry)."""
+    if not preset.preference_background:
+        return None
+    from pmgen.limits import LIMITS
+
+    path = resolve(preset.preference_background)
+    if not isinstance(path, Path) or not path.is_file():
+        raise FileNotFoundError(f"preference background not found: {preset.preference_background}")
+    if path.stat().st_size > MAX_BACKGROUND_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes; a preference background is at most "
+                         f"{MAX_BACKGROUND_BYTES:,}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    texts = obj.get("texts") if isinstance(obj, dict) else None
+    if not isinstance(texts, list) or not texts:
+        raise ValueError(f"{path}: expected an object {{\"texts\": [...]}} with a non-empty list of texts")
+    if len(texts) > MAX_BACKGROUND_TEXTS:
+        raise ValueError(f"{path}: {len(texts):,} texts; at most {MAX_BACKGROUND_TEXTS:,}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip() or len(t) > LIMITS.max_title_chars:
+            raise ValueError(f"{path}: texts[{i}] must be a non-empty string of at most "
+                             f"{LIMITS.max_title_chars:,} characters")
+    return texts
 
 
 def soft_prompt_ablations(preset: Preset) -> dict[str, Path]:

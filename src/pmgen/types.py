@@ -72,6 +72,14 @@ class Scorer(Named, Protocol):
 
     def image_similarity(self, images: torch.Tensor, others: torch.Tensor) -> torch.Tensor: ...
 
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` unit vectors (the selection's ``contrast`` uses them with a text background)."""
+        ...
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[T, D]`` unit vectors."""
+        ...
+
 
 @runtime_checkable
 class SoftPrompt(Protocol):
@@ -124,6 +132,7 @@ class GenerationRecord:
 
     ``preference`` is the keyword stage's own record (:meth:`pmgen.stages.keywords.Keywords.to_json`);
     ``models`` maps role → ``{"name", "hash"}``; ``warnings`` gathers every truncation and fallback.
+    ``target_text`` / ``contrast`` say how d_t and d_p were measured (:class:`pmgen.pipeline.Settings`).
     ``reason`` says why a result is not personalized (``personalized`` false). ``alpha_source`` says
     where ``alpha`` came from: ``"preset"``, ``"request"``, or the user's feedback (``"learned from …"``).
     """
@@ -157,6 +166,8 @@ class GenerationRecord:
     image: str | None = None
     ground_truth_personalized: str | None = None
     history_image_tokens: str = ""
+    target_text: str = "keywords"
+    contrast: float = 0.0
     schema_version: int = RECORD_SCHEMA_VERSION
 
     @property

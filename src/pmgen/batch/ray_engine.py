@@ -82,16 +82,12 @@ class PresetFactory:
     keyword_cache: str | None = "default"
 
     def __call__(self, roles: frozenset[str]) -> Any:
-        import dataclasses
-
         from pmgen.pipeline import PMG, Settings
         from pmgen.presets import (get_preset, load_generator, load_history_encoder, load_llm, load_scorer,
                                    load_soft_prompt, load_text_encoder)
 
         p = get_preset(self.preset, **dict(self.preset_overrides))
-        settings = dataclasses.replace(Settings(strength=p.strength, num_inference_steps=p.num_inference_steps,
-                                                guidance_scale=p.guidance_scale, use_soft=bool(p.soft_prompt)),
-                                       **self.settings)
+        settings = Settings.for_preset(p, **{"use_soft": bool(p.soft_prompt), **self.settings})
         llm = soft = te = gen = sel = cache = hist = None
         if "keywords" in roles:
             from pmgen.stages.keywords import KeywordCache

@@ -61,12 +61,14 @@ def _names(name: str) -> list[str]:
 
 _OPTION_OF = {"weights": "--weights", "alpha": "--alpha", "mode": "--mode", "seed": "--seed",
               "strength": "--strength", "num_inference_steps": "--steps", "k": "--keywords",
-              "history_weight": "--history-weight", "min_accuracy": "--min-accuracy"}
+              "history_weight": "--history-weight", "min_accuracy": "--min-accuracy",
+              "target_text": "--target-text", "contrast": "--contrast"}
 
 
 def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
                         strength: Optional[float], steps: Optional[int], k: Optional[int],
-                        history_weight: Optional[float], min_accuracy: Optional[float] = None) -> dict:
+                        history_weight: Optional[float], min_accuracy: Optional[float] = None,
+                        target_text: Optional[str] = None, contrast: Optional[float] = None) -> dict:
     """The generation settings given as options, checked before any model loads (exit 2 naming the option)."""
     from pmgen.pipeline import Settings
     from pmgen.stages.select import weight_grid
@@ -79,7 +81,7 @@ def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Op
             _fail(f"--weights: {e}", 2)
     for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
                      ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight),
-                     ("min_accuracy", min_accuracy)):
+                     ("min_accuracy", min_accuracy), ("target_text", target_text), ("contrast", contrast)):
         if val is not None:
             out[key] = val
     for key, val in out.items():
@@ -115,7 +117,13 @@ AlphaOpt = Annotated[Optional[float], typer.Option(
     help="Balance α in z = α·log d_p + (1−α)·log d_t. Default: the user's α learned from feedback "
          "(`pmgen feedback`, the service) when there is some, else the preset's (2/3).")]
 ModeOpt = Annotated[Optional[str], typer.Option(help="Weighting mode: concat (paper), guidance (continuous) or "
-                                                "compose (the preference composed with the target, AND).")]
+                                                "compose (the preference composed with the target, AND; the "
+                                                "sticker-tiny default).")]
+TargetTextOpt = Annotated[Optional[str], typer.Option(help="What d_t compares candidates with: keywords (the target "
+                                                      "keywords, paper) or title (the target's title; sticker-tiny).")]
+ContrastOpt = Annotated[Optional[float], typer.Option(
+    help="c in d_p = s(sim(image, preference) - c·sim(image, other users' preferences)): the user's preference "
+         "against the preset's background (0 = off, the paper; 1 = sticker-tiny's default).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed shared by all candidates (default 0).")]
 StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image strength (default: the preset's).")]
 StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]

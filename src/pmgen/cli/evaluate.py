@@ -70,7 +70,8 @@ def evaluate(
                                     history_weight, min_accuracy)
     pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector))
     ablations = soft_prompt_ablations(pmg.preset)
-    known = default_methods(pmg.soft_prompt is not None, ablations, pmg.history_encoder is not None)
+    known = default_methods(pmg.soft_prompt is not None, ablations, pmg.history_encoder is not None,
+                            bool(pmg.preset.preference_background))
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
     bad = [m for m in names if m not in known]
     if bad:

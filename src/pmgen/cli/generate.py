@@ -11,18 +11,20 @@ from rich.table import Table
 
 from pmgen.cli.app import (
     AlphaOpt,
+    ContrastOpt,
     DataDirOpt,
     GeneratorOpt,
-    SelectorOpt,
     HistOpt,
     KOpt,
     MinAccOpt,
     ModeOpt,
     PresetOpt,
     SeedOpt,
+    SelectorOpt,
     SoftOpt,
     StepsOpt,
     StrengthOpt,
+    TargetTextOpt,
     WeightsOpt,
     _fail,
     _learned_alpha,
@@ -56,7 +58,7 @@ def generate(
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
-    min_accuracy: MinAccOpt = None,
+    min_accuracy: MinAccOpt = None, target_text: TargetTextOpt = None, contrast: ContrastOpt = None,
     soft_prompt: SoftOpt = None, generator: GeneratorOpt = None, selector: SelectorOpt = None,
     history_images: Annotated[Optional[bool], typer.Option(
         "--history-images/--no-history-images",
@@ -80,7 +82,8 @@ def generate(
     from pmgen.data import requests as rq
     from pmgen.paths import UnsafePathError, check_result_dir
 
-    overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy)
+    overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy,
+                                    target_text, contrast)
     if history_images is not None:
         overrides["use_history_images"] = history_images
     if batch is not None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pmgen.cli.app import train_app
+from pmgen.cli.app import DataDirOpt, train_app
 
 # light imports: the trainers' settings classes and the service's commands load torch / FastAPI only when run
 from pmgen.config import config_options
@@ -59,3 +59,35 @@ def train_history_images(given: dict, resume: ResumeOpt = False,
     from pmgen.train.history_images.main import main as history_main
 
     raise typer.Exit(history_main(given, resume=resume, preset=preset))
+
+
+@train_app.command("background")
+def train_background(
+        out: Annotated[str, typer.Option(help="JSON file to write (a new file, or a pmgen background to replace).")]
+        = "src/pmgen/zoo/sticker-tiny/preference-background.json",
+        n_users: Annotated[int, typer.Option(help="Training users whose preference keywords make the background.")]
+        = 240,
+        seed: Annotated[int, typer.Option(help="Seed of the users' random choice.")] = 0,
+        preset: Annotated[str, typer.Option(help="Preset whose LLM extracts the keywords.")] = "sticker-tiny",
+        data_dir_: DataDirOpt = None) -> None:
+    """The preference background of the selection's contrast: the preference keywords of sticker-users'
+    training users (never val/test), extracted by the preset's LLM."""
+    import time
+
+    from pmgen.cli.app import _fail, _load_pmg, console, progress_bar
+    from pmgen.data import datasets
+    from pmgen.train.background import preference_texts, write_background
+
+    if not 1 <= n_users <= 10_000:
+        _fail(f"--n-users must be in [1, 10000], got {n_users}", 2)
+    t = time.time()
+    pmg = _load_pmg(preset, {})
+    ds = datasets.load("sticker-users", data_dir_)
+    with progress_bar("preference keywords of training users", n_users) as step:
+        texts = preference_texts(pmg, ds, "train", n_users, seed, progress=step)
+    try:
+        path = write_background(out, texts, {"dataset": "sticker-users", "split": "train", "n_users": n_users,
+                                             "seed": seed, "llm": str(pmg.llm.name), "k": pmg.settings.k})
+    except FileExistsError as e:
+        _fail(str(e), 2)
+    console.print(f"✓ {path}: {len(texts)} preference texts ({time.time() - t:.0f} s)")

@@ -43,36 +43,54 @@ class Method:
     description: str = ""
 
 
+PAPER_SELECTION = {"target_text": "keywords", "contrast": 0.0}
+"""d_t to the target keywords, d_p to the preference keywords alone (the paper's selection)."""
+CONTRAST_SELECTION = {"target_text": "title", "contrast": 1.0}
+"""d_t to the target's title, d_p measured against the preset's preference background."""
+
+
 def default_methods(soft_available: bool, ablations: dict[str, Path] | None = None,
-                    history_available: bool = False) -> dict[str, Method]:
-    """The methods ``pmgen evaluate`` knows; soft-embedding and history-image methods only when their
-    trained weights exist."""
+                    history_available: bool = False, background_available: bool = False) -> dict[str, Method]:
+    """The methods ``pmgen evaluate`` knows; soft-embedding, history-image and background methods only
+    when their trained weights / file exist. Each pins its weighting and selection, so a method means
+    the same whatever the preset's defaults are."""
     out = {
         "none": Method("none", {"weights": (0.0,)}, description="no personalization (the w = 0 baseline)"),
-        "keywords": Method("keywords", {"use_soft": False, "mode": "concat"},
+        "keywords": Method("keywords", {"use_soft": False, "mode": "concat", **PAPER_SELECTION},
                            description="preference keywords only, paper weighting (repetition)"),
-        "keywords-guidance": Method("keywords-guidance", {"use_soft": False, "mode": "guidance"},
+        "keywords-guidance": Method("keywords-guidance", {"use_soft": False, "mode": "guidance", **PAPER_SELECTION},
                                     description="preference keywords only, composed-guidance weighting"),
     }
     if soft_available:
-        out["soft"] = Method("soft", {"use_soft": True, "use_keywords": False, "history_weight": 1.0},
+        out["soft"] = Method("soft", {"use_soft": True, "use_keywords": False, "history_weight": 1.0,
+                                      **PAPER_SELECTION},
                              description="soft embeddings only (d_p from history images)")
-        out["pmg"] = Method("pmg", {"use_soft": True, "mode": "concat"},
-                            description="keywords + soft embeddings (the preset's default)")
-        out["pmg-compose"] = Method("pmg-compose", {"use_soft": True, "mode": "compose"},
+        out["pmg"] = Method("pmg", {"use_soft": True, "mode": "concat", **PAPER_SELECTION},
+                            description="keywords + soft embeddings, the paper's weighting and selection")
+        out["pmg-compose"] = Method("pmg-compose", {"use_soft": True, "mode": "compose", **PAPER_SELECTION},
                                     description="keywords + soft embeddings composed with the target (AND guidance)")
+    if soft_available and background_available:
+        out["pmg-contrast"] = Method("pmg-contrast", {"use_soft": True, "mode": "concat", **CONTRAST_SELECTION},
+                                     description="pmg, chosen by d_t to the title and d_p against other users' "
+                                                 "preferences (contrast)")
+        out["pmg-compose-contrast"] = Method("pmg-compose-contrast",
+                                             {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION},
+                                             description="pmg-compose chosen with contrast (the sticker-tiny default)")
     if history_available:
-        out["keywords+images"] = Method("keywords+images", {"use_soft": False, "use_history_images": True},
+        out["keywords+images"] = Method("keywords+images", {"use_soft": False, "use_history_images": True,
+                                                            **PAPER_SELECTION},
                                         description="keywords + history-image tokens")
     if history_available and soft_available:
-        out["pmg+images"] = Method("pmg+images", {"use_soft": True, "use_history_images": True},
+        out["pmg+images"] = Method("pmg+images", {"use_soft": True, "use_history_images": True, "mode": "concat",
+                                                  **PAPER_SELECTION},
                                    description="keywords + soft embeddings + history-image tokens (four groups)")
         out["pmg+images-compose"] = Method("pmg+images-compose",
-                                           {"use_soft": True, "use_history_images": True, "mode": "compose"},
+                                           {"use_soft": True, "use_history_images": True, "mode": "compose",
+                                            **PAPER_SELECTION},
                                            description="the four groups, the preference composed with the target "
                                                        "(AND guidance)")
     for name, folder in (ablations or {}).items():
-        out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0},
+        out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0, **PAPER_SELECTION},
                            soft_prompt=str(folder), description=f"soft embeddings only, {name} weights")
     return out
 

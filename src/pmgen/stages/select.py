@@ -1,6 +1,6 @@
 """Selection: score candidates for accuracy to the target (d_t) and fit to the user (d_p), keep argmax z.
 
-    d_t = s(sim(image, target text))            d_p = s(sim(image, preference text))
+    d_t = s(sim(image, target text))            d_p = s(sim(image, preference text) − c·(image · b))
     z   = α·log d_p + (1 − α)·log d_t            chosen = argmax z   (ties → the smaller weight)
     over the candidates that keep the target:  d_t ≥ min_accuracy · d_t(w = 0)   (0 = all)
 
@@ -8,6 +8,13 @@
 (0, 1] so the logarithm is defined (clamped at 1e-6). With ``history_weight = β > 0`` the user
 side also counts the image's mean similarity to the user's history images:
 ``d_p = (1 − β)·s(sim_text) + β·s(mean sim_history)``. Every score is kept in the result.
+
+With ``contrast = c > 0`` the user's text side is measured **against a background** of other users'
+preference texts (their mean selector embedding ``b``, :func:`background_embedding`):
+``sim_text = sim(image, preference text) − c·(image · b)``. What every user's keywords share (a
+sticker in general, a face, "smileys, emotion") then no longer counts as fitting this user; only what
+sets this user's preference apart does. Measured on held-out users (README, "Choosing with a
+background"): at the same accuracy it finds about twice the taste of the plain ``d_p``.
 """
 
 from __future__ import annotations
@@ -69,23 +76,43 @@ class Selection:
     eligible: list[bool] | None = None
 
 
+def background_embedding(selector: Any, texts: Sequence[str]) -> torch.Tensor:
+    """``[D]``: the mean of the selector's unit text embeddings of ``texts`` (other users' preference
+    texts), the background ``b`` of ``contrast``. Not renormalized: ``image · b`` is the image's mean
+    cosine similarity to those texts."""
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("a preference background needs at least one non-empty text")
+    return selector.text_embeddings(texts).mean(dim=0)
+
+
 def select(images: torch.Tensor, selector: Any, target_text: str, preference_text: str,
            alpha: float = DEFAULT_ALPHA, history_images: torch.Tensor | None = None,
-           history_weight: float = 0.0, min_accuracy: float = 0.0) -> Selection:
+           history_weight: float = 0.0, min_accuracy: float = 0.0,
+           background: torch.Tensor | None = None, contrast: float = 0.0) -> Selection:
     """Score candidate ``images`` ``[N, 3, H, W]`` in [0, 1] with ``selector`` and choose one.
 
     ``images[0]`` is the ``w = 0`` baseline. Candidates whose ``d_t`` falls below ``min_accuracy``
     times the baseline's are not chosen (:func:`keeps_target`). An empty ``preference_text`` (no
     preference known) makes ``d_p`` neutral (1.0) so the choice falls to accuracy alone.
+    ``contrast > 0`` needs ``background`` (:func:`background_embedding`).
     """
     if images.shape[0] == 0:
         raise ValueError("no candidates to select from")
     if not 0.0 <= history_weight <= 1.0:
         raise ValueError(f"history_weight must be in [0, 1], got {history_weight}")
+    if not 0.0 <= contrast <= 1.0:
+        raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+    if contrast > 0 and background is None:
+        raise ValueError("contrast > 0 needs a preference background (other users' preference texts)")
     texts = [target_text] + ([preference_text] if preference_text else [])
     sims = selector.text_similarity(images, texts)
     d_t = to_unit(sims[:, 0])
-    d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
+    if preference_text and contrast > 0:
+        emb = selector.image_embeddings(images)
+        d_p = to_unit(sims[:, 1] - contrast * (emb @ background.to(emb.device, emb.dtype)))
+    else:
+        d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
     d_h = None
     if history_images is not None and history_images.shape[0] > 0 and history_weight > 0:
         d_h = to_unit(selector.image_similarity(images, history_images).mean(dim=1))
