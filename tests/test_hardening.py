@@ -280,6 +280,17 @@ def test_bad_options_fail_before_models_load(opts, expect, no_model_load):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("opts, expect", [
+    (["--contrast", "-1"], "--contrast: contrast must be in [0, 1]"),
+    (["--target-text", "name; rm -rf /"], "--target-text: target_text must be one of"),
+])
+def test_demo_bad_selection_options_fail_before_models_load(opts, expect, no_model_load, tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")] + opts)
+    assert r.exit_code == 2, r.output
+    assert expect in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "demo").exists()
+
+
 def test_behaviors_file_errors_name_the_file(tmp_path, no_model_load):
     items = write_items(tmp_path / "d")
     cases = {

@@ -193,14 +193,16 @@ def demo(
                                                       "'auto': the one with the most personalized ground truths.")] = "love",
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
+    target_text: TargetTextOpt = None, contrast: ContrastOpt = None,
     soft_prompt: SoftOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
-    """The main job (what `make demo` runs): different users, same target, one side-by-side picture."""
+    """The main job (what `make demo` runs): different users, same target, one side-by-side picture.
+    The paper's selection for comparison: `--mode concat --target-text keywords --contrast 0`."""
     from pmgen.demo import run_demo
     from pmgen.paths import UnsafePathError, check_batch_root
 
-    overrides = _settings_overrides(weights, alpha, mode, seed, None, None, None, None)
+    overrides = _settings_overrides(weights, alpha, mode, seed, None, None, None, None, None, target_text, contrast)
     try:
         check_batch_root(out)
     except UnsafePathError as e:
