@@ -321,3 +321,5 @@ def test_evaluate_methods_pin_their_selection_whatever_the_preset_default():
     assert known["pmg"].overrides["contrast"] == 0 and known["pmg"].overrides["mode"] == "concat"
     assert known["pmg-compose-contrast"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title",
                                                        "contrast": 1.0}
+    assert known["pmg-guidance-contrast"].overrides["mode"] == "guidance"
+    assert "pmg-guidance-contrast" not in without

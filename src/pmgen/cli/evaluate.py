@@ -42,9 +42,9 @@ def evaluate(
     quick: Annotated[bool, typer.Option(help="A small subset (8 samples, weights 0,1,2) for CI-sized checks.")] = False,
     methods: Annotated[Optional[str], typer.Option(
         help="Comma-separated methods (default: every one whose models exist): none, keywords, keywords-guidance, "
-             "soft, pmg, pmg-compose, keywords+images, pmg+images, pmg+images-compose (with a history-image "
-             "encoder) and the soft-prompt ablations "
-             "found in the zoo.")] = None,
+             "soft, pmg, pmg-compose, pmg-contrast, pmg-compose-contrast, pmg-guidance-contrast (with a "
+             "preference background), keywords+images, pmg+images, pmg+images-compose (with a history-image "
+             "encoder) and the soft-prompt ablations found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
     split: Annotated[str, typer.Option(help="Users to evaluate on: test (report numbers) or val (choose settings "

@@ -76,6 +76,11 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
         out["pmg-compose-contrast"] = Method("pmg-compose-contrast",
                                              {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION},
                                              description="pmg-compose chosen with contrast (the sticker-tiny default)")
+        out["pmg-guidance-contrast"] = Method("pmg-guidance-contrast",
+                                              {"use_soft": True, "mode": "guidance", **CONTRAST_SELECTION},
+                                              description="keywords + soft embeddings, guidance weighting (the "
+                                                          "direction from the target to target + preference), "
+                                                          "chosen with contrast")
     if history_available:
         out["keywords+images"] = Method("keywords+images", {"use_soft": False, "use_history_images": True,
                                                             **PAPER_SELECTION},
