@@ -184,18 +184,24 @@ def test_min_accuracy_guard_refuses_candidates_that_lose_the_target():
         keeps_target(d_t, 1.5)
 
 
-class EmbeddingSelector(FakeSelector):
-    """FakeSelector plus unit image embeddings (the contrast's ``image · background``)."""
+class EmbeddingSelector:
+    """A selector that, like the real scorers, scores by unit embeddings: text ``"t"`` is axis 0,
+    ``"p"`` axis 1, every other text (other users' preferences) axis 2."""
 
-    def __init__(self, sims, emb):
-        super().__init__(sims)
+    def __init__(self, emb):
         self.emb = torch.tensor(emb)
+        self.image_passes = 0
 
     def image_embeddings(self, images):
+        self.image_passes += 1
         return self.emb
 
     def text_embeddings(self, texts):
-        return torch.tensor([[1.0, 0.0] if "face" in t else [0.0, 1.0] for t in texts])
+        axis = {"t": 0, "p": 1}
+        return torch.stack([torch.eye(3)[axis.get(t, 2)] for t in texts])
+
+    def text_similarity(self, images, texts):
+        return self.image_embeddings(images) @ self.text_embeddings(texts).T
 
 
 def test_contrast_measures_the_preference_against_the_background():
@@ -203,13 +209,14 @@ def test_contrast_measures_the_preference_against_the_background():
 
     imgs = torch.zeros(3, 3, 8, 8)
     # candidate 2 is closest to the preference text but only because it is close to *every* user's text
-    sims = [[0.8, 0.30], [0.8, 0.40], [0.8, 0.45]]
-    emb = [[0.0, 0.0], [0.0, 0.05], [0.0, 0.4]]
-    sel = EmbeddingSelector(sims, emb)
+    # columns: similarity to the target text, to the preference text, to the other users' texts
+    sel = EmbeddingSelector([[0.8, 0.30, 0.0], [0.8, 0.40, 0.05], [0.8, 0.45, 0.4]])
     bg = background_embedding(sel, ["cats, kitten", "space, rocket", ""])  # empty texts are skipped
-    assert bg.tolist() == pytest.approx([0.0, 1.0])
+    assert bg.tolist() == pytest.approx([0.0, 0.0, 1.0])
     plain = select(imgs, sel, "t", "p", alpha=2 / 3)
+    sel.image_passes = 0
     contrasted = select(imgs, sel, "t", "p", alpha=2 / 3, background=bg, contrast=1.0)
+    assert sel.image_passes == 1  # the candidates go through the image tower once
     assert plain.chosen == 2 and contrasted.chosen == 1
     assert contrasted.d_p == pytest.approx([(1 + 0.30) / 2, (1 + 0.35) / 2, (1 + 0.05) / 2])
     assert contrasted.d_t == plain.d_t  # accuracy is untouched

@@ -106,10 +106,13 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
     if contrast > 0 and background is None:
         raise ValueError("contrast > 0 needs a preference background (other users' preference texts)")
     texts = [target_text] + ([preference_text] if preference_text else [])
-    sims = selector.text_similarity(images, texts)
+    if preference_text and contrast > 0:  # one pass of the image tower serves both the texts and the background
+        emb = selector.image_embeddings(images)
+        sims = emb @ selector.text_embeddings(texts).to(emb.device, emb.dtype).T
+    else:
+        sims = selector.text_similarity(images, texts)
     d_t = to_unit(sims[:, 0])
     if preference_text and contrast > 0:
-        emb = selector.image_embeddings(images)
         d_p = to_unit(sims[:, 1] - contrast * (emb @ background.to(emb.device, emb.dtype)))
     else:
         d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
