@@ -291,6 +291,13 @@ def test_demo_bad_selection_options_fail_before_models_load(opts, expect, no_mod
     assert not (tmp_path / "demo").exists()
 
 
+def test_bench_bad_mode_fails_before_models_load(no_model_load):
+    r = runner.invoke(app, ["bench", "--mode", "magic"])
+    assert r.exit_code == 2 and "--mode: mode must be one of" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["bench", "--mode", "concat", "--batch", "2"])
+    assert r.exit_code == 2 and "leave --mode out with --batch" in " ".join(r.output.split()), r.output
+
+
 def test_behaviors_file_errors_name_the_file(tmp_path, no_model_load):
     items = write_items(tmp_path / "d")
     cases = {

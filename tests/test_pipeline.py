@@ -88,6 +88,20 @@ def test_w0_identity_in_other_weighting_modes(tiny_pmg, toy_data, mode):
     assert not torch.equal(a.images[2], a.images[0]) and not torch.equal(a.images[2], c.images[2])
 
 
+@pytest.mark.parametrize("mode", ["concat", "compose"])
+def test_render_one_is_the_candidate_generate_draws(tiny_pmg, toy_data, mode):
+    """`pmgen bench` times render_one: it must be the pipeline's candidate, extra guidance call included."""
+    import dataclasses
+
+    root, items, user = toy_data
+    plan = tiny_pmg.plan(user, items["a"], items, target_image=root / "img" / "a.png", mode=mode)
+    res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png", mode=mode)
+    assert torch.equal(tiny_pmg.render_one(plan.conditions[1], plan.settings, plan.init), res.images[1:2])
+    assert (plan.conditions[1].extra_prompt_embeds is not None) == (mode == "compose")
+    noise = tiny_pmg.render_one(plan.conditions[1], dataclasses.replace(plan.settings, seed=1), None)
+    assert noise.shape == res.images[1:2].shape and not torch.equal(noise, res.images[1:2])
+
+
 def test_save_writes_everything_atomically(tiny_pmg, toy_data, tmp_path):
     root, items, user = toy_data
     res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png",

@@ -427,20 +427,19 @@ class PMG:
 
     def render(self, plan: "Plan") -> torch.Tensor:
         """The plan's candidates ``[N, 3, H, W]``, one generator call per condition (same seed each)."""
-        s = plan.settings
-        images = []
-        for c in plan.conditions:
-            kwargs = dict(seed=s.seed, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
-            if c.extra_prompt_embeds is not None:
-                kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale,
-                              extra_base=c.extra_base)
-            if plan.init is not None:
-                img = self.generator.image_to_image(plan.init, c.prompt_embeds, c.negative_prompt_embeds,
-                                                    strength=s.strength, **kwargs)
-            else:
-                img = self.generator.text_to_image(c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
-            images.append(img)
-        return torch.cat(images)
+        return torch.cat([self.render_one(c, plan.settings, plan.init) for c in plan.conditions])
+
+    def render_one(self, c: Any, s: Settings, init: torch.Tensor | None) -> torch.Tensor:
+        """One candidate ``[1, 3, H, W]`` for condition ``c`` (with its extra guidance direction in the
+        ``guidance`` and ``compose`` modes): image-to-image from ``init``, or from noise when it is ``None``."""
+        kwargs = dict(seed=s.seed, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
+        if c.extra_prompt_embeds is not None:
+            kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale,
+                          extra_base=c.extra_base)
+        if init is not None:
+            return self.generator.image_to_image(init, c.prompt_embeds, c.negative_prompt_embeds,
+                                                 strength=s.strength, **kwargs)
+        return self.generator.text_to_image(c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
 
     def finish(self, plan: "Plan", images: torch.Tensor) -> GenerationResult:
         """Score the candidates, choose one and write the record (``plan.timings["generate"]`` is the

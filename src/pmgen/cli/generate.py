@@ -234,18 +234,22 @@ def bench(
     actors: Annotated[Optional[int], typer.Option(help="--batch: Ray generator actors (default: CPUs − 1).")] = None,
     keyword_cache: Annotated[str, typer.Option(help="--batch: cold (every engine starts with an empty keyword "
                                                "cache) or warm (a filled copy each).")] = "cold",
+    mode: ModeOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Per-stage latency (medians), warm/cold generate, throughput and peak memory vs. the CPU budgets;
     with --batch N, the batch engines side by side (stickers/s, p50 latency, peak memory, same images)."""
     from pmgen.eval.bench import run_bench
 
+    mode = _settings_overrides(None, None, mode, None, None, None, None, None).get("mode")
+    if mode is not None and batch is not None:
+        _fail("--mode: the batch engines are timed with the preset's weighting mode (leave --mode out with --batch)", 2)
     data_build("sticker-users", data_dir_)
     if batch is not None:
         _bench_batch(batch, tuple(e.strip() for e in engine.split(",") if e.strip()), preset, group_size, actors,
                      keyword_cache, json_out, data_dir_)
         return
-    res = run_bench(preset, n, data_dir_, cold, log=lambda m: console.print(m, highlight=False))
+    res = run_bench(preset, n, data_dir_, cold, log=lambda m: console.print(m, highlight=False), mode=mode)
     t = Table("stage", "median", "budget", "ok")
     for name, st in res["stages"].items():
         if "median_s" in st:

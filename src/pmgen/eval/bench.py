@@ -7,6 +7,7 @@ a cold generate ≤ 30 s, peak memory ≤ 3 GB.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -53,8 +54,9 @@ def peak_rss_gb() -> float:
 
 
 def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None = None, cold: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every stage; returns the results dict (also what ``--json-out`` writes)."""
+              log: Callable[[str], None] = print, mode: str | None = None) -> dict[str, Any]:
+    """Measure every stage; returns the results dict (also what ``--json-out`` writes). ``mode``: the
+    weighting mode instead of the preset's (``compose`` and ``guidance`` add a UNet call per step)."""
     from pmgen.data import datasets
     from pmgen.data.requests import from_dataset
     from pmgen.pipeline import PMG
@@ -63,11 +65,13 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
     ds = datasets.load("sticker-users", data_root)
     test = ds.split("test")
     results: dict[str, Any] = {"preset": preset, "n": n, "machine": machine_info(), "stages": {}}
+    overrides = {"mode": mode} if mode else {}
     stages = results["stages"]
 
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        pmg = PMG.from_preset(preset, keyword_cache=KeywordCache(Path(tmp) / "kw.sqlite"))
+        pmg = PMG.from_preset(preset, keyword_cache=KeywordCache(Path(tmp) / "kw.sqlite"), **overrides)
+        results["mode"] = pmg.settings.mode
         stages["load_models"] = {"median_s": time.perf_counter() - t, "runs": 1}
         log(f"models loaded in {stages['load_models']['median_s']:.1f} s")
         one_per_user = list({s.user_id: s for s in reversed(test)}.values())[::-1]  # distinct users: cold = cold
@@ -98,17 +102,15 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
         from pmgen.data.images import load_image
 
         init = load_image(r0.target_image, int(pmg.generator.image_size))
-        s = pmg.settings
-        med, _ = _median_time(lambda: pmg.generator.image_to_image(
-            init, cond.prompt_embeds, cond.negative_prompt_embeds, strength=s.strength, seed=0,
-            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale), n)
+        s = dataclasses.replace(pmg.settings, seed=0)
+        # a w = 1 candidate of the preset's weighting mode (compose and guidance add a UNet call per step)
+        med, _ = _median_time(lambda: pmg.render_one(cond, s, init), n)
         stages["candidate_img2img"] = {"median_s": med, "runs": n, "strength": s.strength,
-                                       "steps": s.num_inference_steps}
-        med, _ = _median_time(lambda: pmg.generator.text_to_image(
-            cond.prompt_embeds, cond.negative_prompt_embeds, seed=0, num_inference_steps=s.num_inference_steps,
-            guidance_scale=s.guidance_scale), n)
-        stages["candidate_text_to_image"] = {"median_s": med, "runs": n, "steps": s.num_inference_steps}
-        log(f"one candidate: img2img {stages['candidate_img2img']['median_s']:.2f} s, "
+                                       "steps": s.num_inference_steps, "mode": s.mode}
+        med, _ = _median_time(lambda: pmg.render_one(cond, s, None), n)
+        stages["candidate_text_to_image"] = {"median_s": med, "runs": n, "steps": s.num_inference_steps,
+                                             "mode": s.mode}
+        log(f"one w = 1 candidate ({s.mode}): img2img {stages['candidate_img2img']['median_s']:.2f} s, "
             f"text-to-image {stages['candidate_text_to_image']['median_s']:.2f} s")
 
         for r in reqs[:n]:  # warm the keyword cache for these users
@@ -133,6 +135,8 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
             sample = test[0].sample_id
             cmd = [sys.executable, "-m", "pmgen", "generate", "--dataset", "sticker-users", "--sample", sample,
                    "--weights", "0,1,2", "--out", str(Path(tmp) / "out"), "--preset", preset]
+            if mode:
+                cmd += ["--mode", mode]
             if data_root is not None:
                 cmd += ["--data-dir", str(data_root)]
             env = {**os.environ, "PMGEN_CACHE_DIR": str(Path(tmp) / "cache")}  # cold: no keyword cache
