@@ -202,7 +202,8 @@ def demo(
     from pmgen.demo import run_demo
     from pmgen.paths import UnsafePathError, check_batch_root
 
-    overrides = _settings_overrides(weights, alpha, mode, seed, None, None, None, None, None, target_text, contrast)
+    overrides = _settings_overrides(weights, alpha, mode, seed, None, None, None, None,
+                                    target_text=target_text, contrast=contrast)
     try:
         check_batch_root(out)
     except UnsafePathError as e:
@@ -241,7 +242,7 @@ def bench(
     with --batch N, the batch engines side by side (stickers/s, p50 latency, peak memory, same images)."""
     from pmgen.eval.bench import run_bench
 
-    mode = _settings_overrides(None, None, mode, None, None, None, None, None).get("mode")
+    mode = _settings_overrides(None, None, mode, None, None, None, None, None).get("mode")  # exit 2 if bad
     if mode is not None and batch is not None:
         _fail("--mode: the batch engines are timed with the preset's weighting mode (leave --mode out with --batch)", 2)
     data_build("sticker-users", data_dir_)

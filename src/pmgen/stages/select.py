@@ -109,13 +109,11 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
     if preference_text and contrast > 0:  # one pass of the image tower serves both the texts and the background
         emb = selector.image_embeddings(images)
         sims = emb @ selector.text_embeddings(texts).to(emb.device, emb.dtype).T
+        sims[:, 1] -= contrast * (emb @ background.to(emb.device, emb.dtype))
     else:
         sims = selector.text_similarity(images, texts)
     d_t = to_unit(sims[:, 0])
-    if preference_text and contrast > 0:
-        d_p = to_unit(sims[:, 1] - contrast * (emb @ background.to(emb.device, emb.dtype)))
-    else:
-        d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
+    d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
     d_h = None
     if history_images is not None and history_images.shape[0] > 0 and history_weight > 0:
         d_h = to_unit(selector.image_similarity(images, history_images).mean(dim=1))
