@@ -475,3 +475,22 @@ def test_write_background_never_replaces_a_foreign_file(tmp_path):
     again = write_background(ours, ["space"], {"n_users": 1})  # a pmgen background is replaced
     assert json.loads(again.read_text()) == {"format": FORMAT, "n_users": 1, "texts": ["space"]}
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["bg.json"]  # no temporary file left
+
+
+def test_atomic_file_write_leaves_the_old_file_on_a_failed_write(tmp_path):
+    """pmgen's one atomic file writer (weights, configs, JSONL, checkpoints): a write that fails half-way leaves
+    the previous file as it was and no temporary file behind; a good write replaces it whole."""
+    from pmgen.paths import write_file_atomically, write_text_atomically
+
+    path = tmp_path / "sub" / "config.json"
+    write_text_atomically(path, "old\n")
+
+    def half(tmp):
+        tmp.write_text("half of a new fi")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomically(path, half)
+    assert path.read_text() == "old\n" and sorted(p.name for p in path.parent.iterdir()) == ["config.json"]
+    write_file_atomically(path, lambda tmp: tmp.write_bytes(b"new\n"))
+    assert path.read_text() == "new\n" and sorted(p.name for p in path.parent.iterdir()) == ["config.json"]

@@ -337,3 +337,30 @@ def test_evaluate_methods_pin_their_selection_whatever_the_preset_default():
                                                        "contrast": 1.0}
     assert known["pmg-guidance-contrast"].overrides["mode"] == "guidance"
     assert "pmg-guidance-contrast" not in without
+
+
+def test_soft_prompt_trained_in_the_preference_branch_is_evaluated_in_compose_mode(tmp_path):
+    """An ablation folder whose weights were trained in compose's preference branch becomes a compose method
+    (keywords + those soft embeddings); target-branch ablations stay soft-only; unreadable configs count as
+    target-branch."""
+    import json
+
+    from pmgen.eval.evaluate import default_methods
+    from pmgen.presets import soft_prompt_branch
+
+    folders = {}
+    for name, branch in (("pref", "preference"), ("old", None), ("bad", "sideways")):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"info": {"config": {} if branch is None else {"branch": branch}}}
+        (d / "config.json").write_text(json.dumps(cfg))
+        folders[f"soft-{name}"] = d
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    folders["soft-broken"] = tmp_path / "broken"
+    assert [soft_prompt_branch(f) for f in folders.values()] == ["preference", "target", "target", "target"]
+    known = default_methods(True, folders, background_available=True)
+    assert known["soft-pref"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title", "contrast": 1.0}
+    assert known["soft-pref"].soft_prompt == str(folders["soft-pref"])
+    assert known["soft-old"].overrides["use_keywords"] is False and "mode" not in known["soft-old"].overrides
+    assert default_methods(True, folders)["soft-pref"].overrides["contrast"] == 0.0

@@ -36,15 +36,15 @@ def examples(n: int = 3):
                         tastes=[["cats", "food"][i % 2] for i in range(n)])
 
 
-def make(tiny, tmp: Path, **overrides):
+def make(tiny, tmp: Path, train_ex=None, val_ex=None, **overrides):
     from pmgen.train.soft_prompt import SoftPromptTrainConfig, SoftPromptTrainer
 
     llm, te, gen, latents = tiny
     values = {"out": str(tmp / "out"), "train_dir": str(tmp / "train"), "batch_size": 2, "max_steps": 2,
               "val_users": 2, "val_every": 100, "prefix_length": 2, "n_img": 2, "lr": 1e-2}
     cfg = SoftPromptTrainConfig(**{**values, **overrides})
-    return SoftPromptTrainer(cfg, llm, te, gen, latents, examples(3), examples(2), text_max_length=L,
-                             log=lambda m: None, llm_name="tiny-llama")
+    return SoftPromptTrainer(cfg, llm, te, gen, latents, train_ex or examples(3), val_ex or examples(2),
+                             text_max_length=L, log=lambda m: None, llm_name="tiny-llama")
 
 
 def test_only_the_soft_prompt_trains(tiny, tmp_path) -> None:
@@ -198,8 +198,23 @@ def test_examples_from_sticker_users(data_root) -> None:
     gt = with_positives(ex, "ground-truth")
     assert 0 < len(gt) < len(ex) and set(gt.positive_kind) == {"ground truth"}
     assert with_positives(ex, "all") is ex
+    assert len(with_positives(ex, "taste")) == len(ex) - len(gt)
+    with pytest.raises(ValueError, match="'taste'"):
+        with_positives(ex, "best")
+    # taste positives: a held-out taste sticker for every example, even where a ground truth is recorded
+    taste = build_examples(ds, "val", lambda t: len(t.split()), 96, 0, rows, taste_positives=True)
+    assert set(taste.positive_kind) == {"held-out taste item"} and len(taste) >= len(ex) - 5
+    for i in range(len(taste)):
+        pos = ds.items[ids[taste.positives[i]]]
+        user = ds.users[taste.user_ids[i]]
+        shown = taste.history_texts[i].replace(f'for "{pos.title}"', "")  # a search may name it
+        assert taste_by_name(user.attributes["taste"]).matches(pos) and f'"{pos.title}"' not in shown
     val = one_per_user(ex, 10, 0)
     assert len(val) == 10 and len(set(val.user_ids)) == 10
+    from pmgen.train.soft_prompt import with_preference_texts
+
+    named = with_preference_texts(val, {u: ("" if k == 0 else f"kw {u}") for k, u in enumerate(val.user_ids)})
+    assert len(named) == 9 and named.preference_texts == [f"kw {u}" for u in named.user_ids]
 
 
 def test_ablation_weights_are_found_beside_the_presets_soft_prompt(tmp_path) -> None:
@@ -252,3 +267,31 @@ def test_cli_resume_keeps_the_runs_settings_and_refuses_changes(tiny, tmp_path, 
     assert json.loads((tmp_path / "out" / "config.json").read_text())["info"]["steps"] == 2
     changed = runner.invoke(app, [*common, "--resume", "--n-img", "3", "--max-steps", "3"])
     assert changed.exit_code == 2 and "n_img" in changed.output
+
+
+def test_branch_and_taste_positives_are_validated() -> None:
+    from pmgen.train.history_images.config import HistoryImageTrainConfig
+    from pmgen.train.soft_prompt import SoftPromptTrainConfig
+
+    assert SoftPromptTrainConfig(out="x", branch="preference", positives="taste").branch == "preference"
+    with pytest.raises(ValueError, match="branch='sideways'"):
+        SoftPromptTrainConfig(out="x", branch="sideways")
+    with pytest.raises(ValueError, match="positives='best'"):
+        SoftPromptTrainConfig(out="x", positives="best")
+    with pytest.raises(ValueError, match="history-image tokens are trained in"):
+        HistoryImageTrainConfig(out="x", branch="preference")
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny, tmp_path) -> None:
+    """A checkpoint whose config lacks a setting added later (``branch``) was written by a run that behaved as
+    its default: it resumes; one that records another value is refused."""
+    make(tiny, tmp_path, max_steps=1).run()
+    path = tmp_path / "train" / "last.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["branch"]
+    torch.save(state, path)
+    assert make(tiny, tmp_path, max_steps=1).load_checkpoint()
+    state["config"]["branch"] = "preference"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="branch"):
+        make(tiny, tmp_path, max_steps=1).load_checkpoint()

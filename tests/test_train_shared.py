@@ -93,22 +93,55 @@ def tiny(tmp_path_factory):
 def test_soft_prompt_trainer_conditions_are_the_inference_conditions(tiny, tmp_path) -> None:
     """The trainer's ``[T ; S]`` is what PMG builds at w = 1 (``ConditionBuilder.build(tkw, pref_kw, w, soft)``
     with no preference keywords), and what the trainer used to build by hand."""
-    from test_soft_prompt import make
+    from test_soft_prompt import examples, make
 
-    from pmgen.stages.condition import ConditionBuilder, keywords_text
+    from pmgen.stages.condition import ConditionBuilder
 
     trainer = make(tiny, tmp_path)
     _, te, _, _ = tiny
+    ex = examples(2)
+    ex.target_texts = ["grinning face, happy", "cat"]
     keywords = [["grinning face", "happy"], ["cat"]]
     soft = torch.randn(2, 2, 32)
-    cond = trainer.conditions([keywords_text(k) for k in keywords], soft)
+    cond = trainer.conditions(ex, [0, 1], soft)
     inference = ConditionBuilder(te, 8, "concat")
     expected = torch.cat([inference.build(k, [], 1.0, s).prompt_embeds for k, s in zip(keywords, soft)])
     assert torch.equal(cond, expected)
-    by_hand = torch.cat([torch.stack([trainer.builder.encode(keywords_text(k))[0] for k in keywords]), soft], dim=1)
+    by_hand = torch.cat([torch.stack([trainer.builder.encode(t)[0] for t in ex.target_texts]), soft], dim=1)
     assert torch.equal(cond, by_hand)
-    target_only = trainer.conditions([keywords_text(k) for k in keywords], None)
+    target_only = trainer.conditions(ex, [0, 1], None)
     assert torch.equal(target_only, torch.cat([inference.build(k, [], 0.0).prompt_embeds for k in keywords]))
+
+
+def test_preference_branch_conditions_are_compose_modes_preference_branch(tiny, tmp_path) -> None:
+    """``branch="preference"`` trains in the condition compose mode adds to the target's guidance at w > 0:
+    ``[P ; S]`` without the target (and ``[P]`` alone without soft embeddings)."""
+    from test_soft_prompt import examples, make
+
+    from pmgen.stages.condition import ConditionBuilder
+
+    ex = examples(2)
+    ex.preference_texts = ["cat, kitten", "pizza"]
+    trainer = make(tiny, tmp_path, branch="preference", positives="taste", train_ex=ex, val_ex=ex)
+    _, te, _, _ = tiny
+    soft = torch.randn(2, 2, 32)
+    cond = trainer.conditions(ex, [1, 0], soft)
+    inference = ConditionBuilder(te, 8, "compose")
+    expected = torch.cat([inference.build([ex.target_texts[i]], [ex.preference_texts[i]], 1.0, s).extra_prompt_embeds
+                          for i, s in zip([1, 0], soft)])
+    assert torch.equal(cond, expected)
+    assert torch.equal(cond[0, :8], trainer.builder.encode("pizza")[0])  # the preference, not the target
+    alone = trainer.conditions(ex, [1], None)
+    assert torch.equal(alone, trainer.builder.encode("pizza")[0].unsqueeze(0))
+    losses = trainer.train_step()
+    assert all(v > 0 for v in losses.values())
+
+
+def test_preference_branch_needs_preference_keywords(tiny, tmp_path) -> None:
+    from test_soft_prompt import make
+
+    with pytest.raises(ValueError, match="preference keywords"):
+        make(tiny, tmp_path, branch="preference")
 
 
 # ------------------------------------------------------------------ configs, options, resume

@@ -139,6 +139,28 @@ def check_result_dir(out: str | os.PathLike[str]) -> Path:
     return path
 
 
+def write_file_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Write one file atomically: ``write(tmp)`` writes a hidden temporary file beside ``path``
+    (``.<name>.<random>.tmp``, same folder, so the rename cannot cross file systems), which then replaces
+    ``path``. A reader sees the old file or the new one, never half of one; on any error the temporary
+    file is removed and ``path`` is untouched. The folder is created when missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`write_file_atomically` of a UTF-8 text."""
+    return write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_result_dir(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Write one result folder atomically: ``write(tmp)`` fills a fresh temporary folder beside ``out``,
     which is then renamed into place.

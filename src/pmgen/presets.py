@@ -296,6 +296,18 @@ def soft_prompt_ablations(preset: Preset) -> dict[str, Path]:
     return {f"soft-{d.name}": d for d in sorted(root.iterdir()) if (d / "soft_prompt.safetensors").is_file()}
 
 
+def soft_prompt_branch(folder: str | Path) -> str:
+    """The generator condition the soft prompt in ``folder`` was trained in (``"target"``: ``[T ; S]``, or
+    ``"preference"``: compose mode's preference branch), from its ``config.json``; ``"target"`` when it
+    does not say (weights trained before the setting existed) or cannot be read."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        branch = cfg["info"]["config"].get("branch", "target")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "target"
+    return branch if branch in ("target", "preference") else "target"
+
+
 @dataclass
 class ModelStatus:
     """What ``pmgen models check`` reports for one role."""

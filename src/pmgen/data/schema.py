@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from pmgen.paths import write_file_atomically, write_text_atomically
+
 EVENT_TYPES: tuple[str, ...] = (
     "click",
     "view",
@@ -205,26 +207,23 @@ class Dataset:
 
 def write_jsonl(path: Path, records: Iterable[Any]) -> int:
     """Write records (dataclasses with ``to_json`` or dicts) one per line, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            obj = r.to_json() if hasattr(r, "to_json") else r
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                obj = r.to_json() if hasattr(r, "to_json") else r
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                n += 1
+
+    write_file_atomically(path, write)
     return n
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Write one JSON document atomically (pretty-printed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -94,7 +94,17 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
                                             **PAPER_SELECTION},
                                            description="the four groups, the preference composed with the target "
                                                        "(AND guidance)")
+    from pmgen.presets import soft_prompt_branch
+
     for name, folder in (ablations or {}).items():
+        if soft_prompt_branch(folder) == "preference":  # made for compose's preference branch: used there
+            out[name] = Method(name, {"use_soft": True, "mode": "compose",
+                                      **(CONTRAST_SELECTION if background_available else PAPER_SELECTION)},
+                               soft_prompt=str(folder),
+                               description=f"keywords + {name} soft embeddings (trained in compose's preference "
+                                           "branch) composed with the target, chosen as "
+                                           + ("pmg-compose-contrast" if background_available else "pmg-compose"))
+            continue
         out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0, **PAPER_SELECTION},
                            soft_prompt=str(folder), description=f"soft embeddings only, {name} weights")
     return out

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pmgen.data.images import check_images
+from pmgen.paths import write_file_atomically, write_text_atomically
 
 ARCHS = ("resnet", "convnext")
 
@@ -154,12 +155,10 @@ class DualEncoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / "model.safetensors.tmp"
-        save_file(sd, str(tmp))
-        tmp.replace(folder / "model.safetensors")
+        write_file_atomically(folder / "model.safetensors", lambda tmp: save_file(sd, str(tmp)))
         cfg = asdict(self.cfg)
         cfg["widths"] = list(cfg["widths"])
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_text_atomically(folder / "config.json", json.dumps(cfg, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> "DualEncoder":

@@ -132,13 +132,12 @@ class HistoryImageEncoder(nn.Module):
         """Write ``config.json`` + the weights (float32: they are small), atomically each."""
         from safetensors.torch import save_file
 
+        from pmgen.paths import write_file_atomically, write_text_atomically
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(tmp))
-        tmp.replace(folder / WEIGHTS_FILE)
-        (folder / "config.json.tmp").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
-        (folder / "config.json.tmp").replace(folder / "config.json")
+        state = {k: v.contiguous() for k, v in self.trainable_state().items()}
+        write_file_atomically(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+        write_text_atomically(folder / "config.json", json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> "HistoryImageEncoder":

@@ -171,11 +171,12 @@ class SoftPromptEncoder(nn.Module):
         """Write ``config.json`` + ``soft_prompt.safetensors`` (float32: it is small)."""
         from safetensors.torch import save_file
 
+        from pmgen.paths import write_file_atomically, write_text_atomically
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(folder / "soft_prompt.tmp"))
-        (folder / "soft_prompt.tmp").replace(folder / "soft_prompt.safetensors")
-        (folder / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        state = {k: v.contiguous() for k, v in self.trainable_state().items()}
+        write_file_atomically(folder / "soft_prompt.safetensors", lambda tmp: save_file(state, str(tmp)))
+        write_text_atomically(folder / "config.json", json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path, llm: Any) -> "SoftPromptEncoder":

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pmgen.paths import write_text_atomically
 
 FORMAT = "pmgen-preference-background"
 
@@ -23,28 +24,34 @@ FORMAT = "pmgen-preference-background"
 def preference_texts(pmg: Any, ds: Any, split: str = "train", n_users: int = 240, seed: int = 0,
                      batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> list[str]:
     """The joined preference keywords of ``n_users`` users of ``split`` (a fixed random choice by ``seed``),
-    extracted in batches (:meth:`pmgen.stages.keywords.PreferenceExtractor.extract_many`, cached); users
-    whose history yields no keywords are skipped."""
-    from pmgen.stages.condition import keywords_text
-
+    extracted in batches (:func:`preference_keywords_by_user`, cached); users whose history yields no
+    keywords are skipped."""
     if n_users < 1:
         raise ValueError(f"n_users must be >= 1, got {n_users}")
     users = sorted({s.user_id for s in ds.split(split)})
     if not users:
         raise ValueError(f"dataset {ds.name!r} has no {split} users")
     random.Random(seed).shuffle(users)
-    users = users[:n_users]
-    extractor = pmg.extractor()
-    texts: list[str] = []
+    by_user = preference_keywords_by_user(pmg.extractor(), ds, users[:n_users], batch_size, progress)
+    return [text for text in by_user.values() if text]
+
+
+def preference_keywords_by_user(extractor: Any, ds: Any, users: list[str], batch_size: int = 8,
+                                progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+    """``{user id: joined preference keywords}`` of ``users`` (in their order) of dataset ``ds``, extracted from
+    each user's whole history by ``extractor`` (a :class:`pmgen.stages.keywords.PreferenceExtractor`) in
+    batches of ``batch_size`` (its ``extract_many``, cached); ``""`` where a history yields none."""
+    from pmgen.stages.condition import keywords_text
+
+    out: dict[str, str] = {}
     for i in range(0, len(users), batch_size):
         chunk = users[i:i + batch_size]
-        for res in extractor.extract_many([(ds.users[u].events, ds.items) for u in chunk]):
-            text = "" if isinstance(res, Exception) else keywords_text(res.keywords)
-            if text:
-                texts.append(text)
+        results = extractor.extract_many([(ds.users[u].events, ds.items) for u in chunk])
+        for u, res in zip(chunk, results):
+            out[u] = "" if isinstance(res, Exception) else keywords_text(res.keywords)
         if progress is not None:
             progress(min(i + batch_size, len(users)), len(users))
-    return texts
+    return out
 
 
 def write_background(out: str | os.PathLike[str], texts: list[str], about: dict[str, Any]) -> Path:
@@ -58,14 +65,5 @@ def write_background(out: str | os.PathLike[str], texts: list[str], about: dict[
             ok = False
         if not ok:
             raise FileExistsError(f"{out} exists and is not a pmgen preference background; not overwritten")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".background-", suffix=".json", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, **about, "texts": texts}, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text_atomically(out, json.dumps({"format": FORMAT, **about, "texts": texts}, indent=1,
+                                                 ensure_ascii=False) + "\n")

@@ -84,6 +84,17 @@ class RunConfig:
                 for f in dataclasses.fields(self)}
 
     @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Each field's default as :meth:`to_json` writes it (fields without a default are left out)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    @classmethod
     def default_train_dir(cls, values: Mapping[str, Any]) -> Path:
         """Train dir of a run whose settings are ``values`` when ``train_dir`` is not set."""
         from pmgen.paths import cache_dir
@@ -189,12 +200,9 @@ def atomic_save(obj: Any, path: Path) -> Path:
     """``torch.save`` to ``path`` through a temporary file and a rename (never a half-written file)."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-    return path
+    from pmgen.paths import write_file_atomically
+
+    return write_file_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path: Path, **state: Any) -> Path:

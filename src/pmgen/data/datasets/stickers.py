@@ -24,7 +24,7 @@ from rich.progress import track
 
 from pmgen.data.datasets.base import build_atomically, is_built
 from pmgen.data.schema import Item, write_jsonl
-from pmgen.paths import package_dir
+from pmgen.paths import package_dir, write_file_atomically
 
 VERSION = 1
 OPENMOJI_NPM = "openmoji@17.0.0"
@@ -68,9 +68,8 @@ def fetch_openmoji_metadata(sources: Path) -> Path | None:
         member = tf.getmember("package/data/openmoji.json")
         f = tf.extractfile(member)
         assert f is not None
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(f.read())
-        tmp.replace(target)
+        data = f.read()
+        write_file_atomically(target, lambda tmp: tmp.write_bytes(data))
     tgz.unlink(missing_ok=True)
     return target
 

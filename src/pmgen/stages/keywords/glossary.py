@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-import time
 from collections import Counter
 from pathlib import Path
 from typing import AbstractSet, Iterable, Mapping, Sequence
 
-from pmgen.paths import cache_dir
+from pmgen.paths import cache_dir, write_text_atomically
 from pmgen.stages.keywords.parse import STOPWORDS, keyword_key
 from pmgen.stages.verbalize import History
 
@@ -99,11 +98,8 @@ class Glossary:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(data["table"], data["english"])
         g = cls.from_emoji()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{time.time_ns()}.tmp")
-        tmp.write_text(json.dumps({"table": g.table, "english": sorted(g.english - STOPWORDS)}, ensure_ascii=False),
-                       encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomically(path, json.dumps({"table": g.table, "english": sorted(g.english - STOPWORDS)},
+                                               ensure_ascii=False))
         return g
 
     def _lookup(self, w: str) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from pmgen.data.catalog import choose_heldout, load_catalog
+from pmgen.paths import write_file_atomically
 from pmgen.train.generator.config import GeneratorTrainConfig
 
 __all__ = ["TextStates", "TrainData", "choose_heldout", "load_train_data", "text_states_cached", "text_variants"]
@@ -160,8 +160,6 @@ def text_states_cached(encoder: Any, encoder_id: str, data: TrainData, max_lengt
     states = encode_texts(encoder, flat, max_length, progress=progress)
     offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(t) for t in data.texts])]), dtype=torch.int64)
     empty, _ = encoder.token_states([""], max_length=max_length)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"states": states.contiguous(), "offsets": offsets, "empty": empty.to(torch.float16)}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {"states": states.contiguous(), "offsets": offsets, "empty": empty.to(torch.float16)}
+    write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
     return TextStates(states, offsets, empty.to(torch.float16).float())

@@ -26,7 +26,8 @@ class HistoryImageTrainConfig(SoftPromptTrainConfig):
     KIND: ClassVar[str] = "history-images"
 
     def checks(self) -> list[tuple[bool, str, str]]:
-        return [*super().checks(), (1 <= self.max_images <= 256, "max_images", "in 1..256")]
+        return [*super().checks(), (1 <= self.max_images <= 256, "max_images", "in 1..256"),
+                (self.branch == "target", "branch", "'target' (history-image tokens are trained in [T ; S])")]
 
     @classmethod
     def default_train_dir(cls, values: Mapping[str, Any]) -> Path:

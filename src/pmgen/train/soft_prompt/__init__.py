@@ -38,6 +38,13 @@ The condition ``[T ; S]`` is built by :class:`pmgen.stages.condition.ConditionBu
 builds its w = 1 condition at inference (target keywords, no preference keywords, the soft
 embeddings); the loss is :func:`pmgen.train.losses.diffusion_mse`.
 
+With ``branch="preference"`` the soft embeddings are trained where compose mode uses them instead: the
+preference branch ``[P ; S]`` (the user's preference keywords, extracted by the preset's LLM and cached,
+then the soft embeddings; no target), whose guidance compose adds to the target's. Its positives are then
+``positives="taste"``: one of the user's own taste stickers, held out of the history — the branch draws
+the taste and compose puts it with the target. ``T`` in the formulas above reads ``P`` there, and
+``val_gain`` compares against the preference keywords alone.
+
 Checkpoints (every few minutes and at each validation) hold the trainable weights, the optimizer,
 the step, the data order and every RNG, so ``--resume`` continues exactly. The exported folder
 (``config.json``, ``soft_prompt.safetensors``, ``README.md``, ``loss.png``) is what presets load.
@@ -54,7 +61,8 @@ from typing import Any
 
 _EXPORTS = {
     "SoftPromptTrainConfig": "config",
-    "SoftExamples": "data", "build_examples": "data", "with_positives": "data", "other_user_index": "data",
+    "SoftExamples": "data", "build_examples": "data", "with_positives": "data", "with_preference_texts": "data",
+    "other_user_index": "data",
     "one_per_user": "data",
     "SoftPromptTrainer": "trainer", "mean_token_norm": "trainer", "objective": "trainer",
     "CHECKPOINT_FORMAT": "trainer",
@@ -63,7 +71,7 @@ _EXPORTS = {
 }
 __all__ = ["CHECKPOINT_FORMAT", "SoftExamples", "SoftPromptTrainConfig", "SoftPromptTrainer",
            "build_examples", "mean_token_norm", "objective", "one_per_user", "other_user_index", "prepare",
-           "with_positives", "write_model_card"]
+           "with_positives", "with_preference_texts", "write_model_card"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: the CLI reads the config without importing torch

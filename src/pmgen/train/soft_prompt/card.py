@@ -66,7 +66,8 @@ The bias-correction LLM's trained parts: a P-Tuning-v2 prefix ({cfg.prefix_lengt
 layer), {cfg.n_img} [IMG] embeddings {'appended after the prompt' if cfg.use_img_tokens else '(unused: pooled prompt states instead)'}
 and a linear map into the text encoder's width, around the frozen {trainer.encoder.cfg.llm_name}. Trained
 against the frozen sticker generator (`{trainer.generator.info.get('name', 'zoo:sticker-tiny/generator')}`,
-UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users of `sticker-users`.
+UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users of `sticker-users`,
+{"in compose mode's preference branch `[P ; S]` (the user's preference keywords, then the soft embeddings, no target), on held-out taste stickers: use it with `--mode compose`." if cfg.branch == "preference" else "in PMG's w = 1 condition `[T ; S]` (target keywords, then the soft embeddings)."}
 
 | | |
 |---|---|
@@ -77,8 +78,8 @@ UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users
 | training time | {info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} threads) |
 | validation L_pos at start → end | {first.get('val_pos', float('nan')):.5f} → {last.get('val_pos', float('nan')):.5f} |
 | validation L_neg at end | {last.get('val_neg', float('nan')):.5f} |
-| validation target-only loss | {last.get('val_target_only', float('nan')):.5f} |
-| val_gain (target-only − with soft) | {last.get('val_gain', float('nan')):+.5f} |
+| validation loss without soft ({"preference keywords alone" if cfg.branch == "preference" else "target alone"}) | {last.get('val_target_only', float('nan')):.5f} |
+| val_gain (without − with soft) | {last.get('val_gain', float('nan')):+.5f} |
 | val_user_gain (another user's soft − own) | {last.get('val_user_gain', float('nan')):+.5f} |
 
 Reproduce: `pmgen train soft-prompt --out {out.as_posix()} {overrides}`.

@@ -34,10 +34,15 @@ class SoftPromptTrainConfig(RunConfig):
         user_weight: μ of the other-user hinge (>= 0; 0 drops it).
         user_margin: m_u of the other-user hinge (>= 0).
         match_norm: rescale every soft vector to the text encoder's mean token-state norm.
-        positives: ``all`` (ground truth where recorded, else a held-out taste item) or
+        positives: ``all`` (ground truth where recorded, else a held-out taste item),
             ``ground-truth`` (only samples with a recorded personalized version of the target: the
             held-out taste items are unrelated to the target text, and learning to draw them teaches
-            the soft embeddings to override the target).
+            the soft embeddings to override the target) or ``taste`` (every sample's positive is one of
+            the user's own taste stickers, held out of its history: for ``branch="preference"``).
+        branch: which generator condition the soft embeddings are trained in. ``target``: ``[T ; S]``,
+            PMG's w = 1 concat condition (the paper's). ``preference``: compose mode's preference
+            branch ``[P ; S]`` — the user's preference keywords (extracted by the preset's LLM, cached),
+            then the soft embeddings, without the target — which compose adds to the target's guidance.
         t_max: share of the noise schedule timesteps are drawn from (in (0, 1]).
         val_users: validation examples, one per val-split user, fixed (>= 1).
         val_every: steps between validations (>= 1).
@@ -69,6 +74,7 @@ class SoftPromptTrainConfig(RunConfig):
     val_every: int = 120
     seed: int = 0
     init_from: str | None = None
+    branch: str = "target"
 
     KIND: ClassVar[str] = "soft-prompt"
     RUN_FIELDS: ClassVar[tuple[str, ...]] = ("out", "minutes", "max_steps", "train_dir", "data_dir",
@@ -86,7 +92,8 @@ class SoftPromptTrainConfig(RunConfig):
                 (self.neg_weight >= 0, "neg_weight", ">= 0"),
                 (self.margin >= 0, "margin", ">= 0"),
                 (self.user_weight >= 0, "user_weight", ">= 0"),
-                (self.positives in ("all", "ground-truth"), "positives", "'all' or 'ground-truth'"),
+                (self.positives in ("all", "ground-truth", "taste"), "positives", "'all', 'ground-truth' or 'taste'"),
+                (self.branch in ("target", "preference"), "branch", "'target' or 'preference'"),
                 (self.user_margin >= 0, "user_margin", ">= 0"),
                 (0 < self.t_max <= 1, "t_max", "in (0, 1]"),
                 (self.val_users >= 1, "val_users", ">= 1"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,9 @@ class SoftExamples:
     history_rows: list[list[int]] = dataclasses.field(default_factory=list)
     """Rows of the user's most recent distinct history items (never the positive), newest first — what a
     history-image encoder reads; empty when the examples were built without them."""
+    preference_texts: list[str] = dataclasses.field(default_factory=list)
+    """The user's preference keywords as the generator reads them (``"cat, kitten"``) — what compose mode's
+    preference branch is conditioned on; empty unless set (:func:`with_preference_texts`)."""
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -36,11 +39,15 @@ class SoftExamples:
 
 
 def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budget_tokens: int, seed: int,
-                   item_rows: dict[str, int], n_target_keywords: int = 5, history_images: int = 12) -> SoftExamples:
+                   item_rows: dict[str, int], n_target_keywords: int = 5, history_images: int = 12,
+                   taste_positives: bool = False) -> SoftExamples:
     """Examples of one split of ``sticker-users`` (see the module docstring for the positive image).
 
     ``item_rows`` maps catalog item ids to rows of the latent table; items without a row are never used.
     ``history_images``: how many of the history's most recent distinct items go into ``history_rows``.
+    ``taste_positives``: every positive is one of the user's own taste stickers, held out of the history
+    it is paired with, even where a ground-truth personalized sticker is recorded (what compose mode's
+    preference branch, which never sees the target, should draw).
     """
     from pmgen.stages.condition import keywords_text
     from pmgen.data.datasets.sticker_users import TASTES, taste_by_name
@@ -50,12 +57,12 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
     rng = random.Random(seed)
     base = [it for it in ds.items.values() if not it.attributes.get("skintone") and it.id in item_rows]
     in_taste = {t.name: {it.id for it in base if t.matches(it)} for t in TASTES}
-    out = SoftExamples([], [], [], [], [], [], [], [], [])
+    out = SoftExamples([], [], [], [], [], [], [], [], [], [])
     for s in ds.split(split):
         user = ds.users[s.user_id]
         taste = taste_by_name(user.attributes["taste"])
         events = list(user.events)
-        if s.ground_truth_personalized and s.ground_truth_personalized in item_rows:
+        if not taste_positives and s.ground_truth_personalized and s.ground_truth_personalized in item_rows:
             pos, kind = s.ground_truth_personalized, "ground truth"
         else:
             own = sorted({e.item_id for e in events if e.item_id and e.item_id in in_taste[taste.name]})
@@ -81,12 +88,24 @@ def build_examples(ds: Any, split: str, count_tokens: Callable[[str], int], budg
 
 
 def with_positives(ex: SoftExamples, which: str) -> SoftExamples:
-    """All examples (``"all"``) or only those whose positive is the recorded ground truth."""
+    """All examples (``"all"``), only those whose positive is the recorded ground truth (``"ground-truth"``)
+    or only those whose positive is a held-out taste sticker (``"taste"``; build them with
+    ``taste_positives=True`` to have one for every example)."""
     if which == "all":
         return ex
-    if which != "ground-truth":
-        raise ValueError(f"positives must be 'all' or 'ground-truth', got {which!r}")
-    return ex.subset([i for i, k in enumerate(ex.positive_kind) if k == "ground truth"])
+    kinds = {"ground-truth": "ground truth", "taste": "held-out taste item"}
+    if which not in kinds:
+        raise ValueError(f"positives must be 'all', 'ground-truth' or 'taste', got {which!r}")
+    return ex.subset([i for i, k in enumerate(ex.positive_kind) if k == kinds[which]])
+
+
+def with_preference_texts(ex: SoftExamples, texts: Mapping[str, str]) -> SoftExamples:
+    """``ex`` with each example's ``preference_texts`` set to its user's entry of ``texts`` (user id →
+    keywords text); examples whose user has none (or an empty one) are dropped."""
+    keep = [i for i, u in enumerate(ex.user_ids) if texts.get(u)]
+    out = ex.subset(keep)
+    out.preference_texts = [texts[u] for u in out.user_ids]
+    return out
 
 
 def other_user_index(tastes: Sequence[str]) -> list[int]:

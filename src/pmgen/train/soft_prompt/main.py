@@ -12,7 +12,7 @@ import torch
 
 from pmgen.train.run import begin_run, stamped_log, stop_on_signals
 from pmgen.train.soft_prompt.config import SoftPromptTrainConfig
-from pmgen.train.soft_prompt.data import build_examples, one_per_user, with_positives
+from pmgen.train.soft_prompt.data import build_examples, one_per_user, with_positives, with_preference_texts
 from pmgen.train.soft_prompt.trainer import SoftPromptTrainer
 
 
@@ -34,15 +34,39 @@ def prepare(cfg: SoftPromptTrainConfig, preset: str = "sticker-tiny", log: Calla
     rows = {it.id: k for k, it in enumerate(items)}
     with torch.no_grad():
         latents = torch.cat([gen.encode(images[i:i + 256].float() / 255) for i in range(0, len(items), 256)])
-    train = build_examples(ds, "train", llm.count_tokens, cfg.budget_tokens, cfg.seed, rows)
+    taste = cfg.positives == "taste"
+    train = build_examples(ds, "train", llm.count_tokens, cfg.budget_tokens, cfg.seed, rows, taste_positives=taste)
     train = with_positives(train, cfg.positives)
-    val = one_per_user(build_examples(ds, "val", llm.count_tokens, cfg.budget_tokens, cfg.seed, rows),
-                       cfg.val_users, cfg.seed)
+    val = one_per_user(build_examples(ds, "val", llm.count_tokens, cfg.budget_tokens, cfg.seed, rows,
+                                      taste_positives=taste), cfg.val_users, cfg.seed)
+    if cfg.branch == "preference":
+        texts = preference_keywords(p, llm, ds, sorted({*train.user_ids, *val.user_ids}), log)
+        train, val = with_preference_texts(train, texts), with_preference_texts(val, texts)
     n_gt = sum(k == "ground truth" for k in train.positive_kind)
     log(f"{len(train)} training examples ({n_gt} with a ground-truth sticker), {len(val)} validation users; "
         f"models and latents ready in {time.monotonic() - t0:.0f} s")
     return SoftPromptTrainer(cfg, llm, te, gen, latents, train, val, p.text_max_length, log=log,
                              llm_name=getattr(llm, "name", "smollm2"))
+
+
+def preference_keywords(preset: Any, llm: Any, ds: Any, users: list[str], log: Callable[[str], None]
+                        ) -> dict[str, str]:
+    """The preference keywords of ``users`` as PMG extracts them with the preset's settings (the keyword
+    cache makes a second run instant), with a progress bar."""
+    from tqdm import tqdm
+
+    from pmgen.pipeline import Settings
+    from pmgen.stages.keywords import KeywordCache, PreferenceExtractor
+    from pmgen.train.background import preference_keywords_by_user
+
+    s = Settings.for_preset(preset)
+    extractor = PreferenceExtractor(llm, k=s.k, cache=KeywordCache(), budget_tokens=s.budget_tokens)
+    t0 = time.monotonic()
+    with tqdm(total=len(users), desc="preference keywords", unit="user", mininterval=5, file=sys.stderr) as bar:
+        texts = preference_keywords_by_user(extractor, ds, users, progress=lambda i, n: bar.update(i - bar.n))
+    log(f"preference keywords of {len(users)} users in {time.monotonic() - t0:.0f} s "
+        f"({sum(not t for t in texts.values())} without any)")
+    return texts
 
 
 def main(given: Mapping[str, Any], resume: bool = False, preset: str = "sticker-tiny",

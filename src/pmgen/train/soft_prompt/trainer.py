@@ -63,7 +63,10 @@ class SoftPromptTrainer:
         self.cfg, self.llm, self.generator, self.log = cfg, llm, generator, log
         self.latents = latents.float()
         self.train_ex, self.val_ex = train, val
+        if cfg.branch == "preference" and not (train.preference_texts and val.preference_texts):
+            raise ValueError("branch 'preference' needs the examples' preference keywords (with_preference_texts)")
         self.builder = ConditionBuilder(text_encoder, text_max_length)
+        self.compose_builder = ConditionBuilder(text_encoder, text_max_length, "compose")
         width = self.builder.width
         norm = mean_token_norm(self.builder, train.target_texts[:256]) if cfg.match_norm else 0.0
         torch.manual_seed(cfg.seed)
@@ -119,13 +122,22 @@ class SoftPromptTrainer:
                 for i in range(n)] if n == len(self.val_ex) else []
         return t, noise, negs
 
-    def conditions(self, target_texts: Sequence[str], softs: torch.Tensor | None) -> torch.Tensor:
-        """The generator conditions ``[B, L (+ n_img), D]`` of targets and soft embeddings ``[B, n_img, D]``,
-        built by :class:`~pmgen.stages.condition.ConditionBuilder` as PMG builds them at inference: the w = 1
-        concat condition ``[T ; S]`` (no preference keywords), or the target alone (``softs=None``, w = 0)."""
-        w = 0.0 if softs is None else 1.0
-        return torch.cat([self.builder.build([text], [], w, None if softs is None else softs[k]).prompt_embeds
-                          for k, text in enumerate(target_texts)])
+    def conditions(self, ex: SoftExamples, idx: Sequence[int], softs: torch.Tensor | None) -> torch.Tensor:
+        """The generator conditions ``[B, L (+ n_img), D]`` of examples ``idx`` of ``ex`` with soft embeddings
+        ``softs`` ``[B, n_img, D]`` (or ``None``), built by :class:`~pmgen.stages.condition.ConditionBuilder` as
+        PMG builds them at inference.
+
+        Branch ``target``: the w = 1 concat condition ``[T ; S]`` (no preference keywords), or the target
+        alone (``softs=None``, w = 0). Branch ``preference``: compose mode's preference branch ``[P ; S]``
+        (the extra condition of a compose w > 0), or the preference keywords alone (``softs=None``).
+        """
+        if self.cfg.branch == "target":
+            w = 0.0 if softs is None else 1.0
+            return torch.cat([self.builder.build([ex.target_texts[i]], [], w, None if softs is None else softs[k])
+                              .prompt_embeds for k, i in enumerate(idx)])
+        return torch.cat([self.compose_builder.build([ex.target_texts[i]], [ex.preference_texts[i]], 1.0,
+                                                     None if softs is None else softs[k]).extra_prompt_embeds
+                          for k, i in enumerate(idx)])
 
     def _losses(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Per-example generator loss ``[B]`` of clean latents ``x0`` under ``cond`` at timesteps ``t``."""
@@ -151,8 +163,7 @@ class SoftPromptTrainer:
         b = len(idx)
         self.encoder.train()
         soft = self.encode(ex, idx)
-        targets = [ex.target_texts[i] for i in idx]
-        cond = self.conditions(targets, soft)
+        cond = self.conditions(ex, idx, soft)
         t_hi = max(1, int(cfg.t_max * self.noise_scheduler.config.num_train_timesteps))
         t = torch.randint(0, t_hi, (b,), generator=self.gen)
         noise = torch.randn((b, *self.latents.shape[1:]), generator=self.gen)
@@ -166,7 +177,7 @@ class SoftPromptTrainer:
         has_other = torch.tensor([o != k for k, o in enumerate(other)])
         if cfg.user_weight > 0:  # the same image under another user's soft embeddings
             xs, noises, ts = xs + [pos], noises + [noise], ts + [t]
-            conds.append(self.conditions(targets, soft[other]))
+            conds.append(self.conditions(ex, idx, soft[other]))
         losses = self._losses(torch.cat(xs), torch.cat(noises), torch.cat(ts), torch.cat(conds)).split(b)
         l_pos = losses[0]
         nan = torch.full_like(l_pos, float("nan"))
@@ -185,7 +196,8 @@ class SoftPromptTrainer:
 
     @torch.no_grad()
     def validate(self, batch: int = 8) -> dict[str, float]:
-        """``val_pos``, ``val_neg``, ``val_target_only``, ``val_gain``, ``val_other_user`` and
+        """``val_pos``, ``val_neg``, ``val_target_only`` (L_pos without the soft embeddings: the target alone,
+        or for branch ``preference`` the preference keywords alone), ``val_gain``, ``val_other_user`` and
         ``val_user_gain`` on the fixed validation set."""
         self.encoder.eval()
         ex = self.val_ex
@@ -196,15 +208,14 @@ class SoftPromptTrainer:
         pos_l, neg_l, base_l, other_l = [], [], [], []
         for s in range(0, len(ex), batch):
             idx = list(range(s, min(len(ex), s + batch)))
-            texts = [ex.target_texts[i] for i in idx]
-            tgt = self.conditions(texts, None)
-            cond = self.conditions(texts, softs[idx])
+            tgt = self.conditions(ex, idx, None)
+            cond = self.conditions(ex, idx, softs[idx])
             x_pos = self.latents[[ex.positives[i] for i in idx]]
             pos_l.append(self._losses(x_pos, noise[idx], t[idx], cond))
             neg_l.append(self._losses(self.latents[[negs[i] for i in idx]], noise[idx], t[idx], cond))
             base_l.append(self._losses(x_pos, noise[idx], t[idx], tgt))
             other_l.append(self._losses(x_pos, noise[idx], t[idx],
-                                        self.conditions(texts, softs[[other[i] for i in idx]])))
+                                        self.conditions(ex, idx, softs[[other[i] for i in idx]])))
         p, n, base, o = (torch.cat(v).mean().item() for v in (pos_l, neg_l, base_l, other_l))
         return {"val_pos": p, "val_neg": n, "val_target_only": base, "val_gain": base - p, "val_other_user": o,
                 "val_user_gain": o - p}
@@ -255,7 +266,8 @@ class SoftPromptTrainer:
         if state.get("format") != self.CHECKPOINT_FORMAT:
             raise ValueError(f"{self.checkpoint_path} is not a {self.cfg.KIND} training checkpoint")
         mine, theirs = self.cfg.to_json(), state["config"]
-        differ = [k for k in mine if k not in self.cfg.RUN_FIELDS and mine[k] != theirs.get(k)]
+        defaults = type(self.cfg).field_defaults()  # a setting added since the checkpoint was written: its default
+        differ = [k for k in mine if k not in self.cfg.RUN_FIELDS and mine[k] != theirs.get(k, defaults.get(k))]
         if differ:
             raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(differ)}); "
                              "use another --train-dir for a new run")
