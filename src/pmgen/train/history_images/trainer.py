@@ -84,7 +84,7 @@ Linear + LayerNorm to {enc.n_tokens} condition tokens at the text encoder's mean
 | training examples / validation users | {len(trainer.train_ex)} / {len(trainer.val_ex)} |
 | steps × batch | {trainer.step} × {cfg.batch_size} (epoch {trainer.epoch}) |
 | objective | L_pos + {cfg.neg_weight:g}·hinge(negative image, m = {cfg.margin:g}) + {cfg.user_weight:g}·hinge(other user's tokens, m = {cfg.user_margin:g}) |
-| training time | {enc.info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} threads) |
+| training time | {enc.info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} thread{'' if cfg.threads == 1 else 's'}) |
 | validation L_pos at start → end | {first.get('val_pos', nan):.5f} → {last.get('val_pos', nan):.5f} |
 | validation target-only loss | {last.get('val_target_only', nan):.5f} |
 | val_gain (target-only − with tokens) | {last.get('val_gain', nan):+.5f} |

@@ -68,6 +68,7 @@ and a linear map into the text encoder's width, around the frozen {trainer.encod
 against the frozen sticker generator (`{trainer.generator.info.get('name', 'zoo:sticker-tiny/generator')}`,
 UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users of `sticker-users`,
 {"in compose mode's preference branch `[P ; S]` (the user's preference keywords, then the soft embeddings, no target), on held-out taste stickers: use it with `--mode compose`." if cfg.branch == "preference" else "in PMG's w = 1 condition `[T ; S]` (target keywords, then the soft embeddings)."}
+{f"Warm-started from `{cfg.init_from}`: its steps and minutes are counted in the table." if cfg.init_from else ""}
 
 | | |
 |---|---|
@@ -75,7 +76,7 @@ UNet step {trainer.generator.info.get('trained_steps', '?')}) on the train users
 | steps × batch | {trainer.step} × {cfg.batch_size} (epoch {trainer.epoch}) |
 | objective | L_pos + {cfg.neg_weight:g}·hinge(negative image, m = {cfg.margin:g}) + {cfg.user_weight:g}·hinge(other user's soft, m = {cfg.user_margin:g}) |
 | soft vector norm | {f"{trainer.encoder.cfg.norm:.2f} (the text encoder's mean token norm)" if trainer.encoder.cfg.norm else "unconstrained"} |
-| training time | {info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} threads) |
+| training time | {info.get('train_minutes')} min on a 2-core CPU ({cfg.threads} thread{'' if cfg.threads == 1 else 's'}) |
 | validation L_pos at start → end | {first.get('val_pos', float('nan')):.5f} → {last.get('val_pos', float('nan')):.5f} |
 | validation L_neg at end | {last.get('val_neg', float('nan')):.5f} |
 | validation loss without soft ({"preference keywords alone" if cfg.branch == "preference" else "target alone"}) | {last.get('val_target_only', float('nan')):.5f} |
