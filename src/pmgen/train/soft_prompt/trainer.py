@@ -65,8 +65,9 @@ class SoftPromptTrainer:
         self.train_ex, self.val_ex = train, val
         if cfg.branch == "preference" and not (train.preference_texts and val.preference_texts):
             raise ValueError("branch 'preference' needs the examples' preference keywords (with_preference_texts)")
-        self.builder = ConditionBuilder(text_encoder, text_max_length)
-        self.compose_builder = ConditionBuilder(text_encoder, text_max_length, "compose")
+        # the weighting mode whose condition the soft embeddings are trained in (it matters only for w > 0)
+        self.builder = ConditionBuilder(text_encoder, text_max_length,
+                                        "compose" if cfg.branch == "preference" else "concat")
         width = self.builder.width
         norm = mean_token_norm(self.builder, train.target_texts[:256]) if cfg.match_norm else 0.0
         torch.manual_seed(cfg.seed)
@@ -135,8 +136,8 @@ class SoftPromptTrainer:
             w = 0.0 if softs is None else 1.0
             return torch.cat([self.builder.build([ex.target_texts[i]], [], w, None if softs is None else softs[k])
                               .prompt_embeds for k, i in enumerate(idx)])
-        return torch.cat([self.compose_builder.build([ex.target_texts[i]], [ex.preference_texts[i]], 1.0,
-                                                     None if softs is None else softs[k]).extra_prompt_embeds
+        return torch.cat([self.builder.build([ex.target_texts[i]], [ex.preference_texts[i]], 1.0,
+                                             None if softs is None else softs[k]).extra_prompt_embeds
                           for k, i in enumerate(idx)])
 
     def _losses(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
