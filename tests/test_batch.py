@@ -51,6 +51,20 @@ def test_a_request_renders_bit_identically_alone_and_in_any_group(tiny_pmg, toy_
         assert (ref - g).abs().max().item() < 1e-4
 
 
+def test_a_plan_with_surround_strength_is_rendered_as_pmgen_generate_renders_it(tiny_pmg, toy_data):
+    import dataclasses
+
+    from pmgen.batch.grouped import render_many
+
+    plans = _plans(tiny_pmg, toy_data, "compose")
+    mixed = [dataclasses.replace(plans[0], settings=dataclasses.replace(plans[0].settings, surround_strength=1.0)),
+             *plans[1:]]
+    group = render_many(tiny_pmg, mixed, batch_size=4, length_step=8)
+    assert torch.equal(group[0], tiny_pmg.render(mixed[0]))  # per-pixel strengths: rendered on its own
+    assert not torch.equal(group[0], render_many(tiny_pmg, plans[:1], batch_size=4, length_step=8)[0])
+    assert torch.equal(group[1], render_many(tiny_pmg, plans, batch_size=4, length_step=8)[1])
+
+
 @pytest.fixture(scope="module")
 def shipped_generator_pmg():
     from pmgen.pipeline import PMG, Settings

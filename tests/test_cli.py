@@ -138,6 +138,7 @@ def test_soft_prompt_option_names_weights_or_turns_them_off() -> None:
     assert _soft("off") == _soft("None") == {"soft_prompt": ""}
     assert _soft("zoo:sticker-tiny/soft-prompt") == {"soft_prompt": "zoo:sticker-tiny/soft-prompt"}
     assert _soft(None, "g", "/some/selector") == {"generator": "g", "selector": "/some/selector"}
+    assert _soft(None, evaluator="zoo:sticker-tiny/evaluator-robust") == {"evaluator": "zoo:sticker-tiny/evaluator-robust"}
 
 
 def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_error(tmp_path) -> None:
@@ -154,6 +155,10 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
     res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", str(tmp_path / "missing"),
                                    "--out", str(tmp_path / "out")])
     assert res.exit_code != 0 and "missing" in res.output
+    res = CliRunner().invoke(app, ["evaluate", "--quick", "--evaluator", str(tmp_path / "gone"), "--out",
+                                   str(tmp_path / "out3")])
+    assert res.exit_code == 1 and "--evaluator" in res.output and "gone" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out3").exists()  # refused before anything was generated
     res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", "zoo:sticker-tiny/evaluator",
                                    "--methods", "none,pmg+images", "--out", str(tmp_path / "out2")])
     assert res.exit_code == 2 and "history-image methods: history-image encoder was trained" in " ".join(res.output.split())

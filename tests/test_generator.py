@@ -85,15 +85,21 @@ def test_image_to_image_is_deterministic_and_strength_controls_the_edit(gen, emb
     assert not torch.equal(a, recon)
 
 
-def test_small_strength_edits_less_than_large_strength(embeds, init) -> None:
-    # A random UNet's prediction is noise-sized at every timestep; scaled down, it stands for a
-    # denoiser that keeps what it is given, so the size of the edit comes from the noise level.
+def keeping_generator() -> tuple[StickerGenerator, list[int]]:
+    """A random UNet's prediction is noise-sized at every timestep; scaled down, it stands for a
+    denoiser that keeps what it is given, so the size of an edit comes from the noise level. Also
+    the list the UNet's timesteps are recorded in, one per call."""
     gen = tiny_generator()
     with torch.no_grad():
         gen.unet.conv_out.weight.mul_(0.02)
         gen.unet.conv_out.bias.mul_(0.02)
     calls: list[int] = []
     gen.unet.register_forward_hook(lambda module, args, out: calls.append(int(args[1])))
+    return gen, calls
+
+
+def test_small_strength_edits_less_than_large_strength(embeds, init) -> None:
+    gen, calls = keeping_generator()
     cond, neg = embeds
     kw = {"seed": 5, "num_inference_steps": 20, "guidance_scale": 3.0}
     recon = gen.decode(gen.encode(init))
@@ -107,6 +113,39 @@ def test_small_strength_edits_less_than_large_strength(embeds, init) -> None:
     # SDEdit: strength s runs the last int(20 * s) of the 20 DDIM steps (one batched CFG call each).
     assert [len(timesteps[s]) for s in (0.1, 0.5, 0.9)] == [2, 10, 18]
     assert timesteps[0.1] == timesteps[0.9][-2:] and timesteps[0.9] == sorted(timesteps[0.9], reverse=True)
+
+
+def test_a_uniform_strength_map_is_plain_sdedit(gen, embeds, init) -> None:
+    cond, neg = embeds
+    for s in (0.5, 0.9):
+        plain = gen.image_to_image(init, cond, neg, strength=s, seed=3, **KW)
+        mapped = gen.image_to_image(init, cond, neg, strength_map=torch.full((1, 1, 64, 64), s), seed=3, **KW)
+        torch.testing.assert_close(mapped, plain)
+
+
+def test_a_strength_map_holds_its_low_strength_pixels_to_the_init(embeds, init) -> None:
+    gen, calls = keeping_generator()
+    cond, neg = embeds
+    smap = torch.full((1, 1, 64, 64), 0.9)
+    smap[..., :32] = 0.1  # left half held until the last 2 of 20 steps
+    out = gen.image_to_image(init, cond, neg, strength_map=smap, seed=5, num_inference_steps=20, guidance_scale=3.0)
+    assert len(calls) == 18  # the run starts at the map's highest strength
+    both = gen.image_to_image(init, cond, neg, strength=0.9, seed=5, num_inference_steps=20, guidance_scale=3.0)
+    recon = gen.decode(gen.encode(init))
+    left = (out - recon)[..., 8:56, 4:24].abs().mean()  # away from the border, where the decoder mixes halves
+    right = (out - recon)[..., 8:56, 40:60].abs().mean()
+    left_free = (both - recon)[..., 8:56, 4:24].abs().mean()
+    assert left < 0.75 * right and left < 0.75 * left_free, (left, right, left_free)
+
+
+def test_latent_strengths_min_pool_keeps_a_held_region_held() -> None:
+    from pmgen.models.generator import latent_strengths
+
+    smap = torch.ones(1, 1, 64, 64)
+    smap[..., 5, 9] = 0.2  # one held pixel
+    lat = latent_strengths(smap, (16, 16), 3)
+    assert lat.shape == (3, 1, 16, 16)
+    assert float(lat[0, 0, 1, 2]) == pytest.approx(0.2) and float(lat.sum()) == pytest.approx(3 * (255 + 0.2))
 
 
 def test_without_guidance_no_negative_is_needed(gen, embeds, init) -> None:
@@ -150,6 +189,14 @@ def test_composed_guidance_starts_from_the_chosen_prediction(gen, embeds, init) 
     (lambda g, c, n, i: g.image_to_image(i, c, n, strength=1.5, seed=0), r"strength must be in \[0, 1\]"),
     (lambda g, c, n, i: g.image_to_image(i[:, :, :32], c, n, seed=0), r"images must be a float tensor \[B, 3, 64, 64\]"),
     (lambda g, c, n, i: g.image_to_image(i.expand(3, -1, -1, -1), c, n, seed=0), "3 images for 2 prompts"),
+    (lambda g, c, n, i: g.image_to_image(i, c, n, seed=0, strength_map=torch.ones(1, 64, 64)),
+     r"strength_map must be a float tensor \[2 or 1, 1, H, W\]"),
+    (lambda g, c, n, i: g.image_to_image(i, c, n, seed=0, strength_map=torch.full((1, 1, 64, 64), 1.5)),
+     r"strength_map values must be in \[0, 1\]"),
+    (lambda g, c, n, i: g.image_to_image(i, c, n, seed=0, strength_map=torch.full((1, 1, 64, 64), float("nan"))),
+     r"strength_map values must be in \[0, 1\]"),
+    (lambda g, c, n, i: g.image_to_image(i, c, n, seed=0, strength_map=torch.ones(1, 1, 30, 30)),
+     "not a multiple of the latent size"),
 ])
 def test_bad_inputs_raise_precise_errors(gen, embeds, init, call, match) -> None:
     cond, neg = embeds

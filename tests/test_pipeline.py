@@ -102,6 +102,40 @@ def test_render_one_is_the_candidate_generate_draws(tiny_pmg, toy_data, mode):
     assert noise.shape == res.images[1:2].shape and not torch.equal(noise, res.images[1:2])
 
 
+def test_surround_strength_frees_the_white_around_the_target_and_keeps_the_baseline(tiny_pmg, toy_data):
+    from pmgen.models.generator import outline_strengths
+
+    root, items, user = toy_data
+    kw = dict(target_image=root / "img" / "a.png", mode="compose")
+    plain = tiny_pmg.generate(user, items["a"], items, **kw)
+    free = tiny_pmg.generate(user, items["a"], items, surround_strength=1.0, **kw)
+    assert torch.equal(free.images[0], plain.images[0])  # w = 0: the baseline, bit for bit
+    assert not torch.equal(free.images[2], plain.images[2])
+    assert free.record.surround_strength == 1.0 and plain.record.surround_strength is None
+    # the candidate is the generator's own per-pixel-strength call (the map from the target's outline)
+    plan = tiny_pmg.plan(user, items["a"], items, surround_strength=1.0, **kw)
+    c = plan.conditions[2]
+    smap = outline_strengths(plan.init, 0.6, 1.0)
+    direct = tiny_pmg.generator.image_to_image(plan.init, c.prompt_embeds, c.negative_prompt_embeds,
+                                               strength_map=smap, seed=0, num_inference_steps=3, guidance_scale=3.0,
+                                               extra_prompt_embeds=c.extra_prompt_embeds,
+                                               extra_guidance_scale=c.extra_scale, extra_base=c.extra_base)
+    assert torch.equal(direct, free.images[2:3])
+    # the toy target: a 30 px square at (17, 17) on white, grown by 1 px
+    assert float(smap[0, 0, 32, 32]) == pytest.approx(0.6) and float(smap[0, 0, 16, 16]) == pytest.approx(0.6)
+    assert float(smap[0, 0, 15, 15]) == 1.0 and float(smap[0, 0, 2, 60]) == 1.0
+    # a photo without white background: inside everywhere, i.e. plain SDEdit
+    assert torch.equal(outline_strengths(torch.zeros(1, 3, 8, 8), 0.6, 1.0), torch.full((1, 1, 8, 8), 0.6))
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "high", float("nan")])
+def test_surround_strength_outside_zero_one_is_refused(bad):
+    from pmgen.pipeline import Settings
+
+    with pytest.raises(ValueError, match="surround_strength must be in"):
+        Settings(surround_strength=bad)
+
+
 def test_save_writes_everything_atomically(tiny_pmg, toy_data, tmp_path):
     root, items, user = toy_data
     res = tiny_pmg.generate(user, items["a"], items, target_image=root / "img" / "a.png",

@@ -146,3 +146,54 @@ def test_generated_views_settings_are_checked_and_keep_a_catalog_only_runs_key(t
     # a catalog-only run's checkpoint key is the one it had before these settings existed
     assert _config_key(plain) == _config_key(ScorerTrainConfig(out=str(tmp_path), generated_fraction=0.9))
     assert _config_key(plain) != _config_key(ScorerTrainConfig(out=str(tmp_path), generated_strengths=(0.6,)))
+
+
+def _centroids(x):
+    """Column / row centroid (px) of the non-white ink of each image ``[B, 3, H, W]``."""
+    ink = (1 - x.mean(1)).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(x.shape[-2]).float(), torch.arange(x.shape[-1]).float(), indexing="ij")
+    m = ink.sum((1, 2))
+    return (ink * xs).sum((1, 2)) / m, (ink * ys).sum((1, 2)) / m
+
+
+def test_augment_roam_lets_a_shrunk_sticker_reach_the_corners_and_zero_keeps_it_centred():
+    from pmgen.train.scorer.trainer import augment
+
+    x = torch.ones(64, 3, 64, 64)
+    x[:, :, 16:48, 16:48] = 0.2  # a dark square sticker, centred
+    offsets = {}
+    for roam in (0.0, 1.0):
+        out = augment(x.clone(), torch.Generator().manual_seed(3), zoom_min=0.5, zoom_max=0.5, roam=roam)
+        cx, cy = _centroids(out)
+        offsets[roam] = torch.maximum((cx - 31.5).abs(), (cy - 31.5).abs())
+        # the whole sticker stays in the frame: about 16 × 16 dark pixels (half of 32 × 32), none cut off
+        dark = (out.mean(1) < 0.6).sum((1, 2))
+        assert int(dark.min()) >= 200 and int(dark.max()) <= 300, dark
+    assert float(offsets[0.0].max()) < 2.0, offsets[0.0]
+    assert float(offsets[1.0].max()) > 10.0, offsets[1.0]  # towards a corner (16 px is the edge)
+    assert float(offsets[1.0].max()) <= 18.0  # the shrunk frame (32 px) reaches the edge, ±0.08 grid units more
+
+
+def test_augment_settings_are_checked_and_the_original_augmentation_keeps_its_resume_key(tmp_path):
+    import pytest
+
+    from pmgen.train.scorer.config import ScorerTrainConfig
+    from pmgen.train.scorer.trainer import _config_key, augment_options
+
+    for bad, match in (({"zoom_min": 1.2}, "zoom_min"), ({"zoom_min": 0.1}, "zoom_min"), ({"roam": 2.0}, "roam")):
+        with pytest.raises(ValueError, match=match):
+            ScorerTrainConfig(out=str(tmp_path), **bad)
+    plain = ScorerTrainConfig(out=str(tmp_path))
+    robust = ScorerTrainConfig(out=str(tmp_path), zoom_min=0.5, roam=1.0)
+    assert _config_key(plain) == _config_key(ScorerTrainConfig(out=str(tmp_path), zoom_min=0.85, roam=0.0))
+    assert _config_key(plain) != _config_key(robust)
+    assert augment_options(plain) == "" and augment_options(robust) == " --zoom-min 0.5 --roam 1"
+
+
+def test_shrunk_draws_the_sticker_small_in_the_top_left_corner():
+    from pmgen.train.scorer.trainer import shrunk
+
+    x = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    out = shrunk(x, 48)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert int(out[..., :48, :48].max()) == 0 and int(out[..., 48:, :].min()) == 255 and int(out[..., :, 48:].min()) == 255

@@ -16,6 +16,7 @@ Every candidate uses the same seed (same noise) and the target item's image as t
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ import torch
 from pmgen.stages.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
 from pmgen.data.schema import Event, Item, User
 from pmgen.data.images import load_image
+from pmgen.models.generator import outline_strengths
 from pmgen.presets import Preset, get_preset
 from pmgen.stages.select import DEFAULT_ALPHA, select, weight_grid
 from pmgen.types import (Candidate, ChatLLM, GenerationRecord, Generator, Scorer, SoftPrompt, TextEncoder)
@@ -66,6 +68,10 @@ class Settings:
         contrast: ``c`` in ``d_p = s(sim(image, preference) − c·(image · background))``, the user's
             preference measured against other users' (0 = off; needs the preset's preference
             background, see :func:`pmgen.stages.select.select`).
+        surround_strength: image-to-image strength *outside* the target's outline (its non-white
+            pixels) for the personalized candidates (``w > 0``); inside, ``strength``. ``None`` (the
+            default) = ``strength`` everywhere. The ``w = 0`` baseline never changes. Needs pmgen's
+            sticker generator (per-pixel strengths, :func:`pmgen.models.generator.outline_strengths`).
     """
 
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
@@ -85,6 +91,7 @@ class Settings:
     use_history_images: bool = False
     target_text: str = "keywords"
     contrast: float = 0.0
+    surround_strength: float | None = None
 
     @classmethod
     def for_preset(cls, preset: Preset, **overrides: Any) -> "Settings":
@@ -118,6 +125,9 @@ class Settings:
             raise ValueError(f"target_text must be one of {TARGET_TEXTS}, got {self.target_text!r}")
         if not 0 <= self.contrast <= 1:
             raise ValueError(f"contrast must be in [0, 1], got {self.contrast}")
+        if self.surround_strength is not None and not (
+                isinstance(self.surround_strength, (int, float)) and 0 <= self.surround_strength <= 1):
+            raise ValueError(f"surround_strength must be in [0, 1] (or None: off), got {self.surround_strength!r}")
         if self.k > 64 or self.n_target_keywords > 64 or self.budget_tokens > 8192:
             raise ValueError("k and n_target_keywords must be <= 64 and budget_tokens <= 8192")
 
@@ -437,8 +447,14 @@ class PMG:
             kwargs.update(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale,
                           extra_base=c.extra_base)
         if init is not None:
-            return self.generator.image_to_image(init, c.prompt_embeds, c.negative_prompt_embeds,
-                                                 strength=s.strength, **kwargs)
+            if s.surround_strength is not None and c.weight > 0:
+                if "strength_map" not in inspect.signature(self.generator.image_to_image).parameters:
+                    raise ValueError("surround_strength needs a generator with per-pixel strengths (pmgen's sticker "
+                                     f"generator); {type(self.generator).__name__} has none")
+                kwargs["strength_map"] = outline_strengths(init, s.strength, s.surround_strength)
+            else:
+                kwargs["strength"] = s.strength
+            return self.generator.image_to_image(init, c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
         return self.generator.text_to_image(c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
 
     def finish(self, plan: "Plan", images: torch.Tensor) -> GenerationResult:
@@ -472,6 +488,7 @@ class PMG:
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
             history_weight=s.history_weight, min_accuracy=s.min_accuracy, preset=self.preset.name,
             target_text=s.target_text, contrast=s.contrast,
+            surround_strength=s.surround_strength if init is not None else None,
             models=self.models(sp if soft is not None else None,
                                self.history_encoder if plan.history_tokens is not None else None),
             history_image_tokens=(f"on ({plan.history_tokens.shape[0]} tokens from {len(plan.history)} images)"

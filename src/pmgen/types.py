@@ -132,7 +132,9 @@ class GenerationRecord:
 
     ``preference`` is the keyword stage's own record (:meth:`pmgen.stages.keywords.Keywords.to_json`);
     ``models`` maps role → ``{"name", "hash"}``; ``warnings`` gathers every truncation and fallback.
-    ``target_text`` / ``contrast`` say how d_t and d_p were measured (:class:`pmgen.pipeline.Settings`).
+    ``target_text`` / ``contrast`` say how d_t and d_p were measured (:class:`pmgen.pipeline.Settings`);
+    ``surround_strength`` is the strength outside the target's outline of the personalized candidates
+    (``None``: ``strength`` everywhere).
     ``reason`` says why a result is not personalized (``personalized`` false). ``alpha_source`` says
     where ``alpha`` came from: ``"preset"``, ``"request"``, or the user's feedback (``"learned from …"``).
     """
@@ -168,6 +170,7 @@ class GenerationRecord:
     history_image_tokens: str = ""
     target_text: str = "keywords"
     contrast: float = 0.0
+    surround_strength: float | None = None
     schema_version: int = RECORD_SCHEMA_VERSION
 
     @property

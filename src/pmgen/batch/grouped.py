@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pmgen.models.generator import guide
+from pmgen.models.generator import guide, img2img_timesteps
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LENGTH_STEP = 32
@@ -75,17 +75,20 @@ def render_many(pmg: Any, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_
     if not can_render_many(gen):
         return [pmg.render(p) for p in plans]
     out: list[list[torch.Tensor | None]] = [[None] * len(p.conditions) for p in plans]
+    # per-pixel strengths (surround_strength) hold pixels per row: such a plan is rendered on its own
+    alone = {i: pmg.render(p) for i, p in enumerate(plans) if p.settings.surround_strength is not None
+             and p.init is not None}
     groups: dict[tuple, list[_Row]] = defaultdict(list)
     with torch.no_grad():
         for i, p in enumerate(plans):
+            if i in alone:
+                continue
             s = p.settings
             use_cfg = s.guidance_scale > 1.0
             scheduler = gen._fresh_scheduler(s.num_inference_steps)
             init_latents = gen.encode(p.init) if p.init is not None else None
             if init_latents is not None:
-                steps = s.num_inference_steps
-                n_run = min(int(steps * s.strength), steps)
-                timesteps = scheduler.timesteps[(steps - n_run) * scheduler.order:]
+                timesteps = img2img_timesteps(scheduler, s.num_inference_steps, s.strength)
             else:
                 timesteps = scheduler.timesteps
             for j, c in enumerate(p.conditions):
@@ -116,7 +119,7 @@ def render_many(pmg: Any, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_
                 latents = _denoise_chunk(gen, chunk, key, batch_size)
                 for r, lat in zip(chunk, latents):
                     out[r.plan][r.cand] = gen.decode(lat[None])
-    return [torch.cat(imgs) for imgs in out]  # type: ignore[arg-type]
+    return [alone[i] if i in alone else torch.cat(imgs) for i, imgs in enumerate(out)]  # type: ignore[arg-type]
 
 
 def _pad(rows: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,13 +62,14 @@ def _names(name: str) -> list[str]:
 _OPTION_OF = {"weights": "--weights", "alpha": "--alpha", "mode": "--mode", "seed": "--seed",
               "strength": "--strength", "num_inference_steps": "--steps", "k": "--keywords",
               "history_weight": "--history-weight", "min_accuracy": "--min-accuracy",
-              "target_text": "--target-text", "contrast": "--contrast"}
+              "target_text": "--target-text", "contrast": "--contrast", "surround_strength": "--surround-strength"}
 
 
 def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
                         strength: Optional[float], steps: Optional[int], k: Optional[int],
                         history_weight: Optional[float], min_accuracy: Optional[float] = None,
-                        target_text: Optional[str] = None, contrast: Optional[float] = None) -> dict:
+                        target_text: Optional[str] = None, contrast: Optional[float] = None,
+                        surround_strength: Optional[float] = None) -> dict:
     """The generation settings given as options, checked before any model loads (exit 2 naming the option)."""
     from pmgen.pipeline import Settings
     from pmgen.stages.select import weight_grid
@@ -81,7 +82,8 @@ def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Op
             _fail(f"--weights: {e}", 2)
     for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
                      ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight),
-                     ("min_accuracy", min_accuracy), ("target_text", target_text), ("contrast", contrast)):
+                     ("min_accuracy", min_accuracy), ("target_text", target_text), ("contrast", contrast),
+                     ("surround_strength", surround_strength)):
         if val is not None:
             out[key] = val
     for key, val in out.items():
@@ -126,6 +128,9 @@ ContrastOpt = Annotated[Optional[float], typer.Option(
          "against the preset's background (0 = off, the paper; 1 = sticker-tiny's default).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed shared by all candidates (default 0).")]
 StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image strength (default: the preset's).")]
+SurroundOpt = Annotated[Optional[float], typer.Option(
+    help="Strength outside the target's outline for the personalized candidates (w > 0); inside, --strength. "
+         "Default: off (--strength everywhere). The w = 0 baseline never changes.")]
 StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]
 KOpt = Annotated[Optional[int], typer.Option("--keywords", help="Number of preference keywords (default 8).")]
 HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image similarity in d_p (default 0).")]
@@ -160,8 +165,14 @@ SelectorOpt = Annotated[Optional[str], typer.Option(
          "zoo:sticker-tiny/selector-catalog).")]
 
 
-def _soft(soft_prompt: Optional[str], generator: Optional[str] = None, selector: Optional[str] = None) -> dict:
-    """Preset overrides: soft-prompt weights (or ``off``), generator and selector weights, when given."""
+EvaluatorOpt = Annotated[Optional[str], typer.Option(
+    help="Evaluator weights to grade with instead of the preset's (a folder or zoo:..., e.g. "
+         "zoo:sticker-tiny/evaluator-robust). It never selects.")]
+
+
+def _soft(soft_prompt: Optional[str], generator: Optional[str] = None, selector: Optional[str] = None,
+          evaluator: Optional[str] = None) -> dict:
+    """Preset overrides: soft-prompt weights (or ``off``), generator, selector and evaluator weights, when given."""
     out: dict = {}
     if soft_prompt is not None:
         out["soft_prompt"] = "" if soft_prompt.strip().lower() in ("off", "none", "") else soft_prompt
@@ -169,6 +180,8 @@ def _soft(soft_prompt: Optional[str], generator: Optional[str] = None, selector:
         out["generator"] = generator
     if selector is not None:
         out["selector"] = selector
+    if evaluator is not None:
+        out["evaluator"] = evaluator
     return out
 
 

@@ -12,6 +12,7 @@ import typer
 from pmgen.cli.app import (
     AlphaOpt,
     DataDirOpt,
+    EvaluatorOpt,
     GeneratorOpt,
     SelectorOpt,
     HistOpt,
@@ -20,6 +21,7 @@ from pmgen.cli.app import (
     SeedOpt,
     SoftOpt,
     StrengthOpt,
+    SurroundOpt,
     WeightsOpt,
     _fail,
     _load_keyword_models,
@@ -52,8 +54,9 @@ def evaluate(
     soft_prompt: SoftOpt = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
-    history_weight: HistOpt = None, min_accuracy: MinAccOpt = None, generator: GeneratorOpt = None,
-    selector: SelectorOpt = None,
+    history_weight: HistOpt = None, min_accuracy: MinAccOpt = None, surround_strength: SurroundOpt = None,
+    generator: GeneratorOpt = None,
+    selector: SelectorOpt = None, evaluator: EvaluatorOpt = None,
     reference: Annotated[bool, typer.Option(help="Also grade the real target images (the accuracy ceiling).")] = True,
     data_dir_: DataDirOpt = None,
 ) -> None:
@@ -67,8 +70,8 @@ def evaluate(
     from pmgen.stages.soft import SoftPromptEncoder
 
     overrides = _settings_overrides(weights or ("0,1,2" if quick else None), alpha, None, seed, strength, None, None,
-                                    history_weight, min_accuracy)
-    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector))
+                                    history_weight, min_accuracy, surround_strength=surround_strength)
+    pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector, evaluator))
     ablations = soft_prompt_ablations(pmg.preset)
     known = default_methods(pmg.soft_prompt is not None, ablations, pmg.history_encoder is not None,
                             bool(pmg.preset.preference_background))
@@ -83,7 +86,10 @@ def evaluate(
     if split not in ("test", "val"):
         _fail(f"--split must be test or val, got {split!r}", 2)
     samples = evaluation_samples(ds, 8 if quick else n_samples, split=split)
-    evaluator = load_scorer(pmg.preset, "evaluator", pmg.text_encoder)
+    try:
+        evaluator_model = load_scorer(pmg.preset, "evaluator", pmg.text_encoder)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        _fail(f"--evaluator {pmg.preset.evaluator}: {e}")
     lp = None
     if lpips:
         from pmgen.eval.metrics import STLPIPS
@@ -91,7 +97,7 @@ def evaluate(
         lp = STLPIPS("alex")
     from pmgen.data.datasets.sticker_users import TASTES
 
-    grader = Grader(evaluator, datasets.load("stickers", data_dir_), lp, tastes=[t.description for t in TASTES])
+    grader = Grader(evaluator_model, datasets.load("stickers", data_dir_), lp, tastes=[t.description for t in TASTES])
     t0 = _time.perf_counter()
     with progress_bar(f"evaluating {len(names)} methods", len(samples)) as update:
         rows, kept = run_methods(pmg, grader, ds, samples, [known[m] for m in names],
@@ -101,7 +107,7 @@ def evaluate(
     meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {**{m: known[m].description for m in names},
                                     **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},
-            "evaluator": evaluator.name, "alpha": pmg.settings.alpha,
+            "evaluator": evaluator_model.name, "evaluator_weights": pmg.preset.evaluator, "alpha": pmg.settings.alpha,
             "min_accuracy": pmg.settings.min_accuracy, "weights": list(pmg.settings.weights),
             "settings": {k: str(v) for k, v in vars(pmg.settings).items()},
             "models": pmg.models(pmg.soft_prompt, pmg.history_encoder),

@@ -24,6 +24,7 @@ from pmgen.cli.app import (
     SoftOpt,
     StepsOpt,
     StrengthOpt,
+    SurroundOpt,
     TargetTextOpt,
     WeightsOpt,
     _fail,
@@ -59,6 +60,7 @@ def generate(
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None, target_text: TargetTextOpt = None, contrast: ContrastOpt = None,
+    surround_strength: SurroundOpt = None,
     soft_prompt: SoftOpt = None, generator: GeneratorOpt = None, selector: SelectorOpt = None,
     history_images: Annotated[Optional[bool], typer.Option(
         "--history-images/--no-history-images",
@@ -83,7 +85,7 @@ def generate(
     from pmgen.paths import UnsafePathError, check_result_dir
 
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy,
-                                    target_text, contrast)
+                                    target_text, contrast, surround_strength)
     if history_images is not None:
         overrides["use_history_images"] = history_images
     if batch is not None:

@@ -45,6 +45,61 @@ EXTRA_BASES = ("cond", "uncond")
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
 
+def img2img_timesteps(scheduler: Any, num_inference_steps: int, strength: float) -> torch.Tensor:
+    """The last ``int(num_inference_steps · strength)`` timesteps of ``scheduler`` (SDEdit's start)."""
+    n_run = min(int(num_inference_steps * strength), num_inference_steps)
+    return scheduler.timesteps[(num_inference_steps - n_run) * scheduler.order:]
+
+
+def latent_strengths(strength_map: torch.Tensor, latent_hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """Per-pixel strengths ``[B or 1, 1, H, W]`` in [0, 1] → ``[batch, 1, h, w]`` at the latent size.
+
+    Each latent pixel takes the **lowest** strength of the image pixels it covers (a min-pool), so a
+    region held to the init image stays held wherever any of it falls."""
+    if (not isinstance(strength_map, torch.Tensor) or strength_map.ndim != 4 or strength_map.shape[1] != 1
+            or strength_map.shape[0] not in (1, batch)):
+        got = list(strength_map.shape) if isinstance(strength_map, torch.Tensor) else type(strength_map).__name__
+        raise ValueError(f"strength_map must be a float tensor [{batch} or 1, 1, H, W], got {got}")
+    m = strength_map.detach().float().cpu()
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise ValueError("strength_map values must be in [0, 1]")
+    h, w = latent_hw
+    if m.shape[-2] % h or m.shape[-1] % w:
+        raise ValueError(f"strength_map size {list(m.shape[-2:])} is not a multiple of the latent size {[h, w]}")
+    m = -torch.nn.functional.max_pool2d(-m, (m.shape[-2] // h, m.shape[-1] // w))
+    return m.expand(batch, -1, -1, -1)
+
+
+WHITE = 0.94
+"""A pixel whose every channel is at least this is background (stickers are drawn on white)."""
+
+
+def outline_strengths(init: torch.Tensor, inside: float, outside: float, grow: int = 1) -> torch.Tensor:
+    """A strength map ``[B, 1, H, W]`` for ``init`` ``[B, 3, H, W]`` in [0, 1]: ``inside`` on the
+    sticker's pixels (any channel below :data:`WHITE`, grown by ``grow`` px), ``outside`` on the white
+    around it. An init without white background gets ``inside`` everywhere (plain SDEdit)."""
+    ink = (init.detach().float().amin(dim=1, keepdim=True) < WHITE).float()
+    if grow > 0:
+        ink = torch.nn.functional.max_pool2d(ink, 2 * grow + 1, 1, grow)
+    return ink * float(inside) + (1 - ink) * float(outside)
+
+
+class Hold:
+    """Differential Diffusion's per-pixel release: before the step with global index ``i`` (of ``n``),
+    a latent pixel of strength ``s`` keeps the init latents noised to that step unless ``n − i ≤ n·s``.
+    With every ``s`` equal to the SDEdit strength nothing is ever held (the plain SDEdit sample)."""
+
+    def __init__(self, strengths: torch.Tensor, init_latents: torch.Tensor, noise: torch.Tensor, n: int):
+        self.strengths, self.init_latents, self.noise, self.n = strengths, init_latents, noise, n
+
+    def __call__(self, latents: torch.Tensor, i: int, t: torch.Tensor, scheduler: Any) -> torch.Tensor:
+        free = self.strengths * self.n >= (self.n - i) - 1e-4  # float32 strengths: 0.9 · 20 is 17.99999
+        if bool(free.all()):
+            return latents
+        held = scheduler.add_noise(self.init_latents, self.noise, t.reshape(1).repeat(latents.shape[0]))
+        return torch.where(free.to(latents.device), latents, held.to(latents.dtype))
+
+
 def guide(out: torch.Tensor, guidance_scale: float, use_cfg: bool, out_extra: torch.Tensor | None = None,
           extra_scale: float | torch.Tensor = 0.0, extra_base: str = "cond") -> torch.Tensor:
     """The guided prediction from one step's UNet outputs (one place for the sampler and the batch engine).
@@ -301,7 +356,8 @@ class StickerGenerator:
                        negative_prompt_embeds: torch.Tensor | None = None, *, strength: float = 0.6,
                        generator: GeneratorArg = None, seed: int | None = None, num_inference_steps: int = 20,
                        guidance_scale: float = 4.0, extra_prompt_embeds: torch.Tensor | None = None,
-                       extra_guidance_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
+                       extra_guidance_scale: float = 0.0, extra_base: str = "cond",
+                       strength_map: torch.Tensor | None = None) -> torch.Tensor:
         """SDEdit: encode ``init_images``, noise them to the timestep matching ``strength``, denoise
         under the condition.
 
@@ -313,6 +369,12 @@ class StickerGenerator:
             prompt_embeds, negative_prompt_embeds, generator, seed, num_inference_steps,
             guidance_scale, extra_prompt_embeds, extra_guidance_scale, extra_base: as in
                 :meth:`text_to_image`.
+            strength_map: optional per-pixel strengths, float ``[B or 1, 1, 64, 64]`` in [0, 1]
+                (Differential Diffusion, Levin & Fried 2023): a pixel of strength ``s`` is held to
+                the init image (noised to the current step) until the last ``int(steps · s)``
+                steps, then denoised with the rest; ``strength`` is then unused. A uniform map
+                equal to ``strength`` gives the same image as ``strength`` alone. See
+                :func:`latent_strengths` for how the map meets the 16×16 latents.
 
         Returns:
             float32 ``[B, 3, 64, 64]`` in [0, 1].
@@ -326,26 +388,34 @@ class StickerGenerator:
             raise ValueError(f"init_images has {images.shape[0]} images for {batch} prompts (expected 1 or {batch})")
         gens = self._generators(generator, seed, batch)
         init_latents = self.encode(images).expand(batch, -1, -1, -1)
+        held = None
+        if strength_map is not None:
+            held = latent_strengths(strength_map, self._latent_hw(), batch).to(self.device)
+            strength = round(float(held.max()), 6)  # the map is float32: 0.9 must still run int(20 · 0.9) steps
         scheduler = self._fresh_scheduler(num_inference_steps)
-        n_run = min(int(num_inference_steps * strength), num_inference_steps)
-        timesteps = scheduler.timesteps[(num_inference_steps - n_run) * scheduler.order:]
+        timesteps = img2img_timesteps(scheduler, num_inference_steps, strength)
         if len(timesteps) == 0:
             return self.decode(init_latents)
         noise = self._randn(tuple(init_latents.shape), gens)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
         extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
+        hold = None if held is None else Hold(held, init_latents, noise, num_inference_steps)
         return self.decode(self._denoise(latents, timesteps, scheduler, cond, uncond, guidance_scale, extra,
-                                         extra_guidance_scale, extra_base))
+                                         extra_guidance_scale, extra_base, hold))
 
     def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
-                 extra_scale: float = 0.0, extra_base: str = "cond") -> torch.Tensor:
+                 extra_scale: float = 0.0, extra_base: str = "cond", hold: "Hold | None" = None) -> torch.Tensor:
         """Denoise with classifier-free guidance; with ``extra`` also add ``extra_scale·(ε_extra − ε_base)``,
-        ``ε_base`` being ``ε_cond`` or (``extra_base="uncond"``) ``ε_uncond``."""
+        ``ε_base`` being ``ε_cond`` or (``extra_base="uncond"``) ``ε_uncond``; with ``hold``, the
+        pixels not yet released are reset to the noised init before each step."""
         use_cfg = uncond is not None
         context = torch.cat([uncond, cond]) if use_cfg else cond
         use_extra = extra is not None and extra_scale != 0.0
-        for t in timesteps:
+        first = scheduler.num_inference_steps - len(timesteps) // scheduler.order
+        for k, t in enumerate(timesteps):
+            if hold is not None:
+                latents = hold(latents, first + k, t, scheduler)
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             out = self.unet(model_in, t, encoder_hidden_states=context).sample

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 from pmgen.train.run import RunConfig
 
+AUGMENT_DEFAULTS: dict[str, float] = {"zoom_min": 0.85, "zoom_max": 1.1, "roam": 0.0}
+"""The augmentation the shipped scorers were trained with (a run with these keeps its old resume key)."""
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "selector": {"arch": "resnet", "widths": (32, 64, 128, 256), "depth": 1, "seed": 1, "holdout_seed": 101,
                  "steps": 1500},
@@ -44,6 +46,10 @@ class ScorerTrainConfig(RunConfig):
         generated_strengths: img2img strengths of the generator views of the catalog
             (:mod:`pmgen.train.scorer.generated`) mixed into training; empty → catalog art only.
         generated_fraction: share of a batch's images drawn from those views (in [0, 1]).
+        zoom_min, zoom_max: range of the random zoom of each training image (1 = as drawn;
+            0.5 = half size, on white).
+        roam: how far a shrunk image may move: 0 keeps it near the centre (±4% of the width), 1
+            lets it reach the frame's edges (see :func:`pmgen.train.scorer.trainer.augment`).
     """
 
     out: str | None = None  # type: ignore[assignment]
@@ -64,6 +70,9 @@ class ScorerTrainConfig(RunConfig):
     eval_every: int = 250
     generated_strengths: tuple[float, ...] | None = None
     generated_fraction: float = 0.5
+    zoom_min: float = 0.85
+    zoom_max: float = 1.1
+    roam: float = 0.0
 
     KIND: ClassVar[str] = "scorer"
     CHECKPOINT_NAME: ClassVar[str] = "resume.pt"
@@ -93,7 +102,9 @@ class ScorerTrainConfig(RunConfig):
                 ((self.steps or 0) >= 1, "steps", ">= 1"),
                 (self.lr > 0, "lr", "> 0"),
                 (all(0 < s <= 1 for s in self.generated_strengths or ()), "generated_strengths", "each in (0, 1]"),
-                (0 <= self.generated_fraction <= 1, "generated_fraction", "in [0, 1]")]
+                (0 <= self.generated_fraction <= 1, "generated_fraction", "in [0, 1]"),
+                (0.25 <= self.zoom_min <= self.zoom_max <= 2, "zoom_min", "0.25 <= zoom_min <= zoom_max <= 2"),
+                (0 <= self.roam <= 1, "roam", "in [0, 1]")]
 
     @classmethod
     def default_train_dir(cls, values: Mapping[str, Any]) -> Path:

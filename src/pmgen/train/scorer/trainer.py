@@ -22,7 +22,7 @@ from pmgen.data.catalog import ImageCatalog, load_catalog
 from pmgen.data.schema import Item
 from pmgen.models.scorer import DualEncoder, ScorerConfig, candidate_matrix, topk_hits
 from pmgen.train.run import atomic_save, load_checkpoint, save_checkpoint, set_rng_state
-from pmgen.train.scorer.config import ScorerTrainConfig
+from pmgen.train.scorer.config import AUGMENT_DEFAULTS, ScorerTrainConfig
 
 
 def text_variants(item: Item) -> list[str]:
@@ -47,11 +47,32 @@ def pooled_text_vectors(texts: list[str], text_encoder: Any, cache: Path) -> tor
     return vecs
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Zoom 0.85–1.1 and shift ±8% on white, then blur (p 0.3) and noise (p 0.3). ``x`` in [0, 1]."""
+def holdout_split(groups: list[str], seed: int, fraction: float) -> tuple[set[str], list[int], dict[str, list[int]]]:
+    """The held-out catalog groups (a ``fraction`` of them, shuffled by ``seed``), the indices of their
+    items, and the training items by group."""
+    uniq = sorted(set(groups))
+    random.Random(seed).shuffle(uniq)
+    held = set(uniq[: int(len(uniq) * fraction)])
+    train_groups: dict[str, list[int]] = {}
+    held_idx = []
+    for i, g in enumerate(groups):
+        if g in held:
+            held_idx.append(i)
+        else:
+            train_groups.setdefault(g, []).append(i)
+    return held, held_idx, train_groups
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, zoom_min: float = 0.85, zoom_max: float = 1.1,
+            roam: float = 0.0) -> torch.Tensor:
+    """Zoom ``zoom_min``–``zoom_max`` and shift on white, then blur (p 0.3) and noise (p 0.3). ``x`` in [0, 1].
+
+    The shift is up to ``0.08 + roam·max(0, 1/zoom − 1)`` (grid units): with ``roam`` 1 a shrunk sticker
+    may sit anywhere in the frame, up to its edges (a sticker drawn smaller, in a corner, beside
+    another); with 0 it stays near the centre (the shipped scorers' training)."""
     b = x.shape[0]
-    s = torch.empty(b).uniform_(0.85, 1.1, generator=gen)
-    t = torch.empty(b, 2).uniform_(-0.08, 0.08, generator=gen)
+    s = torch.empty(b).uniform_(zoom_min, zoom_max, generator=gen)
+    t = torch.empty(b, 2).uniform_(-1.0, 1.0, generator=gen) * (0.08 + roam * (1 / s - 1).clamp(min=0)).unsqueeze(1)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / s
     theta[:, :, 2] = t
@@ -66,6 +87,19 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if noisy.any():
         x[noisy] = x[noisy] + 0.04 * torch.randn(x[noisy].shape, generator=gen)
     return x.clamp(0, 1)
+
+
+SMALL_SIZE = 48
+"""Side (px of 64) of the held-out "drawn smaller, in a corner" check (:func:`shrunk`)."""
+
+
+def shrunk(images: torch.Tensor, size: int = SMALL_SIZE) -> torch.Tensor:
+    """uint8 images ``[N, 3, H, W]`` drawn at ``size`` px in the top-left corner, on white: how a
+    target looks beside a second object. The scorers' own check of whether they still know it."""
+    small = F.interpolate(images.float(), size=(size, size), mode="area").round().to(torch.uint8)
+    out = torch.full_like(images, 255)
+    out[:, :, :size, :size] = small
+    return out
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -100,17 +134,10 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
     vecs = pooled_text_vectors(flat, text_encoder, work.parent / "scorer-text")
     title_idx = torch.tensor([index[it.title] for it in items])
 
-    uniq = sorted(set(groups))
-    random.Random(cfg.holdout_seed).shuffle(uniq)
-    held = set(uniq[: int(len(uniq) * cfg.holdout_fraction)])
-    train_groups: dict[str, list[int]] = {}
-    held_idx = []
-    for i, g in enumerate(groups):
-        if g in held:
-            held_idx.append(i)
-        else:
-            train_groups.setdefault(g, []).append(i)
+    held, held_idx, train_groups = holdout_split(groups, cfg.holdout_seed, cfg.holdout_fraction)
     group_keys = sorted(train_groups)
+    small = images.clone()
+    small[held_idx] = shrunk(images[held_idx])  # only the held-out rows are ever scored
     views = None
     if cfg.generated_strengths:
         from pmgen.train.scorer.generated import generated_views
@@ -165,7 +192,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
             if use.any():
                 which = torch.randint(len(views), (int(use.sum()),), generator=gen)
                 x[use] = views[which, idx[use]]
-        x = augment(x.float() / 255, gen)
+        x = augment(x.float() / 255, gen, cfg.zoom_min, cfg.zoom_max, cfg.roam)
         loss = clip_loss(model.encode_images(x), model.encode_text_vectors(vecs[txt]), model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,6 +205,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
             rec.update(evaluate(model, images, vecs, title_idx, held_idx, groups, seed=cfg.seed))
+            rec.update(evaluate(model, small, vecs, title_idx, held_idx, groups, seed=cfg.seed, name="heldout_small"))
             if views is not None:
                 rec.update(evaluate(model, views[0], vecs, title_idx, held_idx, groups, seed=cfg.seed,
                                     name="heldout_generated"))
@@ -195,6 +223,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         return None
     model.eval()
     final = evaluate(model, images, vecs, title_idx, held_idx, groups, seed=cfg.seed)
+    final.update(evaluate(model, small, vecs, title_idx, held_idx, groups, seed=cfg.seed, name="heldout_small"))
     if views is not None:
         final.update(evaluate(model, views[0], vecs, title_idx, held_idx, groups, seed=cfg.seed,
                               name="heldout_generated"))
@@ -208,6 +237,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
         "heldout": final, "train_subset": {k.replace("heldout", "train"): v for k, v in final_train.items()},
         "final_loss": history[-1]["loss"],
         "generated_strengths": list(cfg.generated_strengths or ()), "generated_fraction": cfg.generated_fraction,
+        "augment": {"zoom_min": cfg.zoom_min, "zoom_max": cfg.zoom_max, "roam": cfg.roam},
     }
     model.save(Path(cfg.out))
     write_model_card(cfg, model, history)
@@ -220,6 +250,9 @@ def _config_key(cfg: ScorerTrainConfig) -> str:
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in cfg.RUN_FIELDS}
     if not cfg.generated_strengths:  # a catalog-only run keeps the key it had before these settings existed
         d.pop("generated_strengths"), d.pop("generated_fraction")
+    for name, before in AUGMENT_DEFAULTS.items():  # so does a run with the original augmentation
+        if d.get(name) == before:
+            d.pop(name)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -253,6 +286,11 @@ def generated_options(cfg: ScorerTrainConfig) -> str:
         return ""
     return (f" --generated-strengths {','.join(f'{s:g}' for s in cfg.generated_strengths)}"
             f" --generated-fraction {cfg.generated_fraction:g}")
+
+
+def augment_options(cfg: ScorerTrainConfig) -> str:
+    return "".join(f" --{k.replace('_', '-')} {getattr(cfg, k):g}" for k, v in AUGMENT_DEFAULTS.items()
+                   if getattr(cfg, k) != v)
 
 
 def write_model_card(cfg: ScorerTrainConfig, model: DualEncoder, history: list[dict[str, Any]]) -> None:
@@ -290,10 +328,12 @@ else 'Used only to grade results, never for selection.'}
 | steps × batch | {info['steps']} × {info['batch_size']} |
 | final train loss | {info['final_loss']} |
 | held-out image→text top-1 / top-5 (100 names) | {info['heldout']['heldout_top1']:.3f} / {info['heldout']['heldout_top5']:.3f} |
+| held-out, drawn at {SMALL_SIZE} px in a corner, top-1 / top-5 | {info['heldout']['heldout_small_top1']:.3f} / {info['heldout']['heldout_small_top5']:.3f} |
 | training-item image→text top-1 / top-5 (100 names) | {info['train_subset']['train_top1']:.3f} / {info['train_subset']['train_top5']:.3f} |
+| augmentation | zoom {cfg.zoom_min:g}–{cfg.zoom_max:g}, roam {cfg.roam:g} |
 {generated_rows(info)}| training time | {info['train_minutes']} min wall clock on a 2-core CPU |
 
-Reproduce: `pmgen train scorer --role {cfg.role}{generated_options(cfg)}` (seed {cfg.seed}).
+Reproduce: `pmgen train scorer --role {cfg.role}{generated_options(cfg)}{augment_options(cfg)}` (seed {cfg.seed}).
 
 ![loss](loss.png)
 """
