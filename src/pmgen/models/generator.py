@@ -15,7 +15,8 @@ On disk it is a diffusers-style folder::
     pmgen_generator.json          latent scaling factor, text length, image size, training notes
 
 :class:`StickerGenerator` has two entry points, :meth:`~StickerGenerator.text_to_image` (from noise)
-and :meth:`~StickerGenerator.image_to_image` (SDEdit from an init image). Both take precomputed
+and :meth:`~StickerGenerator.image_to_image` (SDEdit from an init image, optionally with a strength
+per pixel: :func:`outline_strengths` makes one that frees the white around a sticker). Both take precomputed
 ``prompt_embeds`` / ``negative_prompt_embeds`` (see :meth:`pmgen.models.text_encoder.TextEncoder.token_states`)
 and an explicit ``generator`` or ``seed``; the same inputs give bit-identical images on the same
 machine and thread count. "Same inputs" includes the batch: a row generated alone and the same row
