@@ -186,3 +186,27 @@ def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):
     assert "history_image_tokens" not in plain  # off by default
     assert rec["candidates"][1]["preference_tokens"] == plain["candidates"][1]["preference_tokens"] + 4
     assert rec["candidates"][0]["d_t"] == plain["candidates"][0]["d_t"]  # w = 0: the same baseline
+
+
+def test_scorer_check_repeats_the_training_split_and_shows_the_corner_drop(data_root, tmp_path):
+    """`pmgen models scorer-check`: the shipped evaluator's held-out top-5 is the one its training recorded
+    (same split, same candidates); drawn at 48 px in a corner it falls. Unusable scorers are refused first."""
+    from pmgen.models.scorer import DualEncoder, ScorerConfig
+    from pmgen.presets import ZOO
+
+    info = json.loads((ZOO / "sticker-tiny" / "evaluator" / "config.json").read_text())["info"]
+    r = runner.invoke(app, ["models", "scorer-check", "--scorer", "zoo:sticker-tiny/evaluator",
+                            "--data-dir", str(data_root)])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if "zoo:sticker-tiny/evaluator" in line)
+    cells = [c.strip() for c in row.strip("│┃ ").split("│")]
+    (top1, top5), (small1, small5) = ([float(x) for x in c.split(" / ")] for c in cells[1:3])
+    assert (top1, top5) == (round(info["heldout"]["heldout_top1"], 3), round(info["heldout"]["heldout_top5"], 3))
+    assert small5 < top5 - 0.2 and small1 < top1
+    untrained = tmp_path / "untrained"
+    DualEncoder(ScorerConfig(widths=(8, 16), embed_dim=16, text_dim=384)).save(untrained)
+    for bad, says in ((tmp_path / "missing", "no scorer at"), (untrained, "records no held-out split")):
+        r = runner.invoke(app, ["models", "scorer-check", "--scorer", "zoo:sticker-tiny/evaluator", "--scorer", str(bad),
+                                "--data-dir", str(data_root)])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+        assert "held-out top-1" not in r.output  # refused before anything was measured

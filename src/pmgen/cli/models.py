@@ -64,6 +64,42 @@ def models_check(
         _fail(f"{len(bad)} model(s) of preset '{p.name}' could not be loaded offline")
 
 
+@models_app.command("scorer-check")
+def models_scorer_check(
+    preset: PresetOpt = "sticker-tiny",
+    scorer: Annotated[Optional[list[str]], typer.Option(
+        help="Scorer folder or zoo:… (repeatable; default: the preset's selector and evaluator).")] = None,
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """Do pmgen's scorers still know a sticker drawn smaller, in a corner? Held-out top-1 / top-5."""
+    from pmgen.data.catalog import load_catalog
+    from pmgen.models.scorer import Scorer
+    from pmgen.models.text_encoder import TextEncoder
+    from pmgen.paths import cache_dir
+    from pmgen.presets import get_preset, resolve
+    from pmgen.train.scorer.trainer import SMALL_SIZE, corner_check
+
+    p = get_preset(preset)
+    refs = scorer or [p.selector, p.evaluator]
+    te = TextEncoder.minilm()
+    models = {}
+    for ref in refs:  # every scorer is loaded (or refused) before any is measured
+        try:
+            model = Scorer.load(Path(resolve(ref)), te).model
+            if not {"holdout_seed", "holdout_groups", "seed"} <= set(model.cfg.info):
+                raise ValueError("its config records no held-out split (not trained by `pmgen train scorer`)")
+        except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+            _fail(f"--scorer {ref}: {e}")
+        models[ref] = model
+    catalog = load_catalog(data_dir_)
+    table = Table("scorer", "held-out top-1 / top-5", f"at {SMALL_SIZE} px in a corner")
+    for ref, model in models.items():
+        r = corner_check(model, catalog, te, cache_dir() / "train" / "scorer-text")
+        table.add_row(ref, f"{r['heldout_top1']:.3f} / {r['heldout_top5']:.3f}",
+                      f"{r['heldout_small_top1']:.3f} / {r['heldout_small_top5']:.3f}")
+    console.print(table)
+
+
 @models_app.command("report")
 def models_report(
     preset: PresetOpt = "sticker-tiny",

@@ -47,6 +47,33 @@ def pooled_text_vectors(texts: list[str], text_encoder: Any, cache: Path) -> tor
     return vecs
 
 
+def catalog_texts(items: list[Item], text_encoder: Any, cache: Path
+                  ) -> tuple[list[list[str]], dict[str, int], torch.Tensor, torch.Tensor]:
+    """Each item's text variants, every distinct text's index, their pooled vectors (cached in
+    ``cache``) and each item's title index."""
+    variants = [text_variants(it) for it in items]
+    flat = sorted({t for v in variants for t in v} | {it.title for it in items})
+    index = {t: i for i, t in enumerate(flat)}
+    vecs = pooled_text_vectors(flat, text_encoder, cache)
+    return variants, index, vecs, torch.tensor([index[it.title] for it in items])
+
+
+def corner_check(model: DualEncoder, catalog: ImageCatalog, text_encoder: Any, cache: Path) -> dict[str, float]:
+    """A trained scorer's held-out image→text top-1 / top-5 among 100 names, as drawn and drawn at
+    :data:`SMALL_SIZE` px in a corner (:func:`shrunk`), on its own held-out groups (the holdout seed
+    and group count its training recorded) — the check its training log reports, for any scorer."""
+    info = model.cfg.info
+    _, _, vecs, title_idx = catalog_texts(catalog.items, text_encoder, cache)
+    n_groups = len(set(catalog.groups))
+    _, held_idx, _ = holdout_split(catalog.groups, info["holdout_seed"], (info["holdout_groups"] + 0.5) / n_groups)
+    small = catalog.images.clone()
+    small[held_idx] = shrunk(catalog.images[held_idx])
+    out = evaluate(model, catalog.images, vecs, title_idx, held_idx, catalog.groups, seed=info["seed"])
+    out.update(evaluate(model, small, vecs, title_idx, held_idx, catalog.groups, seed=info["seed"],
+                        name="heldout_small"))
+    return out
+
+
 def holdout_split(groups: list[str], seed: int, fraction: float) -> tuple[set[str], list[int], dict[str, list[int]]]:
     """The held-out catalog groups (a ``fraction`` of them, shuffled by ``seed``), the indices of their
     items, and the training items by group."""
@@ -128,11 +155,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
     catalog = catalog if catalog is not None else load_catalog(cfg.data_dir)
     items, images, groups = catalog.items, catalog.images, catalog.groups
     text_encoder = text_encoder if text_encoder is not None else TextEncoder.minilm()
-    variants = [text_variants(it) for it in items]
-    flat = sorted({t for v in variants for t in v} | {it.title for it in items})
-    index = {t: i for i, t in enumerate(flat)}
-    vecs = pooled_text_vectors(flat, text_encoder, work.parent / "scorer-text")
-    title_idx = torch.tensor([index[it.title] for it in items])
+    variants, index, vecs, title_idx = catalog_texts(items, text_encoder, work.parent / "scorer-text")
 
     held, held_idx, train_groups = holdout_split(groups, cfg.holdout_seed, cfg.holdout_fraction)
     group_keys = sorted(train_groups)
