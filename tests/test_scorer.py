@@ -190,6 +190,14 @@ def test_augment_settings_are_checked_and_the_original_augmentation_keeps_its_re
     assert augment_options(plain) == "" and augment_options(robust) == " --zoom-min 0.5 --roam 1"
 
 
+def test_the_model_cards_command_names_steps_other_than_the_roles_default(tmp_path):
+    from pmgen.train.scorer.config import ScorerTrainConfig
+    from pmgen.train.scorer.trainer import steps_option
+
+    assert steps_option(ScorerTrainConfig(out=str(tmp_path), role="evaluator")) == ""
+    assert steps_option(ScorerTrainConfig(out=str(tmp_path), role="evaluator", steps=3000)) == " --steps 3000"
+
+
 def test_shrunk_draws_the_sticker_small_in_the_top_left_corner():
     from pmgen.train.scorer.trainer import shrunk
 

@@ -22,7 +22,7 @@ from pmgen.data.catalog import ImageCatalog, load_catalog
 from pmgen.data.schema import Item
 from pmgen.models.scorer import DualEncoder, ScorerConfig, candidate_matrix, topk_hits
 from pmgen.train.run import atomic_save, load_checkpoint, save_checkpoint, set_rng_state
-from pmgen.train.scorer.config import AUGMENT_DEFAULTS, ScorerTrainConfig
+from pmgen.train.scorer.config import AUGMENT_DEFAULTS, ROLE_DEFAULTS, ScorerTrainConfig
 
 
 def text_variants(item: Item) -> list[str]:
@@ -66,8 +66,7 @@ def corner_check(model: DualEncoder, catalog: ImageCatalog, text_encoder: Any, c
     _, _, vecs, title_idx = catalog_texts(catalog.items, text_encoder, cache)
     n_groups = len(set(catalog.groups))
     _, held_idx, _ = holdout_split(catalog.groups, info["holdout_seed"], (info["holdout_groups"] + 0.5) / n_groups)
-    small = catalog.images.clone()
-    small[held_idx] = shrunk(catalog.images[held_idx])
+    small = shrunk_rows(catalog.images, held_idx)
     out = evaluate(model, catalog.images, vecs, title_idx, held_idx, catalog.groups, seed=info["seed"])
     out.update(evaluate(model, small, vecs, title_idx, held_idx, catalog.groups, seed=info["seed"],
                         name="heldout_small"))
@@ -129,6 +128,13 @@ def shrunk(images: torch.Tensor, size: int = SMALL_SIZE) -> torch.Tensor:
     return out
 
 
+def shrunk_rows(images: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """A copy of ``images`` whose rows ``idx`` are :func:`shrunk` (only those rows are ever scored)."""
+    out = images.clone()
+    out[idx] = shrunk(images[idx])
+    return out
+
+
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     logits = logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
     labels = torch.arange(img.shape[0])
@@ -159,8 +165,7 @@ def train(cfg: ScorerTrainConfig, log: Callable[[str], None] = print, catalog: I
 
     held, held_idx, train_groups = holdout_split(groups, cfg.holdout_seed, cfg.holdout_fraction)
     group_keys = sorted(train_groups)
-    small = images.clone()
-    small[held_idx] = shrunk(images[held_idx])  # only the held-out rows are ever scored
+    small = shrunk_rows(images, held_idx)
     views = None
     if cfg.generated_strengths:
         from pmgen.train.scorer.generated import generated_views
@@ -311,6 +316,11 @@ def generated_options(cfg: ScorerTrainConfig) -> str:
             f" --generated-fraction {cfg.generated_fraction:g}")
 
 
+def steps_option(cfg: ScorerTrainConfig) -> str:
+    """`` --steps N`` when the run's steps are not its role's default (the card's command must reproduce it)."""
+    return "" if cfg.steps == ROLE_DEFAULTS.get(cfg.role, {}).get("steps") else f" --steps {cfg.steps}"
+
+
 def augment_options(cfg: ScorerTrainConfig) -> str:
     return "".join(f" --{k.replace('_', '-')} {getattr(cfg, k):g}" for k, v in AUGMENT_DEFAULTS.items()
                    if getattr(cfg, k) != v)
@@ -356,7 +366,7 @@ else 'Used only to grade results, never for selection.'}
 | augmentation | zoom {cfg.zoom_min:g}–{cfg.zoom_max:g}, roam {cfg.roam:g} |
 {generated_rows(info)}| training time | {info['train_minutes']} min wall clock on a 2-core CPU |
 
-Reproduce: `pmgen train scorer --role {cfg.role}{generated_options(cfg)}{augment_options(cfg)}` (seed {cfg.seed}).
+Reproduce: `pmgen train scorer --role {cfg.role}{steps_option(cfg)}{generated_options(cfg)}{augment_options(cfg)}` (seed {cfg.seed}).
 
 ![loss](loss.png)
 """
