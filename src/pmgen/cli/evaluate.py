@@ -199,6 +199,52 @@ def evaluate_feedback(
     console.print(f"[green]✓[/] {js}, {md}, {out / 'feedback_regret.png'}", highlight=False)
 
 
+@app.command("evaluate-judge")
+def evaluate_judge(
+    n_samples: Annotated[int, typer.Option(help="Samples (one per user, as `pmgen evaluate` picks them).",
+                                           min=1, max=1000)] = 60,
+    split: Annotated[str, typer.Option(help="val or test.")] = "val",
+    out: Annotated[Path, typer.Option(help="Output folder (judge.json, judge.md, judge_examples.png).")] = Path(
+        "runs/eval"),
+    seed: Annotated[int, typer.Option(help="Seed of the taste elements, their corners and the bootstrap.")] = 0,
+    evaluator: EvaluatorOpt = None,
+    preset: PresetOpt = "sticker-tiny",
+    data_dir_: DataDirOpt = None,
+) -> None:
+    """What can the evaluator credit as "the target, in this user's taste"? Real images and composites, no generation."""
+    from pmgen.data.datasets.sticker_users import TASTES
+    from pmgen.eval.evaluate import evaluation_samples
+    from pmgen.eval.grading import Grader
+    from pmgen.eval.judge import judge_check, judge_table, write_judge_outputs
+    from pmgen.presets import get_preset, load_scorer
+    from pmgen.train.composites import heldout_from_sticker_users
+
+    if split not in ("val", "test"):
+        _fail(f"--split must be val or test, got {split!r}", 2)
+    try:
+        p = get_preset(preset, **_soft(None, evaluator=evaluator))
+    except (KeyError, ValueError) as e:
+        _fail(str(e.args[0]) if e.args else str(e), 2)
+    try:
+        ev = load_scorer(p, "evaluator")
+    except (FileNotFoundError, OSError, ValueError) as e:
+        _fail(f"--evaluator {p.evaluator}: {e}")
+    try:
+        ds = datasets.load("sticker-users", data_dir_)
+        grader = Grader(ev, datasets.load("stickers", data_dir_), perceptual=False,
+                        tastes=[t.description for t in TASTES])
+    except (DataError, FileNotFoundError) as e:
+        _fail(str(e))
+    samples = evaluation_samples(ds, n_samples, split=split)
+    _, truths = heldout_from_sticker_users(ds.samples)
+    result = _with_progress("grading", len(samples), lambda progress: judge_check(
+        grader, ds, samples, truths, seed=seed, progress=progress))
+    result = {**result, "split": split, "evaluator": ev.name, "evaluator_weights": p.evaluator}
+    _show_result(result, out, write_judge_outputs, judge_table,
+                 f"What the evaluator credits, {result['n_samples']} {split} samples (mean [95% CI])",
+                 f"{out / 'judge_examples.png'}: the images of the first samples")
+
+
 @app.command("evaluate-leaks")
 def evaluate_leaks(
     n_users: Annotated[Optional[int], typer.Option(help="Users (seeded subset; default: every user of the split).",

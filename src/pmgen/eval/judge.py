@@ -1,0 +1,159 @@
+"""What can the evaluator credit as "the target, in this user's taste"? (``pmgen evaluate-judge``)
+
+No generation: real catalog images, and composites of them drawn by
+:func:`pmgen.train.composites.render` (the target with an element of the user's hidden taste as a
+badge, beside it, as its palette or as a pattern behind it), are graded exactly as ``pmgen evaluate``
+grades a generated sticker (:class:`pmgen.eval.grading.Grader`). Each row is a kind of image any
+generator could at best produce; its "both at once" (target in the top 5 of 100 names **and** the
+user's taste first of the 12) is what the judge can give such an image. The rows:
+
+* ``target`` — the real target image (what the ``w = 0`` baseline reproduces);
+* ``ground truth`` — the catalog's recorded personalized sticker (samples that have one), i.e. the
+  dataset's own "target in the taste" (a crying cat for a cat fan's crying face);
+* ``taste sticker`` — a catalog sticker of the user's taste alone (the target replaced);
+* ``badge`` / ``side`` / ``palette`` / ``pattern`` at ``w`` 0.5 and 2 — the composites of the
+  generator's composite training (the element grows with ``w``).
+
+This is a diagnostic of the judge, not a method: it uses the hidden taste to pick the elements.
+Taste elements are never val/test ground-truth stickers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pmgen.data.images import load_image
+from pmgen.eval.grading import Grader
+from pmgen.eval.keyword_bench import md_table, write_result
+from pmgen.eval.stats import format_ci, mean_ci
+
+METRICS = ("target_top5", "acc_text", "pers_taste", "taste_top1", "both")
+COMPOSITES = (("badge", 0.5), ("badge", 2.0), ("side", 0.5), ("side", 2.0), ("palette", 0.5), ("palette", 2.0),
+              ("pattern", 0.5), ("pattern", 2.0))
+ROWS = ("target", "ground truth", "taste sticker", *(f"{m}, w = {w:g}" for m, w in COMPOSITES))
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    """``[1, 3, H, W]`` in [0, 1] → uint8 ``[H, W, 3]``."""
+    return (x[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def judge_images(ds: Any, samples: Sequence[Any], heldout_images: set[str], seed: int = 0
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Per sample, the image of each row (``ROWS``; ``ground truth`` only where the sample has one),
+    each ``[1, 3, 64, 64]`` in [0, 1]. Taste elements are drawn (``seed``) from the catalog stickers of
+    the user's hidden taste, never from ``heldout_images`` or skin-tone variants."""
+    from pmgen.data.datasets.sticker_users import taste_by_name
+    from pmgen.train import composites as C
+
+    cache: dict[str, np.ndarray] = {}
+
+    def image(item_id: str) -> np.ndarray:
+        if item_id not in cache:
+            cache[item_id] = _uint8(load_image(ds.image_path(item_id), 64))
+        return cache[item_id]
+
+    pools: dict[str, list[str]] = {}
+    hues: dict[str, float] = {}
+    rng = random.Random(f"judge-{seed}")
+    out = []
+    for s in samples:
+        taste = taste_by_name(ds.users[s.user_id].attributes["taste"])
+        if taste.name not in pools:
+            pools[taste.name] = [i for i in sorted(ds.items) if taste.matches(ds.items[i]) and i not in heldout_images
+                                 and not ds.items[i].attributes.get("skintone")]
+            if not pools[taste.name]:
+                raise ValueError(f"no catalog sticker of taste {taste.name!r} outside the held-out items")
+            hues[taste.name] = C.dominant_hue(image(i) for i in pools[taste.name])
+        element = rng.choice(pools[taste.name])
+        place = rng.randrange(4)
+        imgs = {"target": image(s.target_id)}
+        if s.ground_truth_personalized:
+            imgs["ground truth"] = image(s.ground_truth_personalized)
+        imgs["taste sticker"] = image(element)
+        for mode, w in COMPOSITES:
+            spec = C.CompositeSpec(s.target_id, taste.name, mode, element, place, w, (), ())
+            imgs[f"{mode}, w = {w:g}"] = C.render(spec, {s.target_id: image(s.target_id), element: image(element)},
+                                                  hues)
+        out.append({k: torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255 for k, v in imgs.items()})
+    return out
+
+
+def judge_check(grader: Grader, ds: Any, samples: Sequence[Any], heldout_images: set[str], seed: int = 0,
+                progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
+    """Grade every row's images of every sample; per row and metric a mean with its 95% CI over users."""
+    t0 = time.monotonic()
+    images = judge_images(ds, samples, heldout_images, seed)
+    graded: dict[str, list[tuple[str, dict[str, float]]]] = {r: [] for r in ROWS}
+    for k, (s, imgs) in enumerate(zip(samples, images)):
+        user = ds.users[s.user_id]
+        grades = grader.grade(torch.cat(list(imgs.values())), s, user.attributes.get("taste_description"), [])
+        for row, g in zip(imgs, grades):
+            graded[row].append((s.user_id, g))
+        progress(k + 1, len(samples))
+    summary = {row: {m: mean_ci([g[m] for _, g in rs], [u for u, _ in rs], seed) for m in METRICS}
+               for row, rs in graded.items() if rs}
+    return {"protocol": "real catalog images and composites of them (pmgen.train.composites.render), graded as "
+                        "`pmgen evaluate` grades a generated sticker; no generation",
+            "n_samples": len(samples), "seed": seed, "summary": summary,
+            "examples": images[:6], "timing_s": round(time.monotonic() - t0, 1)}
+
+
+def judge_table(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per kind of image, each metric as mean [95% CI], and n."""
+    header = ["image", "target in top 5", "accuracy (text score)", "taste (text score)", "taste ranked first",
+              "both at once", "n"]
+    rows = []
+    for row in ROWS:
+        st = result["summary"].get(row)
+        if st:
+            rows.append([row, *(format_ci(st[m]) for m in METRICS), str(st["both"]["n"])])
+    return header, rows
+
+
+def judge_markdown(result: Mapping[str, Any]) -> str:
+    header, rows = judge_table(result)
+    return "\n".join([
+        "# What the evaluator credits as \"the target, in this user's taste\"", "",
+        result["protocol"] + ".", "",
+        f"{result['n_samples']} samples of `sticker-users` ({result.get('split', '?')} split, one per user); "
+        f"evaluator `{result.get('evaluator_weights', result.get('evaluator', '?'))}`; seed {result['seed']}.", "",
+        md_table(header, rows), "",
+        "![one column per kind of image, one row per sample](judge_examples.png)", ""])
+
+
+def plot_examples(examples: Sequence[Mapping[str, torch.Tensor]], path: Path) -> None:
+    """A grid: one row per sample, one column per kind of image (blank where a sample has no ground truth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), len(ROWS), figsize=(1.05 * len(ROWS), 1.15 * len(examples) + 0.4),
+                             squeeze=False)
+    for i, imgs in enumerate(examples):
+        for j, row in enumerate(ROWS):
+            ax = axes[i][j]
+            ax.axis("off")
+            if row in imgs:
+                ax.imshow(imgs[row][0].permute(1, 2, 0).numpy())
+            if i == 0:
+                ax.set_title(row.replace(", ", "\n"), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_judge_outputs(result: Mapping[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """``out/judge.json``, ``out/judge.md`` and ``out/judge_examples.png``; returns the first two."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_examples(result["examples"], out / "judge_examples.png")
+    return write_result({k: v for k, v in result.items() if k != "examples"}, out, "judge", judge_markdown(result))
