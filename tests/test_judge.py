@@ -66,3 +66,17 @@ def test_evaluate_judge_refuses_bad_input_before_grading(data_root, tmp_path):
     assert "Traceback" not in res.output and not (tmp_path / "b").exists()
     res = runner.invoke(app, ["evaluate-judge", "--n-samples", "0", "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and not (tmp_path / "c").exists()
+
+
+def test_a_target_that_is_itself_a_taste_sticker_is_never_its_own_badge(data_root):
+    """A sports fan's "person running" is a sports sticker: the taste element must be another one."""
+    from pmgen.data import datasets
+    from pmgen.data.datasets.sticker_users import taste_by_name
+    from pmgen.eval.judge import judge_images
+
+    ds = datasets.load("sticker-users", data_root)
+    own = [s for s in ds.samples
+           if taste_by_name(ds.users[s.user_id].attributes["taste"]).matches(ds.items[s.target_id])]
+    assert own  # the dataset has such samples (the check below would pass vacuously otherwise)
+    for imgs in judge_images(ds, own[:20], set(), seed=0):
+        assert not torch.equal(imgs["taste sticker"], imgs["target"])

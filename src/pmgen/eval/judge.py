@@ -49,7 +49,7 @@ def judge_images(ds: Any, samples: Sequence[Any], heldout_images: set[str], seed
                  ) -> list[dict[str, torch.Tensor]]:
     """Per sample, the image of each row (``ROWS``; ``ground truth`` only where the sample has one),
     each ``[1, 3, 64, 64]`` in [0, 1]. Taste elements are drawn (``seed``) from the catalog stickers of
-    the user's hidden taste, never from ``heldout_images`` or skin-tone variants."""
+    the user's hidden taste (not the target itself), never from ``heldout_images`` or skin-tone variants."""
     from pmgen.data.datasets.sticker_users import taste_by_name
     from pmgen.train import composites as C
 
@@ -72,7 +72,7 @@ def judge_images(ds: Any, samples: Sequence[Any], heldout_images: set[str], seed
             if not pools[taste.name]:
                 raise ValueError(f"no catalog sticker of taste {taste.name!r} outside the held-out items")
             hues[taste.name] = C.dominant_hue(image(i) for i in pools[taste.name])
-        element = rng.choice(pools[taste.name])
+        element = rng.choice([i for i in pools[taste.name] if i != s.target_id] or pools[taste.name])
         place = rng.randrange(4)
         imgs = {"target": image(s.target_id)}
         if s.ground_truth_personalized:
