@@ -64,7 +64,7 @@ def evaluate(
     import time as _time
 
     from pmgen.eval.evaluate import default_methods, evaluation_samples, run_methods
-    from pmgen.eval.grading import Grader
+    from pmgen.eval.grading import sticker_grader
     from pmgen.eval.report import write_outputs
     from pmgen.presets import load_scorer, soft_prompt_ablations
     from pmgen.stages.soft import SoftPromptEncoder
@@ -95,9 +95,7 @@ def evaluate(
         from pmgen.eval.metrics import STLPIPS
 
         lp = STLPIPS("alex")
-    from pmgen.data.datasets.sticker_users import TASTES
-
-    grader = Grader(evaluator_model, datasets.load("stickers", data_dir_), lp, tastes=[t.description for t in TASTES])
+    grader = sticker_grader(evaluator_model, data_dir_, lp)
     t0 = _time.perf_counter()
     with progress_bar(f"evaluating {len(names)} methods", len(samples)) as update:
         rows, kept = run_methods(pmg, grader, ds, samples, [known[m] for m in names],
@@ -169,15 +167,13 @@ def evaluate_feedback(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """Simulated users with a hidden α*: does learning each user's α from their picks beat one α for all?"""
-    from pmgen.data.datasets.sticker_users import TASTES
     from pmgen.eval import feedback as fe
-    from pmgen.eval.grading import Grader
+    from pmgen.eval.grading import sticker_grader
     from pmgen.presets import load_scorer
 
     pmg = _load_pmg(preset, {})
     ds = datasets.load("sticker-users", data_dir_)
-    grader = Grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), datasets.load("stickers", data_dir_),
-                    perceptual=False, tastes=[t.description for t in TASTES])
+    grader = sticker_grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), data_dir_, perceptual=False)
     tables = {}
     for split in ("val", "test"):
         with progress_bar(f"candidates ({split} users)", n_users * rounds) as update:
@@ -212,9 +208,8 @@ def evaluate_judge(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """What can the evaluator credit as "the target, in this user's taste"? Real images and composites, no generation."""
-    from pmgen.data.datasets.sticker_users import TASTES
     from pmgen.eval.evaluate import evaluation_samples
-    from pmgen.eval.grading import Grader
+    from pmgen.eval.grading import sticker_grader
     from pmgen.eval.judge import judge_check, judge_table, write_judge_outputs
     from pmgen.presets import get_preset, load_scorer
     from pmgen.train.composites import heldout_from_sticker_users
@@ -231,8 +226,7 @@ def evaluate_judge(
         _fail(f"--evaluator {p.evaluator}: {e}")
     try:
         ds = datasets.load("sticker-users", data_dir_)
-        grader = Grader(ev, datasets.load("stickers", data_dir_), perceptual=False,
-                        tastes=[t.description for t in TASTES])
+        grader = sticker_grader(ev, data_dir_, perceptual=False)
     except (DataError, FileNotFoundError) as e:
         _fail(str(e))
     samples = evaluation_samples(ds, n_samples, split=split)

@@ -128,3 +128,13 @@ class Grader:
             if self.lpips is not None:
                 cols["lpips_history"] = self.lpips(rep, hh).view(n, -1).mean(1)
         return [{k: float(v[i]) for k, v in cols.items()} for i in range(n)]
+
+
+def sticker_grader(evaluator: Any, data_dir: Any = None, lpips: Any = None, perceptual: bool = True) -> Grader:
+    """The :class:`Grader` of ``sticker-users`` evaluations: the ``stickers`` catalog and the 12 hidden
+    taste descriptions (for ``taste_top1`` and ``both``)."""
+    from pmgen.data import datasets
+    from pmgen.data.datasets.sticker_users import TASTES
+
+    return Grader(evaluator, datasets.load("stickers", data_dir), lpips, perceptual=perceptual,
+                  tastes=[t.description for t in TASTES])
