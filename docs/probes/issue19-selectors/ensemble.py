@@ -1,0 +1,168 @@
+"""Probe (issue 19): does choosing with an ensemble of independently trained selectors find more of the
+user's taste at the same accuracy?
+
+The default's candidates carry far more taste than its choice keeps (evaluator-oracle ceiling +66% on
+val, choice +30%), and even a selector told the hidden taste reaches only +47%: the selector's own
+quirks cost the rest. Averaging the cosine similarities of selectors trained with other seeds and
+held-out splits (never the evaluator's architecture) is the classic cure for a proxy reward's quirks.
+
+    # 1) the default's candidates for val users, graded once by the evaluator (no selector needed)
+    python docs/probes/issue19-selectors/ensemble.py candidates --n 60 --out runs/issue19/selectors/val
+    # 2) choose among them with each selector set; rows like `pmgen evaluate`'s, for analyze.py
+    python docs/probes/issue19-selectors/ensemble.py select --out runs/issue19/selectors/val \\
+        --set default=zoo:sticker-tiny/selector --set seed3=DIR --set ens2=zoo:sticker-tiny/selector+DIR
+    python docs/probes/issue19-badge/analyze.py runs/issue19/selectors/val/rows.jsonl
+    (analyze.py takes "none" from the w = 0 rows of the set named "default")
+    # 3) accuracy / taste change vs none for each set along the α sweep
+    python docs/probes/issue19-selectors/ensemble.py frontier --out runs/issue19/selectors/val
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+ap = argparse.ArgumentParser()
+ap.add_argument("phase", choices=["candidates", "select", "frontier"])
+ap.add_argument("--n", type=int, default=60)
+ap.add_argument("--split", default="val")
+ap.add_argument("--out", default="runs/issue19/selectors/val")
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--set", action="append", default=[], help="name=ref[+ref…] (a selector or an ensemble)")
+ap.add_argument("--told", action="store_true", help="select: also each set told the user's hidden taste (as the "
+                "preference text, no background): is it the selector or the keywords that miss the taste?")
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+
+from pmgen import PMG  # noqa: E402
+from pmgen.data import datasets  # noqa: E402
+from pmgen.presets import load_preference_background, load_scorer  # noqa: E402
+from pmgen.stages.condition import keywords_text  # noqa: E402
+
+
+class EnsembleScorer:
+    """Several selectors as one: every similarity is the mean of the members' cosine similarities. The
+    embeddings are the members' unit embeddings side by side, each scaled by 1/sqrt(k), so any dot product
+    (and a mean of embeddings, the preference background) is the mean of the members' dot products."""
+
+    def __init__(self, members):
+        self.members, self._scale = list(members), len(members) ** -0.5
+        self.name = "+".join(m.name for m in self.members)
+
+    def text_embeddings(self, texts):
+        return torch.cat([m.text_embeddings(texts) for m in self.members], 1) * self._scale
+
+    def image_embeddings(self, images):
+        return torch.cat([m.image_embeddings(images) for m in self.members], 1) * self._scale
+
+    def text_similarity(self, images, texts):
+        return self.image_embeddings(images) @ self.text_embeddings(texts).T
+
+    def image_similarity(self, images, others):
+        return self.image_embeddings(images) @ self.image_embeddings(others).T
+
+
+if args.phase == "candidates":
+    from pmgen.data.requests import from_dataset
+    from pmgen.eval.evaluate import CONTRAST_SELECTION, evaluation_samples, history_item_ids
+    from pmgen.eval.grading import sticker_grader
+
+    pmg = PMG.from_preset("sticker-tiny")
+    ds = datasets.load("sticker-users")
+    grader = sticker_grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), perceptual=False)
+    samples = evaluation_samples(ds, args.n, split=args.split)
+    overrides = {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION}
+    store = {}
+    for n, s in enumerate(samples):
+        req = from_dataset(ds, sample_id=s.sample_id)
+        hist = history_item_ids(ds.users[s.user_id])
+        plan = pmg.plan(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
+                        history_images=[ds.image_path(i) for i in hist], **overrides)
+        images = pmg.render(plan)
+        res = pmg.finish(plan, images)
+        metrics = grader.grade(images, s, ds.users[s.user_id].attributes.get("taste_description"), hist)
+        store[s.sample_id] = {"user_id": s.user_id, "images": images.half(), "metrics": metrics,
+                              "weights": [c.weight for c in res.record.candidates],
+                              "target_text": plan.target.title, "pref_text": keywords_text(plan.preference_keywords),
+                              "alpha": plan.settings.alpha, "contrast": plan.settings.contrast,
+                              "min_accuracy": plan.settings.min_accuracy,
+                              "recorded": [(c.d_t, c.d_p) for c in res.record.candidates]}
+        print(f"{n + 1}/{len(samples)}", flush=True)
+        if (n + 1) % 10 == 0 or n + 1 == len(samples):
+            torch.save(store, out / "candidates.pt")
+    print("done")
+elif args.phase == "frontier":
+    import statistics
+
+    from pmgen.eval.summary import reselect
+
+    rows = [json.loads(line) for line in (out / "rows.jsonl").open()]
+    none = [r for r in rows if r["method"] == "default" and r["weight"] == 0]
+    base = {k: statistics.fmean(r[k] for r in none) for k in ("acc_text", "pers_taste")}
+    alphas = (0.5, 0.6, 0.65, 0.7, 0.725, 0.75, 0.775, 0.8, 0.85)
+    print("set      " + " ".join(f"{a:>12}" for a in alphas) + "   (accuracy % / taste % vs none)")
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for a in alphas:
+            sel = reselect([r for r in rows if r["method"] == m], a)
+            rel = {k: (statistics.fmean(r[k] for r in sel) / base[k] - 1) * 100 for k in base}
+            cells.append(f"{rel['acc_text']:+.1f}/{rel['pers_taste']:+.1f}")
+        print(f"{m:8s} " + " ".join(f"{c:>12}" for c in cells))
+
+    def ranks(x: list[float]) -> torch.Tensor:
+        r = torch.tensor(x).argsort().argsort().float()
+        return r - r.mean()
+
+    def agreement(m: str, key: str, other: str, okey: str) -> float:
+        """Mean over users of the rank correlation, within the user's candidates, of two scores."""
+        vals = []
+        for sid in dict.fromkeys(r["sample_id"] for r in rows):
+            a = sorted((r for r in rows if r["method"] == m and r["sample_id"] == sid), key=lambda r: r["weight"])
+            b = sorted((r for r in rows if r["method"] == other and r["sample_id"] == sid), key=lambda r: r["weight"])
+            x, y = ranks([r[key] for r in a]), ranks([r[okey] for r in b])
+            if len(a) > 2 and x.norm() > 0 and y.norm() > 0:
+                vals.append(float((x * y).sum() / (x.norm() * y.norm())))
+        return statistics.fmean(vals)
+
+    print("\nrank correlation within a user's candidates, mean over users:")
+    for m in dict.fromkeys(r["method"] for r in rows):
+        print(f"{m:8s} d_p ~ evaluator taste {agreement(m, 'd_p', m, 'pers_taste'):.3f}   "
+              f"d_t ~ evaluator accuracy {agreement(m, 'd_t', m, 'acc_text'):.3f}   "
+              f"d_p ~ default's d_p {agreement(m, 'd_p', 'default', 'd_p'):.3f}")
+    print(f"weight   ~ evaluator taste {agreement('default', 'weight', 'default', 'pers_taste'):.3f}")
+else:
+    from pmgen.presets import get_preset
+    from pmgen.stages.select import background_embedding, select
+
+    preset = get_preset("sticker-tiny")
+    store = torch.load(out / "candidates.pt", weights_only=False)
+    bg_texts = load_preference_background(preset)
+    users = datasets.load("sticker-users").users
+    tastes = {u: users[u].attributes.get("taste_description") or "" for u in {st["user_id"] for st in store.values()}}
+    rows = []
+    for spec in args.set:
+        name, refs = spec.split("=", 1)
+        members = [load_scorer(get_preset("sticker-tiny", selector=r), "selector") for r in refs.split("+")]
+        sel = members[0] if len(members) == 1 else EnsembleScorer(members)
+        bg = background_embedding(sel, bg_texts)
+        for sid, st in store.items():
+            images = st["images"].float()
+            s = select(images, sel, st["target_text"], st["pref_text"], st["alpha"], None, 0.0, st["min_accuracy"],
+                       bg if st["contrast"] > 0 else None, st["contrast"])
+            for i, (w, mt) in enumerate(zip(st["weights"], st["metrics"])):
+                rows.append({"sample_id": sid, "user_id": st["user_id"], "method": name, "weight": w,
+                             "d_t": s.d_t[i], "d_p": s.d_p[i], "chosen": i == s.chosen, **mt})
+            if args.told:
+                taste = tastes[st["user_id"]]
+                s = select(images, sel, st["target_text"], taste, st["alpha"], None, 0.0, st["min_accuracy"])
+                for i, (w, mt) in enumerate(zip(st["weights"], st["metrics"])):
+                    rows.append({"sample_id": sid, "user_id": st["user_id"], "method": name + "-told", "weight": w,
+                                 "d_t": s.d_t[i], "d_p": s.d_p[i], "chosen": i == s.chosen, **mt})
+        print(name, "done", flush=True)
+    with (out / "rows.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
