@@ -31,6 +31,8 @@ ap.add_argument("--split", default="val")
 ap.add_argument("--out", default="runs/issue19/selectors/val")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--set", action="append", default=[], help="name=ref[+ref…] (a selector or an ensemble)")
+ap.add_argument("--history-text", action="store_true", help="select: also d_p to the names of the user's history "
+                "items, alone and averaged with the keywords")
 ap.add_argument("--told", action="store_true", help="select: also each set told the user's hidden taste (as the "
                 "preference text, no background): is it the selector or the keywords that miss the taste?")
 args = ap.parse_args()
@@ -103,15 +105,15 @@ elif args.phase == "frontier":
     rows = [json.loads(line) for line in (out / "rows.jsonl").open()]
     none = [r for r in rows if r["method"] == "default" and r["weight"] == 0]
     base = {k: statistics.fmean(r[k] for r in none) for k in ("acc_text", "pers_taste")}
-    alphas = (0.5, 0.6, 0.65, 0.7, 0.725, 0.75, 0.775, 0.8, 0.85)
-    print("set      " + " ".join(f"{a:>12}" for a in alphas) + "   (accuracy % / taste % vs none)")
+    alphas = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95)
+    print("set            " + " ".join(f"{a:>12}" for a in alphas) + "   (accuracy % / taste % vs none)")
     for m in dict.fromkeys(r["method"] for r in rows):
         cells = []
         for a in alphas:
             sel = reselect([r for r in rows if r["method"] == m], a)
             rel = {k: (statistics.fmean(r[k] for r in sel) / base[k] - 1) * 100 for k in base}
             cells.append(f"{rel['acc_text']:+.1f}/{rel['pers_taste']:+.1f}")
-        print(f"{m:8s} " + " ".join(f"{c:>12}" for c in cells))
+        print(f"{m:14s} " + " ".join(f"{c:>12}" for c in cells))
 
     def ranks(x: list[float]) -> torch.Tensor:
         r = torch.tensor(x).argsort().argsort().float()
@@ -130,20 +132,26 @@ elif args.phase == "frontier":
 
     print("\nrank correlation within a user's candidates, mean over users:")
     for m in dict.fromkeys(r["method"] for r in rows):
-        print(f"{m:8s} d_p ~ evaluator taste {agreement(m, 'd_p', m, 'pers_taste'):.3f}   "
+        print(f"{m:14s} d_p ~ evaluator taste {agreement(m, 'd_p', m, 'pers_taste'):.3f}   "
               f"d_t ~ evaluator accuracy {agreement(m, 'd_t', m, 'acc_text'):.3f}   "
               f"d_p ~ default's d_p {agreement(m, 'd_p', 'default', 'd_p'):.3f}")
     print(f"weight   ~ evaluator taste {agreement('default', 'weight', 'default', 'pers_taste'):.3f}")
 else:
+    from pmgen.eval.evaluate import history_item_ids
     from pmgen.presets import get_preset
-    from pmgen.stages.select import background_embedding, select
+    from pmgen.stages.select import argmax_z, background_embedding, select, to_unit, z_score
 
     preset = get_preset("sticker-tiny")
     store = torch.load(out / "candidates.pt", weights_only=False)
     bg_texts = load_preference_background(preset)
-    users = datasets.load("sticker-users").users
-    tastes = {u: users[u].attributes.get("taste_description") or "" for u in {st["user_id"] for st in store.values()}}
+    ds = datasets.load("sticker-users")
     rows = []
+
+    def add(name: str, sid: str, st: dict, d_t: list[float], d_p: list[float], chosen: int) -> None:
+        for i, (w, mt) in enumerate(zip(st["weights"], st["metrics"])):
+            rows.append({"sample_id": sid, "user_id": st["user_id"], "method": name, "weight": w,
+                         "d_t": d_t[i], "d_p": d_p[i], "chosen": i == chosen, **mt})
+
     for spec in args.set:
         name, refs = spec.split("=", 1)
         members = [load_scorer(get_preset("sticker-tiny", selector=r), "selector") for r in refs.split("+")]
@@ -151,17 +159,24 @@ else:
         bg = background_embedding(sel, bg_texts)
         for sid, st in store.items():
             images = st["images"].float()
+            # the pipeline's own rule: d_p to the preference keywords, against the background
             s = select(images, sel, st["target_text"], st["pref_text"], st["alpha"], None, 0.0, st["min_accuracy"],
                        bg if st["contrast"] > 0 else None, st["contrast"])
-            for i, (w, mt) in enumerate(zip(st["weights"], st["metrics"])):
-                rows.append({"sample_id": sid, "user_id": st["user_id"], "method": name, "weight": w,
-                             "d_t": s.d_t[i], "d_p": s.d_p[i], "chosen": i == s.chosen, **mt})
-            if args.told:
-                taste = tastes[st["user_id"]]
+            add(name, sid, st, s.d_t, s.d_p, s.chosen)
+            if args.history_text:
+                # d_p to the names of the user's history items (what the user did, not the keywords): alone
+                # ("-hist"), and averaged with the keyword side, both against the background ("-kw+hist")
+                emb = sel.image_embeddings(images)
+                titles = [ds.items[i].title for i in history_item_ids(ds.users[st["user_id"]])]
+                hist = (emb @ sel.text_embeddings(titles).T).mean(1)
+                kw = (emb @ sel.text_embeddings([st["pref_text"]])[0]) if st["pref_text"] else hist
+                d_t = torch.tensor(s.d_t)
+                for suffix, d_p in (("-hist", to_unit(hist)), ("-kw+hist", to_unit((kw + hist) / 2 - emb @ bg))):
+                    add(name + suffix, sid, st, s.d_t, d_p.tolist(), argmax_z(z_score(d_t, d_p, st["alpha"])))
+            if args.told:  # a diagnostic, not a method: the hidden taste as the preference text
+                taste = ds.users[st["user_id"]].attributes.get("taste_description") or ""
                 s = select(images, sel, st["target_text"], taste, st["alpha"], None, 0.0, st["min_accuracy"])
-                for i, (w, mt) in enumerate(zip(st["weights"], st["metrics"])):
-                    rows.append({"sample_id": sid, "user_id": st["user_id"], "method": name + "-told", "weight": w,
-                                 "d_t": s.d_t[i], "d_p": s.d_p[i], "chosen": i == s.chosen, **mt})
+                add(name + "-told", sid, st, s.d_t, s.d_p, s.chosen)
         print(name, "done", flush=True)
     with (out / "rows.jsonl").open("w") as f:
         for r in rows:
