@@ -98,14 +98,17 @@ def test_evaluate_quick_on_the_shipped_models(data_root, tmp_path):
     assert -1 <= none["acc_text"]["mean"] <= 1 and none["acc_text"]["n"] == 8
     assert none["acc_text"]["ci95"][0] <= none["acc_text"]["mean"] <= none["acc_text"]["ci95"][1]
     assert {p["alpha"] for p in m["alpha_sweep"]["curve"]} >= {0.0, 1.0}
-    # the oracle ceiling: each method's w = 0 candidate is the baseline, so the floor is met and taste never drops
+    # the oracle ceiling: each method's w = 0 candidate is the baseline, so the floor is met and taste never drops.
+    # Up to float32 noise: the baseline is graded alone, the w = 0 candidate in a batch with the others, and
+    # the evaluator's convolutions round differently by batch size (seen: 3.6e-8 apart)
+    eps = 1e-6
     ceil = m["candidate_ceiling"]["pmg"]
-    assert ceil["acc_text"] >= 0.95 * none["acc_text"]["mean"] - 1e-9
-    assert ceil["pers_taste"] >= none["pers_taste"]["mean"] - 1e-9
+    assert ceil["acc_text"] >= 0.95 * none["acc_text"]["mean"] - eps
+    assert ceil["pers_taste"] >= none["pers_taste"]["mean"] - eps
     assert "Candidate-pool ceiling" in (out / "report.md").read_text()
     # the second oracle: the selector told the target's name and the hidden taste, graded by the evaluator
     told = m["candidate_ceiling_told_selector"]["pmg"]
-    assert told["acc_text"] >= 0.95 * none["acc_text"]["mean"] - 1e-9 and told["n"] == 8
+    assert told["acc_text"] >= 0.95 * none["acc_text"]["mean"] - eps and told["n"] == 8
     assert all(-1 <= x["oracle_title"] <= 1 and -1 <= x["oracle_taste"] <= 1 for x in m["rows"] if x["method"] == "pmg")
     assert "| pmg | selector, told |" in (out / "report.md").read_text()
     rows = [x for x in m["rows"] if x["method"] == "none"]
