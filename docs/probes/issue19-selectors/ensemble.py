@@ -78,8 +78,11 @@ if args.phase == "candidates":
     grader = sticker_grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), perceptual=False)
     samples = evaluation_samples(ds, args.n, split=args.split)
     overrides = {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION}
-    store = {}
+    done = out / "candidates.pt"
+    store = torch.load(done, weights_only=False) if done.is_file() else {}  # resume: finished users are kept
     for n, s in enumerate(samples):
+        if s.sample_id in store:
+            continue
         req = from_dataset(ds, sample_id=s.sample_id)
         hist = history_item_ids(ds.users[s.user_id])
         plan = pmg.plan(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
