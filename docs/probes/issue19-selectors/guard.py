@@ -2,10 +2,12 @@
 
     python docs/probes/issue19-selectors/guard.py val100    # runs/issue19/selectors/<split>/rows.jsonl
 """
-import json, statistics, sys
+import json
+import statistics
+import sys
 from pmgen.eval.summary import reselect
 split=sys.argv[1]
-rows=[json.loads(l) for l in open(f"runs/issue19/selectors/{split}/rows.jsonl")]
+rows=[json.loads(line) for line in open(f"runs/issue19/selectors/{split}/rows.jsonl")]
 none=[r for r in rows if r["method"]=="default" and r["weight"]==0]
 b={k:statistics.fmean(r[k] for r in none) for k in ("acc_text","pers_taste")}
 for m in ("default","ens2-hist","ens2-kw+hist"):
