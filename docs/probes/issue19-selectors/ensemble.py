@@ -45,28 +45,7 @@ from pmgen.data import datasets  # noqa: E402
 from pmgen.presets import load_preference_background, load_scorer  # noqa: E402
 from pmgen.stages.condition import keywords_text  # noqa: E402
 
-
-class EnsembleScorer:
-    """Several selectors as one: every similarity is the mean of the members' cosine similarities. The
-    embeddings are the members' unit embeddings side by side, each scaled by 1/sqrt(k), so any dot product
-    (and a mean of embeddings, the preference background) is the mean of the members' dot products."""
-
-    def __init__(self, members):
-        self.members, self._scale = list(members), len(members) ** -0.5
-        self.name = "+".join(m.name for m in self.members)
-
-    def text_embeddings(self, texts):
-        return torch.cat([m.text_embeddings(texts) for m in self.members], 1) * self._scale
-
-    def image_embeddings(self, images):
-        return torch.cat([m.image_embeddings(images) for m in self.members], 1) * self._scale
-
-    def text_similarity(self, images, texts):
-        return self.image_embeddings(images) @ self.text_embeddings(texts).T
-
-    def image_similarity(self, images, others):
-        return self.image_embeddings(images) @ self.image_embeddings(others).T
-
+from common import change, history_dp, load_selectors, none_of  # noqa: E402
 
 if args.phase == "candidates":
     from pmgen.data.requests import from_dataset
@@ -106,16 +85,11 @@ elif args.phase == "frontier":
     from pmgen.eval.summary import reselect
 
     rows = [json.loads(line) for line in (out / "rows.jsonl").open()]
-    none = [r for r in rows if r["method"] == "default" and r["weight"] == 0]
-    base = {k: statistics.fmean(r[k] for r in none) for k in ("acc_text", "pers_taste")}
+    base = none_of(rows)
     alphas = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95)
     print("set            " + " ".join(f"{a:>12}" for a in alphas) + "   (accuracy % / taste % vs none)")
     for m in dict.fromkeys(r["method"] for r in rows):
-        cells = []
-        for a in alphas:
-            sel = reselect([r for r in rows if r["method"] == m], a)
-            rel = {k: (statistics.fmean(r[k] for r in sel) / base[k] - 1) * 100 for k in base}
-            cells.append(f"{rel['acc_text']:+.1f}/{rel['pers_taste']:+.1f}")
+        cells = [change(reselect([r for r in rows if r["method"] == m], a), base) for a in alphas]
         print(f"{m:14s} " + " ".join(f"{c:>12}" for c in cells))
 
     def ranks(x: list[float]) -> torch.Tensor:
@@ -142,7 +116,7 @@ elif args.phase == "frontier":
 else:
     from pmgen.eval.evaluate import history_item_ids
     from pmgen.presets import get_preset
-    from pmgen.stages.select import argmax_z, background_embedding, select, to_unit, z_score
+    from pmgen.stages.select import argmax_z, background_embedding, select, z_score
 
     preset = get_preset("sticker-tiny")
     store = torch.load(out / "candidates.pt", weights_only=False)
@@ -157,8 +131,7 @@ else:
 
     for spec in args.set:
         name, refs = spec.split("=", 1)
-        members = [load_scorer(get_preset("sticker-tiny", selector=r), "selector") for r in refs.split("+")]
-        sel = members[0] if len(members) == 1 else EnsembleScorer(members)
+        sel = load_selectors(refs)
         bg = background_embedding(sel, bg_texts)
         for sid, st in store.items():
             images = st["images"].float()
@@ -167,14 +140,10 @@ else:
                        bg if st["contrast"] > 0 else None, st["contrast"])
             add(name, sid, st, s.d_t, s.d_p, s.chosen)
             if args.history_text:
-                # d_p to the names of the user's history items (what the user did, not the keywords): alone
-                # ("-hist"), and averaged with the keyword side, both against the background ("-kw+hist")
-                emb = sel.image_embeddings(images)
+                # d_p to the names of the user's history items (what the user did, not the keywords)
                 titles = [ds.items[i].title for i in history_item_ids(ds.users[st["user_id"]])]
-                hist = (emb @ sel.text_embeddings(titles).T).mean(1)
-                kw = (emb @ sel.text_embeddings([st["pref_text"]])[0]) if st["pref_text"] else hist
                 d_t = torch.tensor(s.d_t)
-                for suffix, d_p in (("-hist", to_unit(hist)), ("-kw+hist", to_unit((kw + hist) / 2 - emb @ bg))):
+                for suffix, d_p in history_dp(sel, sel.image_embeddings(images), titles, st["pref_text"], bg).items():
                     add(name + suffix, sid, st, s.d_t, d_p.tolist(), argmax_z(z_score(d_t, d_p, st["alpha"])))
             if args.told:  # a diagnostic, not a method: the hidden taste as the preference text
                 taste = ds.users[st["user_id"]].attributes.get("taste_description") or ""
