@@ -166,6 +166,12 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
                                    "--methods", "none,pmg+images", "--out", str(tmp_path / "out2")])
     assert res.exit_code == 2 and "history-image methods: history-image encoder was trained" in " ".join(res.output.split())
     assert PMG.from_preset("sticker-tiny", keyword_cache=None).history_encoder is not None  # its own selector: kept
+    # an ensemble led by the shipped selector keeps it (its first member is the image tower); led by another, not
+    ens = PMG.from_preset("sticker-tiny", keyword_cache=None,
+                          selector="zoo:sticker-tiny/selector+zoo:sticker-tiny/evaluator")
+    assert ens.history_encoder is not None and ens.selector.name == "selector+selector"
+    assert PMG.from_preset("sticker-tiny", keyword_cache=None,
+                           selector="zoo:sticker-tiny/evaluator+zoo:sticker-tiny/selector").history_encoder is None
 
 
 def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):

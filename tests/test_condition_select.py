@@ -229,3 +229,55 @@ def test_contrast_measures_the_preference_against_the_background():
         select(imgs, sel, "t", "p", background=bg, contrast=1.5)
     with pytest.raises(ValueError, match="non-empty"):
         background_embedding(sel, ["", "  "])
+
+
+class AxisSelector(EmbeddingSelector):
+    """Unit embeddings: "t" axis 0, "p" axis 1, history names "h1" / "h2" axes 2 / 3, anything else axis 4."""
+
+    def text_embeddings(self, texts):
+        axis = {"t": 0, "p": 1, "h1": 2, "h2": 3}
+        return torch.stack([torch.eye(5)[axis.get(t, 4)] for t in texts])
+
+
+def test_history_names_and_both_as_the_preference_side():
+    imgs = torch.zeros(2, 3, 8, 8)
+    # columns: target, keywords, history name 1, history name 2, other users' texts
+    sel = AxisSelector([[0.8, 0.6, 0.0, 0.2, 0.1], [0.7, 0.1, 0.5, 0.5, 0.3]])
+    bg = torch.eye(5)[4]
+    kw = select(imgs, sel, "t", "p", history_texts=["h1", "h2"])  # the default source ignores the names
+    assert kw.d_p == pytest.approx([0.8, 0.55]) and kw.chosen == 0
+    hist = select(imgs, sel, "t", "p", history_texts=["h1", "h2", " "], preference_source="history",
+                  background=bg, contrast=1.0)  # blank names are skipped; no background on the user's own names
+    assert hist.d_p == pytest.approx([(1 + 0.1) / 2, (1 + 0.5) / 2]) and hist.chosen == 1
+    assert hist.d_t == kw.d_t
+    both = select(imgs, sel, "t", "p", history_texts=["h1", "h2"], preference_source="both", background=bg,
+                  contrast=0.5)
+    assert both.d_p == pytest.approx([(1 + 0.35 - 0.05) / 2, (1 + 0.3 - 0.15) / 2])
+    no_kw = select(imgs, sel, "t", "", history_texts=["h1", "h2"], preference_source="both")
+    assert no_kw.d_p == pytest.approx(hist.d_p)  # no keywords: the names alone
+    for source in ("history", "both"):  # no names: the keywords, as before
+        assert select(imgs, sel, "t", "p", preference_source=source).d_p == kw.d_p
+    with pytest.raises(ValueError, match="preference_source"):
+        select(imgs, sel, "t", "p", preference_source="taste")
+
+
+def test_ensemble_scorer_is_the_mean_of_its_members():
+    from pmgen.models.scorer import EnsembleScorer
+
+    a = AxisSelector([[0.8, 0.6, 0.0, 0.0, 0.6], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    b = AxisSelector([[0.6, 0.8, 0.0, 0.0, 0.0], [0.6, 0.0, 0.8, 0.0, 0.0]])
+    for m, n in ((a, "a"), (b, "b")):
+        m.name, m.content_hash = n, n * 4
+    ens = EnsembleScorer([a, b])
+    imgs = torch.zeros(2, 3, 8, 8)
+    texts = ["t", "p", "h1"]
+    assert ens.text_similarity(imgs, texts) == pytest.approx(
+        ((a.text_similarity(imgs, texts) + b.text_similarity(imgs, texts)) / 2), abs=1e-6)
+    from pmgen.stages.select import background_embedding
+
+    bgs = [background_embedding(m, ["x", "p"]) for m in (a, b, ens)]
+    e = [m.image_embeddings(imgs) for m in (a, b, ens)]
+    assert e[2] @ bgs[2] == pytest.approx((e[0] @ bgs[0] + e[1] @ bgs[1]) / 2, abs=1e-6)
+    assert (ens.name, ens.content_hash) == ("a+b", "aaaa+bbbb")
+    with pytest.raises(ValueError, match="at least 2"):
+        EnsembleScorer([a])

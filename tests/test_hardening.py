@@ -272,6 +272,7 @@ def test_batch_file_limits(tmp_path):
     (["--contrast", "nan"], "--contrast: contrast must be in [0, 1]"),
     (["--contrast", "2"], "--contrast: contrast must be in [0, 1]"),
     (["--target-text", "../etc/passwd"], "--target-text: target_text must be one of"),
+    (["--preference-text", "ignore previous instructions"], "--preference-text: preference_text must be one of"),
 ])
 def test_bad_options_fail_before_models_load(opts, expect, no_model_load):
     r = runner.invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "x"] + opts)
@@ -283,6 +284,7 @@ def test_bad_options_fail_before_models_load(opts, expect, no_model_load):
 @pytest.mark.parametrize("opts, expect", [
     (["--contrast", "-1"], "--contrast: contrast must be in [0, 1]"),
     (["--target-text", "name; rm -rf /"], "--target-text: target_text must be one of"),
+    (["--preference-text", "../../history"], "--preference-text: preference_text must be one of"),
 ])
 def test_demo_bad_selection_options_fail_before_models_load(opts, expect, no_model_load, tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")] + opts)

@@ -62,6 +62,40 @@ def test_title_and_contrast_selection_same_candidates_other_scores(tiny_pmg, toy
     assert tiny_pmg.background() is tiny_pmg.background()  # embedded once
 
 
+def test_history_names_as_the_preference_side_same_candidates_other_d_p(tiny_pmg, toy_data):
+    """preference_text history / both: d_p to the names of the user's recent history items (alone, and
+    averaged with the keywords against the background); the images and d_t do not change; the record says
+    which and how many names."""
+    from pmgen.presets import load_preference_background
+    from pmgen.stages.condition import keywords_text
+    from pmgen.stages.select import background_embedding
+
+    root, items, user = toy_data
+    user2 = User("u2", user.events + [Event("social", item_id="c", value="send", time=4),
+                                      Event("social", item_id="zz-not-in-items", value="send", time=5)])
+    kw = dict(context=[], target_image=root / "img" / "a.png", target_text="title", contrast=1.0)
+    base = tiny_pmg.generate(user2, items["a"], items, **kw)
+    hist = tiny_pmg.generate(user2, items["a"], items, preference_text="history", **kw)
+    both = tiny_pmg.generate(user2, items["a"], items, preference_text="both", **kw)
+    assert torch.equal(base.images, hist.images) and torch.equal(base.images, both.images)
+    assert [c.d_t for c in hist.record.candidates] == [c.d_t for c in base.record.candidates]
+    assert (base.record.preference_text, base.record.history_names) == ("keywords", 0)
+    # the newest distinct items the catalog knows: c then b (the unknown id is left out)
+    assert (hist.record.preference_text, hist.record.history_names) == ("history", 2)
+    assert hist.record.to_json()["preference_text"] == "history"
+    sel = tiny_pmg.selector
+    emb = sel.image_embeddings(hist.images)
+    names = (emb @ sel.text_embeddings(["blue heart", "cat face"]).T).mean(1)
+    assert [c.d_p for c in hist.record.candidates] == pytest.approx(((1 + names) / 2).tolist(), abs=1e-6)
+    if both.record.preference_keywords:
+        bg = background_embedding(sel, load_preference_background(tiny_pmg.preset))
+        k = emb @ sel.text_embeddings([keywords_text(both.record.preference_keywords)])[0]
+        expect = (1 + (k + names) / 2 - emb @ bg) / 2
+        assert [c.d_p for c in both.record.candidates] == pytest.approx(expect.tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="preference_text"):
+        tiny_pmg.generate(user2, items["a"], items, preference_text="taste", **kw)
+
+
 def test_contrast_without_a_background_fails_before_any_model_runs(tiny_pmg, toy_data, monkeypatch):
     from pmgen.pipeline import PMG
     from pmgen.presets import get_preset
@@ -257,6 +291,25 @@ def test_evaluate_rows_views_and_outputs(tiny_pmg, toy_data, tmp_path):
     assert lo <= mean <= hi
 
 
+def test_evaluation_samples_one_per_user_then_each_users_next_request(data_root):
+    """The first 100 samples are one per user; skip=100 gives each user's second request (none of the first),
+    in the same user order; n and skip beyond the split give what is left."""
+    from pmgen.data import datasets
+    from pmgen.eval.evaluate import evaluation_samples
+
+    ds = datasets.load("sticker-users", data_root)
+    first, second = evaluation_samples(ds, 100, "val"), evaluation_samples(ds, 100, "val", skip=100)
+    assert len({s.user_id for s in first}) == 100 and len(second) == 100
+    assert [s.user_id for s in first] == [s.user_id for s in second]
+    assert not {s.sample_id for s in first} & {s.sample_id for s in second}
+    assert evaluation_samples(ds, 60, "val") == first[:60]  # what earlier runs graded is unchanged
+    assert evaluation_samples(ds, 10, "val", skip=110) == second[10:20]
+    assert len(evaluation_samples(ds, 1000, "val")) == len(ds.split("val"))
+    assert evaluation_samples(ds, 5, "val", skip=10_000) == []
+    with pytest.raises(ValueError, match="skip"):
+        evaluation_samples(ds, 5, "val", skip=-1)
+
+
 def test_both_at_once_counts_only_personalized_results():
     from pmgen.eval.summary import both_at_once
 
@@ -365,10 +418,12 @@ def test_evaluate_methods_pin_their_selection_whatever_the_preset_default():
     known = default_methods(True, history_available=True, background_available=True)
     for m in known.values():
         if m.name != "none":
-            assert {"target_text", "contrast"} <= set(m.overrides), m.name
+            assert {"target_text", "contrast", "preference_text"} <= set(m.overrides), m.name
     assert known["pmg"].overrides["contrast"] == 0 and known["pmg"].overrides["mode"] == "concat"
     assert known["pmg-compose-contrast"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title",
-                                                       "contrast": 1.0}
+                                                       "contrast": 1.0, "preference_text": "keywords"}
+    assert known["pmg-compose-history"].overrides["preference_text"] == "history"
+    assert known["pmg-compose-both"].overrides["preference_text"] == "both"
     assert known["pmg-guidance-contrast"].overrides["mode"] == "guidance"
     assert "pmg-guidance-contrast" not in without
 

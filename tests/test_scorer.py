@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig, candidate_matrix, topk_hits
@@ -57,6 +58,40 @@ def test_scorer_similarities(tmp_path):
     assert sim.shape == (2, 3) and sim.abs().max() <= 1 + 1e-5
     assert s.image_similarity(x, x).diagonal().allclose(torch.ones(2), atol=1e-5)
     assert s.content_hash and s.path == tmp_path
+
+
+def test_a_plus_b_selector_reference_loads_the_mean_of_both(tmp_path):
+    """``a+b`` as a selector: an EnsembleScorer of the two folders (the mean of their similarities); an empty
+    or too long list is a clear error; a folder whose own name has a '+' is still one scorer."""
+    import dataclasses
+
+    from pmgen.models.scorer import EnsembleScorer
+    from pmgen.presets import MAX_ENSEMBLE, get_preset, load_scorer
+
+    torch.manual_seed(0)
+    for name in ("a", "b", "c+d"):
+        DualEncoder(ScorerConfig(widths=(8, 16), embed_dim=16)).save(tmp_path / name)
+    te = FakeTextEncoder()
+    p = dataclasses.replace(get_preset("sticker-tiny"), text_encoder="minilm",
+                            selector=f"{tmp_path / 'a'}+{tmp_path / 'b'}")
+    ens = load_scorer(p, "selector", te)
+    assert isinstance(ens, EnsembleScorer) and len(ens.members) == 2
+    a, b = (Scorer.load(tmp_path / n, te) for n in ("a", "b"))
+    x = torch.rand(3, 3, 64, 64)
+    texts = ["cat", "red heart"]
+    assert ens.text_similarity(x, texts).allclose((a.text_similarity(x, texts) + b.text_similarity(x, texts)) / 2,
+                                                  atol=1e-5)
+    assert ens.content_hash == f"{a.content_hash}+{b.content_hash}"
+    from pmgen.stages.history_images import image_tower
+
+    assert image_tower(ens) is ens.members[0] and image_tower(a) is a  # what a history-image encoder reads
+    one = load_scorer(dataclasses.replace(p, selector=str(tmp_path / "c+d")), "selector", te)
+    assert isinstance(one, Scorer)
+    for bad in (f"{tmp_path / 'a'}+", "+".join([str(tmp_path / "a")] * (MAX_ENSEMBLE + 1))):
+        with pytest.raises(ValueError, match="ensemble"):
+            load_scorer(dataclasses.replace(p, selector=bad), "selector", te)
+    with pytest.raises(FileNotFoundError):
+        load_scorer(dataclasses.replace(p, selector=f"{tmp_path / 'a'}+zoo:sticker-tiny/no-such"), "selector", te)
 
 
 def test_config_validation():
@@ -196,6 +231,11 @@ def test_the_model_cards_command_names_steps_other_than_the_roles_default(tmp_pa
 
     assert steps_option(ScorerTrainConfig(out=str(tmp_path), role="evaluator")) == ""
     assert steps_option(ScorerTrainConfig(out=str(tmp_path), role="evaluator", steps=3000)) == " --steps 3000"
+    from pmgen.train.scorer.trainer import seed_options
+
+    assert seed_options(ScorerTrainConfig(out=str(tmp_path), role="selector")) == ""
+    assert seed_options(ScorerTrainConfig(out=str(tmp_path), role="selector", seed=3, holdout_seed=103)) == \
+        " --seed 3 --holdout-seed 103"
 
 
 def test_shrunk_draws_the_sticker_small_in_the_top_left_corner():

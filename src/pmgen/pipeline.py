@@ -27,17 +27,20 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pmgen.stages.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
-from pmgen.data.schema import Event, Item, User
+from pmgen.data.schema import Event, Item, User, recent_item_ids
 from pmgen.data.images import load_image
 from pmgen.models.generator import outline_strengths
 from pmgen.presets import Preset, get_preset
-from pmgen.stages.select import DEFAULT_ALPHA, select, weight_grid
+from pmgen.stages.select import DEFAULT_ALPHA, PREFERENCE_SOURCES, select, weight_grid
 from pmgen.types import (Candidate, ChatLLM, GenerationRecord, Generator, Scorer, SoftPrompt, TextEncoder)
 from pmgen.stages.verbalize import TEXT_CHARS, shortened_texts
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)
 TARGET_TEXTS = ("keywords", "title")
+HISTORY_NAMES = 12
+"""How many of the user's most recent distinct history items name the user's side of d_p with
+``preference_text`` ``"history"`` / ``"both"``."""
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Settings:
         contrast: ``c`` in ``d_p = s(sim(image, preference) − c·(image · background))``, the user's
             preference measured against other users' (0 = off; needs the preset's preference
             background, see :func:`pmgen.stages.select.select`).
+        preference_text: what d_p compares each candidate with: ``"keywords"`` (the preference
+            keywords, as in the paper), ``"history"`` (the names of the user's
+            :data:`HISTORY_NAMES` most recent history items) or ``"both"`` (their mean, against the
+            background); see :func:`pmgen.stages.select.select`.
         surround_strength: image-to-image strength *outside* the target's outline (its non-white
             pixels) for the personalized candidates (``w > 0``); inside, ``strength``. ``None`` (the
             default) = ``strength`` everywhere. The ``w = 0`` baseline never changes. Needs pmgen's
@@ -92,13 +99,15 @@ class Settings:
     target_text: str = "keywords"
     contrast: float = 0.0
     surround_strength: float | None = None
+    preference_text: str = "keywords"
 
     @classmethod
     def for_preset(cls, preset: Preset, **overrides: Any) -> "Settings":
         """The preset's defaults (sampler, weighting mode, α, selection), then ``overrides``."""
         base = dict(strength=preset.strength, num_inference_steps=preset.num_inference_steps,
                     guidance_scale=preset.guidance_scale, mode=preset.mode, alpha=preset.alpha,
-                    target_text=preset.target_text, contrast=preset.contrast)
+                    target_text=preset.target_text, contrast=preset.contrast,
+                    preference_text=preset.preference_text)
         return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
@@ -125,6 +134,8 @@ class Settings:
             raise ValueError(f"target_text must be one of {TARGET_TEXTS}, got {self.target_text!r}")
         if not 0 <= self.contrast <= 1:
             raise ValueError(f"contrast must be in [0, 1], got {self.contrast}")
+        if self.preference_text not in PREFERENCE_SOURCES:
+            raise ValueError(f"preference_text must be one of {PREFERENCE_SOURCES}, got {self.preference_text!r}")
         if self.surround_strength is not None and not (
                 isinstance(self.surround_strength, (int, float)) and 0 <= self.surround_strength <= 1):
             raise ValueError(f"surround_strength must be in [0, 1] (or None: off), got {self.surround_strength!r}")
@@ -420,6 +431,8 @@ class PMG:
                 if not pref_kw and soft_t is None:
                     personalized, reason = False, "no history images and no other preference condition"
         weights = list(s.weights) if personalized else [0.0]
+        history_titles = ([items[i].title for i in recent_item_ids(events, HISTORY_NAMES) if i in items]
+                          if personalized and s.preference_text != "keywords" else [])
         extra = [v for v in (soft_t, hist_tokens) if v is not None]
         builder = self.builder(s.mode)
         t = time.perf_counter()
@@ -433,7 +446,8 @@ class PMG:
                     warnings=warnings, timings=timings,
                     t_start=t_all, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"),
                     history_images=[Path(p) for p in history_images],
-                    target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None)
+                    target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None,
+                    history_titles=history_titles)
 
     def render(self, plan: "Plan") -> torch.Tensor:
         """The plan's candidates ``[N, 3, H, W]``, one generator call per condition (same seed each)."""
@@ -467,7 +481,8 @@ class PMG:
         use_title = s.target_text == "title" and plan.target.title.strip()
         target_text = plan.target.title if use_title else keywords_text(tkw)
         sel = select(images, self.selector, target_text, keywords_text(pref_kw), s.alpha, hist_t,
-                     s.history_weight, s.min_accuracy, self.background() if s.contrast > 0 else None, s.contrast)
+                     s.history_weight, s.min_accuracy, self.background() if s.contrast > 0 else None, s.contrast,
+                     history_texts=plan.history_titles, preference_source=s.preference_text)
         timings["select"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - plan.t_start
 
@@ -487,7 +502,8 @@ class PMG:
             init="target image" if init is not None else "noise (target has no image)",
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
             history_weight=s.history_weight, min_accuracy=s.min_accuracy, preset=self.preset.name,
-            target_text=s.target_text, contrast=s.contrast,
+            target_text=s.target_text, contrast=s.contrast, preference_text=s.preference_text,
+            history_names=len(plan.history_titles),
             surround_strength=s.surround_strength if init is not None else None,
             models=self.models(sp if soft is not None else None,
                                self.history_encoder if plan.history_tokens is not None else None),
@@ -522,3 +538,4 @@ class Plan:
     history_images: list[Path] = field(default_factory=list)
     target_image: Path | None = None
     history_tokens: torch.Tensor | None = None
+    history_titles: list[str] = field(default_factory=list)

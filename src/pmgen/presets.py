@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 ZOO = Path(__file__).resolve().parent / "zoo"
+MAX_ENSEMBLE = 8
+"""Most scorers in one ``a+b+…`` selector / evaluator reference (each one is a forward pass)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Preset:
             :mod:`pmgen.stages.history_images`); used when a request sets ``use_history_images``.
         mode, alpha, target_text, contrast: the default weighting mode and selection (see
             :class:`pmgen.pipeline.Settings`); a request can override each.
+        preference_text: what d_p compares candidates with (keywords | history | both; see
+            :class:`pmgen.pipeline.Settings`).
         preference_background: reference to a JSON file ``{"texts": [...]}`` of other users'
             preference texts, the background of ``contrast`` (``""`` = none).
     """
@@ -66,6 +70,7 @@ class Preset:
     target_text: str = "keywords"
     contrast: float = 0.0
     preference_background: str = ""
+    preference_text: str = "keywords"
 
     def __post_init__(self) -> None:
         if self.generator_kind not in ("sticker", "stable-diffusion"):
@@ -210,6 +215,14 @@ def load_scorer(preset: Preset, role: str = "selector", text_encoder: Any = None
         raise ValueError(f"role must be 'selector' or 'evaluator', got {role!r}")
     ref = getattr(preset, role)
     path = resolve(ref)
+    if "+" in ref and not (isinstance(path, Path) and path.exists()):  # "a+b": the mean of the members' similarities
+        from pmgen.models.scorer import EnsembleScorer
+
+        parts = [p.strip() for p in ref.split("+")]
+        if any(not p for p in parts) or len(parts) > MAX_ENSEMBLE:
+            raise ValueError(f"{role} {ref!r}: an ensemble is 2 to {MAX_ENSEMBLE} references joined by '+'")
+        return EnsembleScorer([load_scorer(dataclasses.replace(preset, **{role: p}), role, text_encoder)
+                               for p in parts])
     if ref.startswith("zoo:") or _is_pmgen_scorer(path):
         from pmgen.models.scorer import Scorer
         from pmgen.models.text_encoder import TextEncoder

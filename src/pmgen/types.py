@@ -133,7 +133,8 @@ class GenerationRecord:
     ``preference`` is the keyword stage's own record (:meth:`pmgen.stages.keywords.Keywords.to_json`);
     ``models`` maps role → ``{"name", "hash"}``; ``warnings`` gathers every truncation and fallback.
     ``target_text`` / ``contrast`` say how d_t and d_p were measured (:class:`pmgen.pipeline.Settings`);
-    ``surround_strength`` is the strength outside the target's outline of the personalized candidates
+    ``preference_text`` says what d_p compared the candidates with (``history_names``: how many of the
+    user's history item names it used). ``surround_strength`` is the strength outside the target's outline of the personalized candidates
     (``None``: ``strength`` everywhere).
     ``reason`` says why a result is not personalized (``personalized`` false). ``alpha_source`` says
     where ``alpha`` came from: ``"preset"``, ``"request"``, or the user's feedback (``"learned from …"``).
@@ -171,6 +172,8 @@ class GenerationRecord:
     target_text: str = "keywords"
     contrast: float = 0.0
     surround_strength: float | None = None
+    preference_text: str = "keywords"
+    history_names: int = 0
     schema_version: int = RECORD_SCHEMA_VERSION
 
     @property

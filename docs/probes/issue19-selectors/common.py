@@ -1,4 +1,4 @@
-"""What the issue-19 selector probes share: the selector ensemble, the history-name d_p, and the
+"""What the issue-19 selector probes share: loading a selector ensemble, the history-name d_p, and the
 accuracy / taste change of a choice against none (imported by ensemble.py, guard.py, baseline_dt.py)."""
 from __future__ import annotations
 
@@ -10,34 +10,12 @@ import torch
 from pmgen.stages.select import to_unit
 
 
-class EnsembleScorer:
-    """Several selectors as one: every similarity is the mean of the members' cosine similarities. The
-    embeddings are the members' unit embeddings side by side, each scaled by 1/sqrt(k), so any dot product
-    (and a mean of embeddings, the preference background) is the mean of the members' dot products."""
-
-    def __init__(self, members: list[Any]):
-        self.members, self._scale = list(members), len(members) ** -0.5
-        self.name = "+".join(m.name for m in self.members)
-
-    def text_embeddings(self, texts):
-        return torch.cat([m.text_embeddings(texts) for m in self.members], 1) * self._scale
-
-    def image_embeddings(self, images):
-        return torch.cat([m.image_embeddings(images) for m in self.members], 1) * self._scale
-
-    def text_similarity(self, images, texts):
-        return self.image_embeddings(images) @ self.text_embeddings(texts).T
-
-    def image_similarity(self, images, others):
-        return self.image_embeddings(images) @ self.image_embeddings(others).T
-
-
 def load_selectors(refs: str) -> Any:
-    """``ref`` or ``ref+ref+…`` (folders or zoo:…) → one selector, or their :class:`EnsembleScorer`."""
+    """``ref`` or ``ref+ref+…`` (folders or zoo:…) → one selector, or their
+    :class:`pmgen.models.scorer.EnsembleScorer` (the mean of the members' cosine similarities)."""
     from pmgen.presets import get_preset, load_scorer
 
-    members = [load_scorer(get_preset("sticker-tiny", selector=r), "selector") for r in refs.split("+")]
-    return members[0] if len(members) == 1 else EnsembleScorer(members)
+    return load_scorer(get_preset("sticker-tiny", selector=refs), "selector")
 
 
 def history_dp(sel: Any, emb: torch.Tensor, titles: list[str], pref_text: str,

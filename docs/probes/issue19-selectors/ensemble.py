@@ -28,6 +28,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("phase", choices=["candidates", "select", "frontier"])
 ap.add_argument("--n", type=int, default=60)
 ap.add_argument("--split", default="val")
+ap.add_argument("--skip", type=int, default=0, help="candidates: skip the first samples (100 = each user's second "
+                "request, targets the first 100 never showed)")
 ap.add_argument("--out", default="runs/issue19/selectors/val")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--set", action="append", default=[], help="name=ref[+ref…] (a selector or an ensemble)")
@@ -55,7 +57,7 @@ if args.phase == "candidates":
     pmg = PMG.from_preset("sticker-tiny")
     ds = datasets.load("sticker-users")
     grader = sticker_grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), perceptual=False)
-    samples = evaluation_samples(ds, args.n, split=args.split)
+    samples = evaluation_samples(ds, args.n, split=args.split, skip=args.skip)
     overrides = {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION}
     done = out / "candidates.pt"
     store = torch.load(done, weights_only=False) if done.is_file() else {}  # resume: finished users are kept

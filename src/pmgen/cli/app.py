@@ -62,14 +62,15 @@ def _names(name: str) -> list[str]:
 _OPTION_OF = {"weights": "--weights", "alpha": "--alpha", "mode": "--mode", "seed": "--seed",
               "strength": "--strength", "num_inference_steps": "--steps", "k": "--keywords",
               "history_weight": "--history-weight", "min_accuracy": "--min-accuracy",
-              "target_text": "--target-text", "contrast": "--contrast", "surround_strength": "--surround-strength"}
+              "target_text": "--target-text", "contrast": "--contrast", "surround_strength": "--surround-strength",
+              "preference_text": "--preference-text"}
 
 
 def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
                         strength: Optional[float], steps: Optional[int], k: Optional[int],
                         history_weight: Optional[float], min_accuracy: Optional[float] = None,
                         target_text: Optional[str] = None, contrast: Optional[float] = None,
-                        surround_strength: Optional[float] = None) -> dict:
+                        surround_strength: Optional[float] = None, preference_text: Optional[str] = None) -> dict:
     """The generation settings given as options, checked before any model loads (exit 2 naming the option)."""
     from pmgen.pipeline import Settings
     from pmgen.stages.select import weight_grid
@@ -83,7 +84,7 @@ def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Op
     for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
                      ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight),
                      ("min_accuracy", min_accuracy), ("target_text", target_text), ("contrast", contrast),
-                     ("surround_strength", surround_strength)):
+                     ("surround_strength", surround_strength), ("preference_text", preference_text)):
         if val is not None:
             out[key] = val
     for key, val in out.items():
@@ -126,6 +127,9 @@ TargetTextOpt = Annotated[Optional[str], typer.Option(help="What d_t compares ca
 ContrastOpt = Annotated[Optional[float], typer.Option(
     help="c in d_p = s(sim(image, preference) - c·sim(image, other users' preferences)): the user's preference "
          "against the preset's background (0 = off, the paper; 1 = sticker-tiny's default).")]
+PrefTextOpt = Annotated[Optional[str], typer.Option(
+    help="What d_p compares candidates with: keywords (the preference keywords, paper), history (the names of the "
+         "user's 12 most recent history items) or both (their mean, against the background).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed shared by all candidates (default 0).")]
 StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image strength (default: the preset's).")]
 SurroundOpt = Annotated[Optional[float], typer.Option(
@@ -162,7 +166,7 @@ def _learned_alpha(pmg, data_root: Optional[Path]):
 
 SelectorOpt = Annotated[Optional[str], typer.Option(
     help="Selector weights to use instead of the preset's (a folder or zoo:..., e.g. "
-         "zoo:sticker-tiny/selector-catalog).")]
+         "zoo:sticker-tiny/selector-catalog; a+b: the mean similarity of several selectors).")]
 
 
 EvaluatorOpt = Annotated[Optional[str], typer.Option(

@@ -40,11 +40,16 @@ from pmgen.data.schema import DataError
 @app.command()
 def evaluate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/eval"),
-    n_samples: Annotated[int, typer.Option(help="Held-out samples (one per user).")] = 60,
+    n_samples: Annotated[int, typer.Option(help="Held-out samples (one per user first, then each user's next one).",
+                                           min=1)] = 60,
+    skip_samples: Annotated[int, typer.Option(help="Skip the first samples of that order (100 = every user's second "
+                                                   "request: targets an earlier 100-sample run never saw).",
+                                              min=0)] = 0,
     quick: Annotated[bool, typer.Option(help="A small subset (8 samples, weights 0,1,2) for CI-sized checks.")] = False,
     methods: Annotated[Optional[str], typer.Option(
         help="Comma-separated methods (default: every one whose models exist): none, keywords, keywords-guidance, "
-             "soft, pmg, pmg-compose, pmg-contrast, pmg-compose-contrast, pmg-guidance-contrast (with a "
+             "soft, pmg, pmg-compose, pmg-contrast, pmg-compose-contrast, pmg-compose-history, pmg-compose-both, "
+             "pmg-guidance-contrast (with a "
              "preference background), keywords+images, pmg+images, pmg+images-compose (with a history-image "
              "encoder) and the soft-prompt ablations found in the zoo.")] = None,
     lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to target and history (slower).")] = True,
@@ -85,7 +90,9 @@ def evaluate(
     ds = datasets.load("sticker-users", data_dir_)
     if split not in ("test", "val"):
         _fail(f"--split must be test or val, got {split!r}", 2)
-    samples = evaluation_samples(ds, 8 if quick else n_samples, split=split)
+    samples = evaluation_samples(ds, 8 if quick else n_samples, split=split, skip=skip_samples)
+    if not samples:
+        _fail(f"--skip-samples {skip_samples}: the {split} split has no samples left after it", 2)
     try:
         evaluator_model = load_scorer(pmg.preset, "evaluator", pmg.text_encoder)
     except (FileNotFoundError, OSError, ValueError) as e:
@@ -102,7 +109,7 @@ def evaluate(
                                  progress=update, keep_images=keep_images,
                                  soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm), reference=reference)
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
-    meta = {"split": split, "n_samples": len(samples), "n_users": len({s.user_id for s in samples}), "methods": names,
+    meta = {"split": split, "n_samples": len(samples), "skip_samples": skip_samples, "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {**{m: known[m].description for m in names},
                                     **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},
             "evaluator": evaluator_model.name, "evaluator_weights": pmg.preset.evaluator, "alpha": pmg.settings.alpha,

@@ -18,6 +18,7 @@ from pmgen.cli.app import (
     KOpt,
     MinAccOpt,
     ModeOpt,
+    PrefTextOpt,
     PresetOpt,
     SeedOpt,
     SelectorOpt,
@@ -60,7 +61,7 @@ def generate(
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None, target_text: TargetTextOpt = None, contrast: ContrastOpt = None,
-    surround_strength: SurroundOpt = None,
+    surround_strength: SurroundOpt = None, preference_text: PrefTextOpt = None,
     soft_prompt: SoftOpt = None, generator: GeneratorOpt = None, selector: SelectorOpt = None,
     history_images: Annotated[Optional[bool], typer.Option(
         "--history-images/--no-history-images",
@@ -85,7 +86,7 @@ def generate(
     from pmgen.paths import UnsafePathError, check_result_dir
 
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy,
-                                    target_text, contrast, surround_strength)
+                                    target_text, contrast, surround_strength, preference_text)
     if history_images is not None:
         overrides["use_history_images"] = history_images
     if batch is not None:
@@ -195,7 +196,7 @@ def demo(
                                                       "'auto': the one with the most personalized ground truths.")] = "love",
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, mode: ModeOpt = None, seed: SeedOpt = None,
-    target_text: TargetTextOpt = None, contrast: ContrastOpt = None,
+    target_text: TargetTextOpt = None, contrast: ContrastOpt = None, preference_text: PrefTextOpt = None,
     soft_prompt: SoftOpt = None,
     data_dir_: DataDirOpt = None,
 ) -> None:
@@ -205,7 +206,7 @@ def demo(
     from pmgen.paths import UnsafePathError, check_batch_root
 
     overrides = _settings_overrides(weights, alpha, mode, seed, None, None, None, None,
-                                    target_text=target_text, contrast=contrast)
+                                    target_text=target_text, contrast=contrast, preference_text=preference_text)
     try:
         check_batch_root(out)
     except UnsafePathError as e:

@@ -240,3 +240,14 @@ def newest_first(events: Sequence[Event]) -> list[Event]:
         order = sorted(range(len(events)), key=lambda i: (events[i].time, i), reverse=True)
         return [events[i] for i in order]
     return list(reversed(events))
+
+
+def recent_item_ids(events: Sequence[Event], limit: int = 12) -> list[str]:
+    """The ids of the ``limit`` most recent distinct items the events refer to, newest first."""
+    out: list[str] = []
+    for e in newest_first(events):
+        if len(out) >= limit:
+            break
+        if e.item_id and e.item_id not in out:
+            out.append(e.item_id)
+    return out

@@ -43,10 +43,11 @@ class Method:
     description: str = ""
 
 
-PAPER_SELECTION = {"target_text": "keywords", "contrast": 0.0}
+PAPER_SELECTION = {"target_text": "keywords", "contrast": 0.0, "preference_text": "keywords"}
 """d_t to the target keywords, d_p to the preference keywords alone (the paper's selection)."""
-CONTRAST_SELECTION = {"target_text": "title", "contrast": 1.0}
-"""d_t to the target's title, d_p measured against the preset's preference background."""
+CONTRAST_SELECTION = {"target_text": "title", "contrast": 1.0, "preference_text": "keywords"}
+"""d_t to the target's title, d_p to the preference keywords measured against the preset's preference
+background."""
 
 
 def default_methods(soft_available: bool, ablations: dict[str, Path] | None = None,
@@ -76,6 +77,16 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
         out["pmg-compose-contrast"] = Method("pmg-compose-contrast",
                                              {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION},
                                              description="pmg-compose chosen with contrast (the sticker-tiny default)")
+        out["pmg-compose-history"] = Method("pmg-compose-history",
+                                            {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION,
+                                             "preference_text": "history"},
+                                            description="pmg-compose chosen by d_p to the names of the user's "
+                                                        "recent history items")
+        out["pmg-compose-both"] = Method("pmg-compose-both",
+                                         {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION,
+                                          "preference_text": "both"},
+                                         description="pmg-compose chosen by d_p to the keywords and the history "
+                                                     "item names, against the background")
         out["pmg-guidance-contrast"] = Method("pmg-guidance-contrast",
                                               {"use_soft": True, "mode": "guidance", **CONTRAST_SELECTION},
                                               description="keywords + soft embeddings, guidance weighting (the "
@@ -112,15 +123,9 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
 
 def history_item_ids(user: Any, limit: int = 12) -> list[str]:
     """The user's most recent distinct history items (the personalization reference images)."""
-    from pmgen.stages.verbalize import newest_first
+    from pmgen.data.schema import recent_item_ids
 
-    out: list[str] = []
-    for e in newest_first(user.events):
-        if e.item_id and e.item_id not in out:
-            out.append(e.item_id)
-        if len(out) >= limit:
-            break
-    return out
+    return recent_item_ids(user.events, limit)
 
 
 def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample], methods: Sequence[Method],
@@ -186,8 +191,13 @@ def oracle_scores(selector: Any, images: Any, title: str, taste: str | None) -> 
     return {"oracle_title": [float(v) for v in sims[:, 0]], "oracle_taste": [float(v) for v in sims[:, 1]]}
 
 
-def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0) -> list[Sample]:
-    """``n`` samples of a split, one per user first (fixed seed), ground-truth samples favoured."""
+def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0, skip: int = 0) -> list[Sample]:
+    """``n`` samples of a split after the first ``skip``: one per user first (users in a fixed shuffled
+    order, each user's ground-truth samples favoured), then each user's second sample in the same user
+    order, and so on. ``skip = 100`` on the 100-user splits gives every user's second request: new targets
+    for the same users, never seen by an evaluation of the first 100."""
+    if n < 0 or skip < 0:
+        raise ValueError(f"n and skip must be >= 0, got n={n}, skip={skip}")
     samples = ds.split(split)
     rng = random.Random(seed)
     by_user: dict[str, list[Sample]] = {}
@@ -195,8 +205,7 @@ def evaluation_samples(ds: Dataset, n: int, split: str = "test", seed: int = 0) 
         by_user.setdefault(s.user_id, []).append(s)
     users = sorted(by_user)
     rng.shuffle(users)
-    picked = []
-    for u in users:
-        ss = sorted(by_user[u], key=lambda s: (s.ground_truth_personalized is None, s.sample_id))
-        picked.append(ss[0])
-    return picked[:n]
+    ordered = {u: sorted(by_user[u], key=lambda s: (s.ground_truth_personalized is None, s.sample_id)) for u in users}
+    picked = [ordered[u][r] for r in range(max(map(len, ordered.values()), default=0)) for u in users
+              if r < len(ordered[u])]
+    return picked[skip:skip + n]

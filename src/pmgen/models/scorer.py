@@ -232,6 +232,49 @@ class Scorer:
         return self.image_embeddings(images) @ self.image_embeddings(others).T
 
 
+class EnsembleScorer:
+    """Several scorers as one: every similarity is the mean of the members' cosine similarities.
+
+    The embeddings are the members' unit embeddings side by side, each scaled by ``1/sqrt(k)``, so any
+    dot product — and a mean of embeddings, such as the selection's preference background — is the mean
+    of the members' dot products. Independently trained selectors (other seeds and held-out splits)
+    averaged this way make a steadier proxy for the evaluator than any one of them (README, "Where the
+    choice loses the taste")."""
+
+    def __init__(self, members: Sequence[Any]):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 scorers, got {len(members)}")
+        self.members, self._scale = list(members), len(members) ** -0.5
+        self.name = "+".join(str(m.name) for m in self.members)
+
+    @property
+    def primary(self) -> Any:
+        """The first member: the image tower of models trained on one selector's embeddings (the
+        history-image encoder, :func:`pmgen.stages.history_images.image_tower`)."""
+        return self.members[0]
+
+    @property
+    def content_hash(self) -> str:
+        """The members' hashes, joined (the order matters: it is the order of the embeddings)."""
+        return "+".join(str(m.content_hash) for m in self.members)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.cat([m.text_embeddings(texts) for m in self.members], 1) * self._scale
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.image_embeddings(images) for m in self.members], 1) * self._scale
+
+    def text_similarity(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """The members' mean cosine similarity ``[B, T]``."""
+        return self.image_embeddings(images) @ self.text_embeddings(texts).T
+
+    def image_similarity(self, images: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """The members' mean cosine similarity ``[B, N]``."""
+        return self.image_embeddings(images) @ self.image_embeddings(others).T
+
+
 def candidate_matrix(idx: Sequence[int], groups: Sequence[str], text_ids: Sequence[int], n_candidates: int = 100,
                      seed: int = 0) -> torch.Tensor:
     """Candidate text ids ``[len(idx), n_candidates]`` for retrieval tests; column 0 is the true one.

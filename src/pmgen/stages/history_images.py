@@ -66,6 +66,12 @@ class HistoryImageConfig:
                              f"got {str(h)[:80]!r}")
 
 
+def image_tower(selector: Any) -> Any:
+    """The scorer whose image embeddings the history-image encoder reads: the selector itself, or the first
+    member of a selector ensemble (:class:`pmgen.models.scorer.EnsembleScorer`), whose weights it was trained on."""
+    return getattr(selector, "primary", selector)
+
+
 class HistoryImageEncoder(nn.Module):
     """Mean of the history's image embeddings → ``n_tokens`` condition vectors (the trained part)."""
 
@@ -98,11 +104,12 @@ class HistoryImageEncoder(nn.Module):
         recent first; at most ``max_images`` are read), embedded by ``image_encoder.image_embeddings``."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"history images must be [N, 3, H, W] with N >= 1, got {tuple(images.shape)}")
-        feats = image_encoder.image_embeddings(images[: self.cfg.max_images]).float()
+        feats = image_tower(image_encoder).image_embeddings(images[: self.cfg.max_images]).float()
         return self(feats.unsqueeze(0))[0]
 
     def check_image_encoder(self, image_encoder: Any) -> None:
         """Refuse an image encoder of another name, or other weights, than the one trained with."""
+        image_encoder = image_tower(image_encoder)
         name = str(getattr(image_encoder, "name", ""))
         if name and self.cfg.image_encoder and name != self.cfg.image_encoder:
             raise ValueError(f"history-image encoder was trained on the embeddings of {self.cfg.image_encoder!r}, "

@@ -23,7 +23,9 @@ def prepare(cfg: HistoryImageTrainConfig, preset: str = "sticker-tiny", log: Cal
     t0 = time.monotonic()
     gen = load_generator(p)
     te = load_text_encoder(p, gen)
-    selector = load_scorer(p, "selector", te)
+    from pmgen.stages.history_images import image_tower
+
+    selector = image_tower(load_scorer(p, "selector", te))  # an ensemble's first member: one selector's embeddings
     catalog = load_catalog(cfg.data_dir)
     items, images = catalog.items, catalog.images
     ds = datasets.load("sticker-users", cfg.data_dir)

@@ -321,6 +321,12 @@ def steps_option(cfg: ScorerTrainConfig) -> str:
     return "" if cfg.steps == ROLE_DEFAULTS.get(cfg.role, {}).get("steps") else f" --steps {cfg.steps}"
 
 
+def seed_options(cfg: ScorerTrainConfig) -> str:
+    """`` --seed N --holdout-seed M`` for the seeds that are not the role's defaults."""
+    return "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("seed", "holdout_seed")
+                   if getattr(cfg, k) != ROLE_DEFAULTS.get(cfg.role, {}).get(k))
+
+
 def augment_options(cfg: ScorerTrainConfig) -> str:
     return "".join(f" --{k.replace('_', '-')} {getattr(cfg, k):g}" for k, v in AUGMENT_DEFAULTS.items()
                    if getattr(cfg, k) != v)
@@ -366,7 +372,7 @@ else 'Used only to grade results, never for selection.'}
 | augmentation | zoom {cfg.zoom_min:g}–{cfg.zoom_max:g}, roam {cfg.roam:g} |
 {generated_rows(info)}| training time | {info['train_minutes']} min wall clock on a 2-core CPU |
 
-Reproduce: `pmgen train scorer --role {cfg.role}{steps_option(cfg)}{generated_options(cfg)}{augment_options(cfg)}` (seed {cfg.seed}).
+Reproduce: `pmgen train scorer --role {cfg.role}{seed_options(cfg)}{steps_option(cfg)}{generated_options(cfg)}{augment_options(cfg)}` (seed {cfg.seed}).
 
 ![loss](loss.png)
 """
