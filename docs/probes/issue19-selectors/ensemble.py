@@ -47,7 +47,7 @@ from pmgen.data import datasets  # noqa: E402
 from pmgen.presets import load_preference_background, load_scorer  # noqa: E402
 from pmgen.stages.condition import keywords_text  # noqa: E402
 
-from common import change, history_dp, load_selectors, none_of  # noqa: E402
+from common import change, load_selectors, none_of  # noqa: E402
 
 if args.phase == "candidates":
     from pmgen.data.requests import from_dataset
@@ -118,7 +118,7 @@ elif args.phase == "frontier":
 else:
     from pmgen.eval.evaluate import history_item_ids
     from pmgen.presets import get_preset
-    from pmgen.stages.select import argmax_z, background_embedding, select, z_score
+    from pmgen.stages.select import background_embedding, select
 
     preset = get_preset("sticker-tiny")
     store = torch.load(out / "candidates.pt", weights_only=False)
@@ -142,11 +142,14 @@ else:
                        bg if st["contrast"] > 0 else None, st["contrast"])
             add(name, sid, st, s.d_t, s.d_p, s.chosen)
             if args.history_text:
-                # d_p to the names of the user's history items (what the user did, not the keywords)
+                # d_p to the names of the user's history items (what the user did, not the keywords): pmgen's
+                # preference_text history (-hist) and both (-kw+hist)
                 titles = [ds.items[i].title for i in history_item_ids(ds.users[st["user_id"]])]
-                d_t = torch.tensor(s.d_t)
-                for suffix, d_p in history_dp(sel, sel.image_embeddings(images), titles, st["pref_text"], bg).items():
-                    add(name + suffix, sid, st, s.d_t, d_p.tolist(), argmax_z(z_score(d_t, d_p, st["alpha"])))
+                for suffix, source in (("-hist", "history"), ("-kw+hist", "both")):
+                    h = select(images, sel, st["target_text"], st["pref_text"], st["alpha"], None, 0.0,
+                               st["min_accuracy"], bg if st["contrast"] > 0 else None, st["contrast"],
+                               history_texts=titles, preference_source=source)
+                    add(name + suffix, sid, st, h.d_t, h.d_p, h.chosen)
             if args.told:  # a diagnostic, not a method: the hidden taste as the preference text
                 taste = ds.users[st["user_id"]].attributes.get("taste_description") or ""
                 s = select(images, sel, st["target_text"], taste, st["alpha"], None, 0.0, st["min_accuracy"])
