@@ -172,6 +172,11 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
     assert ens.history_encoder is not None and ens.selector.name == "selector+selector"
     assert PMG.from_preset("sticker-tiny", keyword_cache=None,
                            selector="zoo:sticker-tiny/evaluator+zoo:sticker-tiny/selector").history_encoder is None
+    # a preset that names the history encoder's own tower keeps it with any selector, and embeds with that tower
+    own = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/evaluator",
+                          history_images_tower="zoo:sticker-tiny/selector")
+    assert own.history_encoder is not None and own.history_tower is not own.selector
+    assert own.history_tower.content_hash == PMG.from_preset("sticker-tiny", keyword_cache=None).selector.content_hash
 
 
 def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):

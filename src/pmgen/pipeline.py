@@ -202,13 +202,15 @@ class PMG:
             pass another one (:meth:`generate`'s ``soft_prompt``).
         settings: default :class:`Settings`.
         keyword_cache: a :class:`pmgen.stages.keywords.KeywordCache` or ``None`` (no caching).
-        history_encoder: the trained :class:`pmgen.stages.history_images.HistoryImageEncoder` (reads the
-            selector's image embeddings), or ``None`` (history-image tokens unavailable).
+        history_encoder: the trained :class:`pmgen.stages.history_images.HistoryImageEncoder`, or ``None``
+            (history-image tokens unavailable).
+        history_tower: the scorer whose image embeddings ``history_encoder`` reads (the one it was trained
+            on); default: the selector.
     """
 
     def __init__(self, preset: Preset, llm: ChatLLM, text_encoder: TextEncoder, generator: Generator,
                  selector: Scorer, soft_prompt: SoftPrompt | None = None, settings: Settings | None = None,
-                 keyword_cache: Any = None, history_encoder: Any = None):
+                 keyword_cache: Any = None, history_encoder: Any = None, history_tower: Any = None):
         self.preset = preset
         self.llm = llm
         self.text_encoder = text_encoder
@@ -218,8 +220,9 @@ class PMG:
         self.settings = settings or Settings.for_preset(preset, use_soft=soft_prompt is not None)
         self.keyword_cache = keyword_cache
         self.history_encoder = history_encoder
+        self.history_tower = history_tower if history_tower is not None else selector
         if history_encoder is not None:
-            history_encoder.check_image_encoder(selector)
+            history_encoder.check_image_encoder(self.history_tower)
         self.history_encoder_refused = ""
         """Why :meth:`from_preset` left the preset's history-image encoder out (it does not fit the selector)."""
         self._extractors: dict[tuple[int, int], Any] = {}
@@ -231,8 +234,8 @@ class PMG:
     def from_preset(cls, name: str = "sticker-tiny", settings: Settings | None = None, keyword_cache: Any = "default",
                     **preset_overrides: Any) -> "PMG":
         """Load every model a preset names (offline). ``keyword_cache="default"`` uses the cache dir's SQLite."""
-        from pmgen.presets import (load_generator, load_history_encoder, load_llm, load_scorer, load_soft_prompt,
-                                   load_text_encoder)
+        from pmgen.presets import (load_generator, load_history_encoder, load_history_tower, load_llm, load_scorer,
+                                   load_soft_prompt, load_text_encoder)
 
         preset = get_preset(name, **preset_overrides)
         generator = load_generator(preset)
@@ -244,23 +247,28 @@ class PMG:
             from pmgen.stages.keywords import KeywordCache
 
             keyword_cache = KeywordCache()
+        history_encoder = load_history_encoder(preset)
+        tower = load_history_tower(preset, text_encoder, selector) if history_encoder is not None else None
         return cls.with_preset_history_encoder(preset, llm, text_encoder, generator, selector, soft, settings,
-                                               keyword_cache, load_history_encoder(preset))
+                                               keyword_cache, history_encoder, tower)
 
     @classmethod
     def with_preset_history_encoder(cls, preset: Preset, llm: Any, text_encoder: Any, generator: Any, selector: Any,
                                     soft_prompt: Any, settings: Settings | None, keyword_cache: Any,
-                                    history_encoder: Any) -> "PMG":
-        """A PMG with the preset's history-image encoder if it fits ``selector``; else without it, the reason kept
-        in :attr:`history_encoder_refused` (e.g. another ``--selector``: the preset's history tokens were trained
-        on its own selector's embeddings) and told when history-image tokens are asked for."""
+                                    history_encoder: Any, history_tower: Any = None) -> "PMG":
+        """A PMG with the preset's history-image encoder if it fits ``history_tower`` (default: ``selector``); else
+        without it, the reason kept in :attr:`history_encoder_refused` (e.g. another ``--selector`` when the
+        preset names no tower: the history tokens were trained on one selector's embeddings) and told when
+        history-image tokens are asked for."""
         refused = ""
+        tower = history_tower if history_tower is not None else selector
         if history_encoder is not None:
             try:
-                history_encoder.check_image_encoder(selector)
+                history_encoder.check_image_encoder(tower)
             except ValueError as e:
                 history_encoder, refused = None, str(e)
-        pmg = cls(preset, llm, text_encoder, generator, selector, soft_prompt, settings, keyword_cache, history_encoder)
+        pmg = cls(preset, llm, text_encoder, generator, selector, soft_prompt, settings, keyword_cache, history_encoder,
+                  tower)
         pmg.history_encoder_refused = refused
         return pmg
 
@@ -424,7 +432,7 @@ class PMG:
                                       "none (train one with `pmgen train history-images`)")
             if hist:
                 t = time.perf_counter()
-                hist_tokens = self.history_encoder.embed(self.selector, torch.cat(hist))
+                hist_tokens = self.history_encoder.embed(self.history_tower, torch.cat(hist))
                 timings["history_image_tokens"] = time.perf_counter() - t
             else:
                 warnings.append("no history images given: the history-image tokens are left out")

@@ -42,6 +42,8 @@ class Preset:
         soft_prompt: reference to trained soft-prompt weights (``""`` = soft embeddings off).
         history_images: reference to a trained history-image encoder (``""`` = none; see
             :mod:`pmgen.stages.history_images`); used when a request sets ``use_history_images``.
+        history_images_tower: the scorer whose image embeddings that encoder reads, the one it was
+            trained on (``""`` = the selector).
         mode, alpha, target_text, contrast: the default weighting mode and selection (see
             :class:`pmgen.pipeline.Settings`); a request can override each.
         preference_text: what d_p compares candidates with (keywords | history | both; see
@@ -65,6 +67,7 @@ class Preset:
     text_max_length: int = 32
     soft_prompt: str = ""
     history_images: str = ""
+    history_images_tower: str = ""
     mode: str = "concat"
     alpha: float = 2 / 3
     target_text: str = "keywords"
@@ -248,6 +251,15 @@ def load_soft_prompt(preset: Preset, llm: Any) -> Any:
     return SoftPromptEncoder.load(path, llm)
 
 
+def load_history_tower(preset: Preset, text_encoder: Any = None, selector: Any = None) -> Any:
+    """The scorer whose image tower feeds the history-image encoder: ``preset.history_images_tower``, or the
+    ``selector`` (loaded when not given) when the preset names none or names the selector itself."""
+    ref = preset.history_images_tower
+    if ref and ref != preset.selector:
+        return load_scorer(dataclasses.replace(preset, selector=ref), "selector", text_encoder)
+    return selector if selector is not None else load_scorer(preset, "selector", text_encoder)
+
+
 def load_history_encoder(preset: Preset) -> Any:
     """The preset's trained history-image encoder, or ``None`` when it names none."""
     if not preset.history_images:
@@ -387,7 +399,9 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
                 obj = load_soft_prompt(preset, loaded["llm"])
             elif role == "history_images":
                 obj = load_history_encoder(preset)
-                if "selector" in loaded:
+                if preset.history_images_tower:
+                    obj.check_image_encoder(load_history_tower(preset, loaded.get("text_encoder")))
+                elif "selector" in loaded:
                     obj.check_image_encoder(loaded["selector"])
             else:
                 obj = load_scorer(preset, role, loaded.get("text_encoder"))

@@ -83,12 +83,12 @@ class PresetFactory:
 
     def __call__(self, roles: frozenset[str]) -> Any:
         from pmgen.pipeline import PMG, Settings
-        from pmgen.presets import (get_preset, load_generator, load_history_encoder, load_llm, load_scorer,
-                                   load_soft_prompt, load_text_encoder)
+        from pmgen.presets import (get_preset, load_generator, load_history_encoder, load_history_tower, load_llm,
+                                   load_scorer, load_soft_prompt, load_text_encoder)
 
         p = get_preset(self.preset, **dict(self.preset_overrides))
         settings = Settings.for_preset(p, **{"use_soft": bool(p.soft_prompt), **self.settings})
-        llm = soft = te = gen = sel = cache = hist = None
+        llm = soft = te = gen = sel = cache = hist = tower = None
         if "keywords" in roles:
             from pmgen.stages.keywords import KeywordCache
 
@@ -101,7 +101,8 @@ class PresetFactory:
             te = load_text_encoder(p, gen)
             sel = load_scorer(p, "selector", te)
             hist = load_history_encoder(p)  # the generator actors plan the conditions
-        return PMG.with_preset_history_encoder(p, llm, te, gen, sel, soft, settings, cache, hist)
+            tower = load_history_tower(p, te, sel) if hist is not None else None
+        return PMG.with_preset_history_encoder(p, llm, te, gen, sel, soft, settings, cache, hist, tower)
 
 
 def _info(model: Any) -> ModelInfo | None:
