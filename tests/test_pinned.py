@@ -71,7 +71,7 @@ def shipped_pmg():
     from pmgen.pipeline import PMG, Settings
     from pmgen.presets import get_preset, load_generator, load_scorer, load_text_encoder
 
-    p = get_preset("sticker-tiny")
+    p = get_preset("sticker-tiny", selector="zoo:sticker-tiny/selector")  # the selector the pins were made with
     gen = load_generator(p)
     te = load_text_encoder(p, gen)
     settings = Settings(weights=(0, 1, 2), seed=0, strength=p.strength, num_inference_steps=p.num_inference_steps,
