@@ -153,8 +153,23 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
     pmg = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/evaluator")
     assert pmg.preset.selector == "zoo:sticker-tiny/evaluator"
     assert pmg.selector.model.cfg.info["role"] == "evaluator"
-    # the preset's history-image tokens were trained on the shipped selector's embeddings: left out, with the reason
-    assert pmg.history_encoder is None and "history-image encoder was trained" in pmg.history_encoder_refused
+    # sticker-tiny names the history-image encoder's own tower (the seed-1 selector it was trained on): kept with any
+    # selector, and it embeds with that tower, not with the selector
+    seed1 = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/selector")
+    assert pmg.history_encoder is not None and pmg.history_tower is not pmg.selector
+    assert pmg.history_tower.content_hash == seed1.selector.content_hash != pmg.selector.content_hash
+    # a preset naming no tower: the encoder reads the selector, so another selector leaves it out, with the reason
+    no_tower = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/evaluator",
+                               history_images_tower="")
+    assert no_tower.history_encoder is None and "history-image encoder was trained" in no_tower.history_encoder_refused
+    assert PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/selector",
+                           history_images_tower="").history_encoder is not None  # its own selector: kept
+    # ... and an ensemble led by that selector keeps it (its first member is the image tower); led by another, not
+    ens = PMG.from_preset("sticker-tiny", keyword_cache=None, history_images_tower="",
+                          selector="zoo:sticker-tiny/selector+zoo:sticker-tiny/evaluator")
+    assert ens.history_encoder is not None and ens.selector.name == "selector+selector"
+    assert PMG.from_preset("sticker-tiny", keyword_cache=None, history_images_tower="",
+                           selector="zoo:sticker-tiny/evaluator+zoo:sticker-tiny/selector").history_encoder is None
     res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", str(tmp_path / "missing"),
                                    "--out", str(tmp_path / "out")])
     assert res.exit_code != 0 and "missing" in res.output
@@ -162,21 +177,6 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
                                    str(tmp_path / "out3")])
     assert res.exit_code == 1 and "--evaluator" in res.output and "gone" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out3").exists()  # refused before anything was generated
-    res = CliRunner().invoke(app, ["evaluate", "--quick", "--selector", "zoo:sticker-tiny/evaluator",
-                                   "--methods", "none,pmg+images", "--out", str(tmp_path / "out2")])
-    assert res.exit_code == 2 and "history-image methods: history-image encoder was trained" in " ".join(res.output.split())
-    assert PMG.from_preset("sticker-tiny", keyword_cache=None).history_encoder is not None  # its own selector: kept
-    # an ensemble led by the shipped selector keeps it (its first member is the image tower); led by another, not
-    ens = PMG.from_preset("sticker-tiny", keyword_cache=None,
-                          selector="zoo:sticker-tiny/selector+zoo:sticker-tiny/evaluator")
-    assert ens.history_encoder is not None and ens.selector.name == "selector+selector"
-    assert PMG.from_preset("sticker-tiny", keyword_cache=None,
-                           selector="zoo:sticker-tiny/evaluator+zoo:sticker-tiny/selector").history_encoder is None
-    # a preset that names the history encoder's own tower keeps it with any selector, and embeds with that tower
-    own = PMG.from_preset("sticker-tiny", keyword_cache=None, selector="zoo:sticker-tiny/evaluator",
-                          history_images_tower="zoo:sticker-tiny/selector")
-    assert own.history_encoder is not None and own.history_tower is not own.selector
-    assert own.history_tower.content_hash == PMG.from_preset("sticker-tiny", keyword_cache=None).selector.content_hash
 
 
 def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):

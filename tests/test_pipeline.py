@@ -449,7 +449,8 @@ def test_soft_prompt_trained_in_the_preference_branch_is_evaluated_in_compose_mo
     folders["soft-broken"] = tmp_path / "broken"
     assert [soft_prompt_branch(f) for f in folders.values()] == ["preference", "target", "target", "target"]
     known = default_methods(True, folders, background_available=True)
-    assert known["soft-pref"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title", "contrast": 1.0}
+    assert known["soft-pref"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title", "contrast": 1.0,
+                                            "preference_text": "keywords"}
     assert known["soft-pref"].soft_prompt == str(folders["soft-pref"])
     assert known["soft-old"].overrides["use_keywords"] is False and "mode" not in known["soft-old"].overrides
     assert default_methods(True, folders)["soft-pref"].overrides["contrast"] == 0.0
