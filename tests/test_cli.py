@@ -177,6 +177,11 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
                                    str(tmp_path / "out3")])
     assert res.exit_code == 1 and "--evaluator" in res.output and "gone" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out3").exists()  # refused before anything was generated
+    for bad in ("zoo:sticker-tiny/selector+", "+".join(["zoo:sticker-tiny/selector"] * 9)):
+        res = CliRunner().invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "su0007-0",
+                                       "--selector", bad, "--out", str(tmp_path / "out4")])
+        assert res.exit_code == 2 and "an ensemble is 2 to 8 references" in " ".join(res.output.split()), res.output
+        assert "Traceback" not in res.output and not (tmp_path / "out4").exists()
 
 
 def test_generate_with_history_images_records_the_tokens(data_root, tmp_path):

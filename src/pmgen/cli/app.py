@@ -107,6 +107,8 @@ def _load_pmg(preset: str, overrides: dict, no_cache: bool = False, **preset_ove
         _fail(str(e.args[0]), 2)
     except (FileNotFoundError, ModelNotAvailable) as e:
         _fail(f"{e}\n(`pmgen models check --preset {preset}` lists every model and what is missing)")
+    except ValueError as e:  # a malformed reference, e.g. --selector 'a+' (an ensemble needs 2 to 8 members)
+        _fail(str(e), 2)
     try:
         pmg.settings = dataclasses.replace(pmg.settings, **overrides)
     except (ValueError, TypeError) as e:
