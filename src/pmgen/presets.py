@@ -82,7 +82,8 @@ class Preset:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.contrast <= 1.0:
             raise ValueError(f"alpha and contrast must be in [0, 1], got {self.alpha}, {self.contrast}")
-        if self.preference_text not in ("keywords", "history", "both"):  # pmgen.stages.select.PREFERENCE_SOURCES
+        # pmgen.stages.select.PREFERENCE_SOURCES, spelled out: importing it would load torch with the presets
+        if self.preference_text not in ("keywords", "history", "both"):
             raise ValueError(f"preference_text must be keywords, history or both, got {self.preference_text!r}")
         if self.contrast > 0 and not self.preference_background:
             raise ValueError("a preset with contrast > 0 must name a preference_background")
@@ -406,10 +407,9 @@ def check_preset(preset: Preset) -> list[ModelStatus]:
                 obj = load_soft_prompt(preset, loaded["llm"])
             elif role == "history_images":
                 obj = load_history_encoder(preset)
-                if preset.history_images_tower:
-                    obj.check_image_encoder(load_history_tower(preset, loaded.get("text_encoder")))
-                elif "selector" in loaded:
-                    obj.check_image_encoder(loaded["selector"])
+                if preset.history_images_tower or "selector" in loaded:  # the loaded selector is reused, not reloaded
+                    obj.check_image_encoder(load_history_tower(preset, loaded.get("text_encoder"),
+                                                               loaded.get("selector")))
             else:
                 obj = load_scorer(preset, role, loaded.get("text_encoder"))
             st.load_seconds = time.perf_counter() - t0

@@ -109,7 +109,8 @@ def evaluate(
                                  progress=update, keep_images=keep_images,
                                  soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm), reference=reference)
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
-    meta = {"split": split, "n_samples": len(samples), "skip_samples": skip_samples, "n_users": len({s.user_id for s in samples}), "methods": names,
+    meta = {"split": split, "n_samples": len(samples), "skip_samples": skip_samples,
+            "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {**{m: known[m].description for m in names},
                                     **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},
             "evaluator": evaluator_model.name, "evaluator_weights": pmg.preset.evaluator, "alpha": pmg.settings.alpha,

@@ -201,7 +201,8 @@ def demo(
     data_dir_: DataDirOpt = None,
 ) -> None:
     """The main job (what `make demo` runs): different users, same target, one side-by-side picture.
-    The paper's selection for comparison: `--mode concat --target-text keywords --preference-text keywords --contrast 0`."""
+    The paper's selection for comparison:
+    `--mode concat --target-text keywords --preference-text keywords --contrast 0`."""
     from pmgen.demo import run_demo
     from pmgen.paths import UnsafePathError, check_batch_root
 
