@@ -177,6 +177,9 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
                                    str(tmp_path / "out3")])
     assert res.exit_code == 1 and "--evaluator" in res.output and "gone" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out3").exists()  # refused before anything was generated
+    for bad in ("-1", "2147483648", "x"):  # --users-seed is bounded before anything is built
+        res = CliRunner().invoke(app, ["evaluate", "--quick", "--users-seed", bad, "--out", str(tmp_path / "out5")])
+        assert res.exit_code == 2 and "--users-seed" in res.output and not (tmp_path / "out5").exists()
     for bad in ("zoo:sticker-tiny/selector+", "+".join(["zoo:sticker-tiny/selector"] * 9)):
         res = CliRunner().invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "su0007-0",
                                        "--selector", bad, "--out", str(tmp_path / "out4")])

@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pmgen.data import datasets
@@ -104,6 +105,21 @@ def test_sticker_users_deterministic(data_root):
     before = file_sha256(path), file_sha256(data_root / "sticker-users" / "users.jsonl")
     sticker_users.build(data_root, force=True)
     assert (file_sha256(path), file_sha256(data_root / "sticker-users" / "users.jsonl")) == before
+
+
+def test_sticker_users_another_seed_is_a_new_population_beside_the_shipped_one(data_root):
+    shipped = data_root / "sticker-users" / "users.jsonl"
+    before = file_sha256(shipped)
+    fresh = datasets.load("sticker-users", data_root, seed=7)
+    assert (data_root / "sticker-users-seed7" / "dataset.json").is_file()
+    assert file_sha256(shipped) == before  # the shipped users are neither rebuilt nor replaced
+    base = datasets.load("sticker-users", data_root)
+    assert fresh.users.keys() == base.users.keys()  # the same ids …
+    assert sum(fresh.users[u].events != base.users[u].events for u in base.users) > 0.9 * len(base.users)  # … new users
+    assert datasets.load("sticker-users", data_root, build_if_missing=False, seed=7).samples == fresh.samples
+    for bad in (-1, 2**31, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="seed"):
+            sticker_users.folder_name(bad)
 
 
 def test_user_disjoint_splits_fixed_seed():

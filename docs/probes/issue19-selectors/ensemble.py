@@ -31,10 +31,14 @@ ap.add_argument("--split", default="val")
 ap.add_argument("--skip", type=int, default=0, help="candidates: skip the first samples (100 = each user's second "
                 "request, targets the first 100 never showed)")
 ap.add_argument("--out", default="runs/issue19/selectors/val")
+ap.add_argument("--users-seed", type=int, default=0, help="candidates / select: users drawn with this seed "
+                "(pmgen evaluate --users-seed; 0 = the users every model and setting was made with)")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--set", action="append", default=[], help="name=ref[+ref…] (a selector or an ensemble)")
 ap.add_argument("--history-text", action="store_true", help="select: also d_p to the names of the user's history "
                 "items, alone and averaged with the keywords")
+ap.add_argument("--history-weights", default="", help="select, with --history-text: also d_p with the user's "
+                "history images' share β (comma-separated, e.g. 0.25,0.5), the pipeline's history_weight")
 ap.add_argument("--told", action="store_true", help="select: also each set told the user's hidden taste (as the "
                 "preference text, no background): is it the selector or the keywords that miss the taste?")
 args = ap.parse_args()
@@ -55,7 +59,7 @@ if args.phase == "candidates":
     from pmgen.eval.grading import sticker_grader
 
     pmg = PMG.from_preset("sticker-tiny")
-    ds = datasets.load("sticker-users")
+    ds = datasets.load("sticker-users", seed=args.users_seed)
     grader = sticker_grader(load_scorer(pmg.preset, "evaluator", pmg.text_encoder), perceptual=False)
     samples = evaluation_samples(ds, args.n, split=args.split, skip=args.skip)
     overrides = {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION}
@@ -123,8 +127,9 @@ else:
     preset = get_preset("sticker-tiny")
     store = torch.load(out / "candidates.pt", weights_only=False)
     bg_texts = load_preference_background(preset)
-    ds = datasets.load("sticker-users")
+    ds = datasets.load("sticker-users", seed=args.users_seed)
     rows = []
+    hist_images: dict[str, torch.Tensor] = {}
 
     def add(name: str, sid: str, st: dict, d_t: list[float], d_p: list[float], chosen: int) -> None:
         for i, (w, mt) in enumerate(zip(st["weights"], st["metrics"])):
@@ -150,6 +155,16 @@ else:
                                st["min_accuracy"], bg if st["contrast"] > 0 else None, st["contrast"],
                                history_texts=titles, preference_source=source)
                     add(name + suffix, sid, st, h.d_t, h.d_p, h.chosen)
+                for beta in [float(b) for b in args.history_weights.split(",") if b]:
+                    # the history stickers themselves in d_p (the pipeline's history_weight), beside the names
+                    if sid not in hist_images:
+                        from pmgen.data.images import load_image
+                        hist_images[sid] = torch.cat([load_image(ds.image_path(i), images.shape[-1])
+                                                      for i in history_item_ids(ds.users[st["user_id"]])])
+                    h = select(images, sel, st["target_text"], st["pref_text"], st["alpha"], hist_images[sid], beta,
+                               st["min_accuracy"], bg if st["contrast"] > 0 else None, st["contrast"],
+                               history_texts=titles, preference_source="history")
+                    add(f"{name}-hist+img{beta:g}", sid, st, h.d_t, h.d_p, h.chosen)
             if args.told:  # a diagnostic, not a method: the hidden taste as the preference text
                 taste = ds.users[st["user_id"]].attributes.get("taste_description") or ""
                 s = select(images, sel, st["target_text"], taste, st["alpha"], None, 0.0, st["min_accuracy"])

@@ -56,6 +56,10 @@ def evaluate(
     keep_images: Annotated[int, typer.Option(help="Samples shown in samples.png.")] = 8,
     split: Annotated[str, typer.Option(help="Users to evaluate on: test (report numbers) or val (choose settings "
                                             "without touching the test users).")] = "test",
+    users_seed: Annotated[int, typer.Option(
+        help="Draw the synthetic users with this seed: 0 = the users pmgen's models and settings were made with; "
+             "another seed builds a new population (sticker-users-seed{N}) that no model or setting has seen, "
+             "for a fresh held-out test.", min=0, max=2**31 - 1)] = 0,
     soft_prompt: SoftOpt = None,
     preset: PresetOpt = "sticker-tiny",
     weights: WeightsOpt = None, alpha: AlphaOpt = None, seed: SeedOpt = None, strength: StrengthOpt = None,
@@ -87,9 +91,9 @@ def evaluate(
               + ("" if pmg.soft_prompt is not None else " (soft-embedding methods need trained soft-prompt weights)")
               + (f" (history-image methods: {pmg.history_encoder_refused})" if pmg.history_encoder_refused else ""),
               2)
-    ds = datasets.load("sticker-users", data_dir_)
     if split not in ("test", "val"):
         _fail(f"--split must be test or val, got {split!r}", 2)
+    ds = datasets.load("sticker-users", data_dir_, seed=users_seed)
     samples = evaluation_samples(ds, 8 if quick else n_samples, split=split, skip=skip_samples)
     if not samples:
         _fail(f"--skip-samples {skip_samples}: the {split} split has no samples left after it", 2)
@@ -109,7 +113,7 @@ def evaluate(
                                  progress=update, keep_images=keep_images,
                                  soft_loader=lambda f: SoftPromptEncoder.load(Path(f), pmg.llm), reference=reference)
     main = "pmg" if "pmg" in names else "keywords" if "keywords" in names else None
-    meta = {"split": split, "n_samples": len(samples), "skip_samples": skip_samples,
+    meta = {"split": split, "users_seed": users_seed, "n_samples": len(samples), "skip_samples": skip_samples,
             "n_users": len({s.user_id for s in samples}), "methods": names,
             "method_descriptions": {**{m: known[m].description for m in names},
                                     **({"target image": "the real target image, not generated (the accuracy ceiling)"} if reference else {})},

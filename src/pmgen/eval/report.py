@@ -192,8 +192,10 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], k
         plot_alpha(curve, out / "alpha_sweep.png", alpha)
     if kept:
         image_grid(kept, [m for m in sel if m != REFERENCE], out / "samples.png")
+    seed = meta.get("users_seed") or 0
+    users = "`sticker-users`" + (f" drawn with seed {seed} (users no model or setting has seen)" if seed else "")
     parts = [f"# pmgen evaluation\n\n{meta.get('n_samples')} held-out samples ({meta.get('n_users')} users) of "
-             f"`sticker-users`, graded by the evaluator `{meta.get('evaluator')}` (never used for selection); "
+             f"{users}, graded by the evaluator `{meta.get('evaluator')}` (never used for selection); "
              f"means with 95% bootstrap intervals over users; in parentheses the change relative to `{baseline}`.\n",
              "## Methods\n", *[f"- `{k}`: {v}" for k, v in meta.get("method_descriptions", {}).items()],
              "\n## Selected candidate (what a user gets)\n", "Accuracy:\n", markdown_table(sel, ACCURACY, baseline),

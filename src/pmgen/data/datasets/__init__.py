@@ -38,12 +38,13 @@ def build(name: str, root: str | Path | None = None, force: bool = False, **opti
     return BUILDERS[name](data_dir(root), force=force, **options)
 
 
-def load(name: str, root: str | Path | None = None, build_if_missing: bool = True) -> Dataset:
-    """Load a built-in dataset, building it first when missing (``build_if_missing``)."""
+def load(name: str, root: str | Path | None = None, build_if_missing: bool = True, **options: Any) -> Dataset:
+    """Load a built-in dataset, building it first when missing (``build_if_missing``). ``options`` go to
+    its builder (``sticker-users``: ``seed=N`` loads another draw of users, :mod:`.sticker_users`)."""
     _check(name)
-    folder = data_dir(root) / name
+    folder = data_dir(root) / (sticker_users.folder_name(options.get("seed", 0)) if name == "sticker-users" else name)
     if build_if_missing:
-        folder = build(name, root)
+        folder = build(name, root, **options)
     elif not (folder / "dataset.json").is_file():
         raise FileNotFoundError(f"dataset {name!r} is not built in {folder.parent}; run `pmgen data build {name}`")
     return load_dataset(folder, name=name)

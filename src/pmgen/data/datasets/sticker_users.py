@@ -11,6 +11,12 @@ user's taste (laughing + cats → *cat with tears of joy*) the sample records it
 
 Splits are user-disjoint (80/10/10) with a fixed seed; the items are the ``stickers`` dataset's
 (``dataset.json`` points to ``../stickers``).
+
+``seed`` 0 gives the users every shipped model was trained, tuned and tested on. Another seed draws a
+new population from the same recipe in its own folder (``sticker-users-seed{N}``, :func:`folder_name`):
+users no pmgen model or setting has seen, for a fresh held-out test (``pmgen evaluate --users-seed N``).
+Their user ids repeat seed 0's (``su0000`` …): nothing is cached by user id (keyword records are keyed
+by the verbalized history).
 """
 
 from __future__ import annotations
@@ -193,12 +199,23 @@ def _chat_lines(seed: int) -> list[str]:
     return lines
 
 
+MAX_SEED = 2**31 - 1
+
+
+def folder_name(seed: int = 0) -> str:
+    """The folder of the users drawn with ``seed``: ``sticker-users`` (0) or ``sticker-users-seed{N}``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"sticker-users seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return "sticker-users" if seed == 0 else f"sticker-users-seed{seed}"
+
+
 def build(data_root: Path, force: bool = False, n_users: int = 1000, samples_per_user: int = 3,
           seed: int = 0) -> Path:
-    """Build ``sticker-users`` under ``data_root`` (needs the ``stickers`` dataset, built if missing)."""
+    """Build ``sticker-users`` under ``data_root`` (needs the ``stickers`` dataset, built if missing);
+    ``seed`` ≠ 0 draws a new population into ``sticker-users-seed{N}`` (:func:`folder_name`)."""
     from pmgen.data.datasets import stickers
 
-    folder = data_root / "sticker-users"
+    folder = data_root / folder_name(seed)
     params = {"n_users": n_users, "samples_per_user": samples_per_user, "seed": seed}
     if not force and is_built(folder, VERSION, params):
         return folder
