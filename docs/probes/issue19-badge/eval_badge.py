@@ -34,6 +34,7 @@ ap.add_argument("--out", default="runs/issue19/badge/val")
 ap.add_argument("--unet", default=str(cache_dir() / "train" / "badge-probe" / "export" / "unet"))
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--lpips", action="store_true")
+ap.add_argument("--box-max", type=int, default=28, help="the box at w = 2 (px; 20 at w = 0.5), as trained")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 out = Path(args.out)
@@ -88,7 +89,7 @@ def badges(baseline: torch.Tensor, pref: list[str], weights, seed: int) -> torch
     real = gen.unet
     for w in weights:
         u = (w - 0.5) / 1.5
-        size = 4 * round((20 + 8 * u) / 4)
+        size = 4 * round((20 + (args.box_max - 20) * u) / 4)
         x, y = corner_box(baseline, size)
         masked = baseline.clone()
         masked[:, :, y:y + size, x:x + size] = 1.0

@@ -5,6 +5,13 @@ sticker in a corner box; the condition describes only what goes in the box (a ta
 the element's title). Val/test targets and ground truths are never targets or elements.
 
     python docs/probes/issue19-badge/train_badge.py --minutes 60 [--resume]
+
+Second run (v2, the changes the first run's result asked for): boxes up to 32 px, half of the rows a
+general "draw X small" (any training sticker in the box, captioned with its own title), and the loss only
+on the box (the rest is given to the UNet; it need not be redrawn):
+
+    python docs/probes/issue19-badge/train_badge.py --box-max 32 --general 0.5 --box-only \
+        --dir ~/.cache/pmgen/train/badge-probe-v2 --minutes 60 [--resume]
 """
 from __future__ import annotations
 
@@ -38,6 +45,10 @@ ap.add_argument("--lr", type=float, default=1e-4)
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--dir", default=str(cache_dir() / "train" / "badge-probe"))
 ap.add_argument("--box-weight", type=float, default=4.0)
+ap.add_argument("--box-max", type=int, default=28, help="the largest box (px; the smallest is 20)")
+ap.add_argument("--general", type=float, default=0.0, help="share of rows with any training sticker in the box, "
+                "captioned with its own title (general 'draw X small')")
+ap.add_argument("--box-only", action="store_true", help="the loss only inside the box")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 run = Path(args.dir)
@@ -107,13 +118,24 @@ def make_row(rng: random.Random):
     el = rng.choice(pools[taste.name])
     u = rng.random()
     place = rng.randrange(4)
-    spec = C.CompositeSpec(t, taste.name, "badge", el, place, 0.5 + 1.5 * u, (), ())
-    comp = C.render(spec, {t: img(t), el: img(el)}, {})
-    x, y, s = box_of(round(20 + 8 * u), place)
+    if args.box_max == 28 and args.general == 0:  # the first run, exactly as it was
+        spec = C.CompositeSpec(t, taste.name, "badge", el, place, 0.5 + 1.5 * u, (), ())
+        comp = C.render(spec, {t: img(t), el: img(el)}, {})
+        x, y, s = box_of(round(20 + 8 * u), place)
+    else:
+        if rng.random() < args.general:  # any training sticker, named by its own title
+            el = rng.choice(targets)
+            while el == t:
+                el = rng.choice(targets)
+        x, y, s = box_of(round(20 + (args.box_max - 20) * u), place)
+        canvas = img(t).astype(np.float32)
+        C._paste(canvas, img(el), s, x, y)
+        comp = (canvas.clip(0, 255) + 0.5).astype(np.uint8)
     masked = img(t).copy()
     masked[y:y + s, x:x + s] = 255
-    text = keywords_text(C.pick_keywords(kw_pools[taste.name], rng, taste.name)) if rng.random() < 0.5 \
-        else items[el].title
+    general = el not in pools[taste.name]
+    text = items[el].title if general or rng.random() >= 0.5 \
+        else keywords_text(C.pick_keywords(kw_pools[taste.name], rng, taste.name))
     return comp, masked, latent_box_mask(x, y, s), text
 
 
@@ -125,9 +147,13 @@ g = torch.Generator().manual_seed(0)
 ck = run / "last.pt"
 if args.resume and ck.is_file():
     st = torch.load(ck, weights_only=False)
-    unet.load_state_dict(st["unet"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
+    unet.load_state_dict(st["unet"])
+    ema.load_state_dict(st["ema"])
+    opt.load_state_dict(st["opt"])
     step, seconds = st["step"], st["seconds"]
-    rng.setstate(st["rng"]); g.set_state(st["g"]); torch.set_rng_state(st["torch"])
+    rng.setstate(st["rng"])
+    g.set_state(st["g"])
+    torch.set_rng_state(st["torch"])
     print(f"resumed at step {step}", flush=True)
 empty = states("")
 
@@ -139,7 +165,9 @@ def save() -> None:
     out.mkdir(exist_ok=True)
     ema.save_pretrained(out / "unet")
     (out / "info.json").write_text(json.dumps({"step": step, "seconds": seconds, "batch": args.batch,
-                                               "lr": args.lr, "box_weight": args.box_weight}))
+                                               "lr": args.lr, "box_weight": args.box_weight,
+                                               "box_max": args.box_max, "general": args.general,
+                                               "box_only": args.box_only}))
 
 
 unet.train()
@@ -162,8 +190,12 @@ while time.monotonic() - start < 60 * args.minutes:
     noisy = noise_sched.add_noise(lat, noise, ts)
     target = noise_sched.get_velocity(lat, noise, ts)
     pred = unet(torch.cat([noisy, mask, mlat], 1), ts, encoder_hidden_states=ctx).sample
-    per = (pred - target).pow(2).mean(1, keepdim=True) * (1 + args.box_weight * mask)
-    loss = (min_snr_weight(noise_sched, ts, 5.0) * per.flatten(1).mean(1)).mean()
+    err = (pred - target).pow(2).mean(1, keepdim=True)
+    if args.box_only:
+        per_row = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+    else:
+        per_row = (err * (1 + args.box_weight * mask)).flatten(1).mean(1)
+    loss = (min_snr_weight(noise_sched, ts, 5.0) * per_row).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
