@@ -177,9 +177,6 @@ def test_selector_option_swaps_the_preset_selector_and_a_missing_one_is_a_clear_
                                    str(tmp_path / "out3")])
     assert res.exit_code == 1 and "--evaluator" in res.output and "gone" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out3").exists()  # refused before anything was generated
-    for bad in ("-1", "2147483648", "x"):  # --users-seed is bounded before anything is built
-        res = CliRunner().invoke(app, ["evaluate", "--quick", "--users-seed", bad, "--out", str(tmp_path / "out5")])
-        assert res.exit_code == 2 and "--users-seed" in res.output and not (tmp_path / "out5").exists()
     for bad in ("zoo:sticker-tiny/selector+", "+".join(["zoo:sticker-tiny/selector"] * 9)):
         res = CliRunner().invoke(app, ["generate", "--dataset", "sticker-users", "--sample", "su0007-0",
                                        "--selector", bad, "--out", str(tmp_path / "out4")])
@@ -232,3 +229,12 @@ def test_scorer_check_repeats_the_training_split_and_shows_the_corner_drop(data_
                                 "--data-dir", str(data_root)])
         assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
         assert "held-out top-1" not in r.output  # refused before anything was measured
+
+
+def test_evaluate_users_seed_is_bounded(tmp_path):
+    """--users-seed names a dataset folder (sticker-users-seed{N}): a bad value exits 2 before anything is built."""
+    for bad in ("-1", "2147483648", "x"):
+        res = CliRunner().invoke(app, ["evaluate", "--quick", "--users-seed", bad, "--out", str(tmp_path / "out"),
+                                       "--data-dir", str(tmp_path / "data")])
+        assert res.exit_code == 2 and "Invalid value for '--users-seed'" in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()

@@ -117,6 +117,8 @@ def test_sticker_users_another_seed_is_a_new_population_beside_the_shipped_one(d
     assert fresh.users.keys() == base.users.keys()  # the same ids …
     assert sum(fresh.users[u].events != base.users[u].events for u in base.users) > 0.9 * len(base.users)  # … new users
     assert datasets.load("sticker-users", data_root, build_if_missing=False, seed=7).samples == fresh.samples
+    with pytest.raises(FileNotFoundError, match="sticker-users-seed8"):
+        datasets.load("sticker-users", data_root, build_if_missing=False, seed=8)
     for bad in (-1, 2**31, 1.5, True, "1"):
         with pytest.raises(ValueError, match="seed"):
             sticker_users.folder_name(bad)

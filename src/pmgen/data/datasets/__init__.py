@@ -46,5 +46,6 @@ def load(name: str, root: str | Path | None = None, build_if_missing: bool = Tru
     if build_if_missing:
         folder = build(name, root, **options)
     elif not (folder / "dataset.json").is_file():
-        raise FileNotFoundError(f"dataset {name!r} is not built in {folder.parent}; run `pmgen data build {name}`")
+        how = f"`pmgen data build {name}`" if not options else f"datasets.build({name!r}, **{options!r})"
+        raise FileNotFoundError(f"dataset {folder.name!r} is not built in {folder.parent}; run {how}")
     return load_dataset(folder, name=name)
