@@ -1,13 +1,17 @@
 """Probe (issue 19): badge candidates from the badge-inpainting UNet (train_badge.py) vs the default.
 
-For each val sample: the default plan (compose + title + contrast) renders its 5 candidates; the
-badge method keeps the w = 0 baseline and draws, for w = 0.5 … 2, a sticker of the preference
-keywords in a 20–28 px box in the baseline's emptiest corner (the box at strength 1, everything else
-held to the baseline: Differential Diffusion's hold), with the badge UNet seeing the baseline with
-the box whitened. Both candidate sets are chosen by pmgen's own selection (pmg.finish) and graded by
-the evaluator. Rows are written like `pmgen evaluate`'s (rows.jsonl) for re-selection.
+For each val sample: the default plan (the preset's own; the first run's with --first-run-selection)
+renders its 5 candidates; the badge method keeps the w = 0 baseline and draws, for w = 0.5 … 2, a
+sticker of the preference keywords in a 20–28 px box (to 32 px with --box-max 32) in the baseline's
+emptiest corner (the box at strength 1, everything else held to the baseline: Differential
+Diffusion's hold), with the badge UNet seeing the baseline with the box whitened. Both candidate sets
+are chosen by pmgen's own selection (pmg.finish) and graded by the evaluator. Rows are written like
+`pmgen evaluate`'s (rows.jsonl) for re-selection.
 
     python docs/probes/issue19-badge/eval_badge.py --n 60 --out runs/issue19/badge/val [--unet DIR]
+    # the second run (train_badge.py --box-max 32 --general 0.5 --box-only)
+    python docs/probes/issue19-badge/eval_badge.py --n 6 --box-max 32 --out runs/issue19/badge/v2-val6 \
+        --unet ~/.cache/pmgen/train/badge-probe-v2/export/unet
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ ap.add_argument("--out", default="runs/issue19/badge/val")
 ap.add_argument("--unet", default=str(cache_dir() / "train" / "badge-probe" / "export" / "unet"))
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--lpips", action="store_true")
+ap.add_argument("--first-run-selection", action="store_true", help="choose as the first run did (the default "
+                "of then: the seed-1 selector, keywords against the background); otherwise the preset's own default")
 ap.add_argument("--box-max", type=int, default=28, help="the box at w = 2 (px; 20 at w = 0.5), as trained")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
@@ -42,7 +48,7 @@ out.mkdir(parents=True, exist_ok=True)
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-pmg = PMG.from_preset("sticker-tiny")
+pmg = PMG.from_preset("sticker-tiny", **({"selector": "zoo:sticker-tiny/selector"} if args.first_run_selection else {}))
 gen = pmg.generator
 unet9 = UNet2DConditionModel.from_pretrained(args.unet).eval().requires_grad_(False)
 
@@ -66,7 +72,7 @@ if args.lpips:
     from pmgen.eval.metrics import STLPIPS
     grader.lpips = STLPIPS("alex")
 samples = evaluation_samples(ds, args.n, split=args.split)
-overrides = {"use_soft": True, "mode": "compose", **CONTRAST_SELECTION}
+overrides = {"use_soft": True, "mode": "compose", **(CONTRAST_SELECTION if args.first_run_selection else {})}
 empty, _ = pmg.text_encoder.token_states([""], max_length=gen.text_max_length)
 
 
