@@ -118,19 +118,14 @@ def make_row(rng: random.Random):
     el = rng.choice(pools[taste.name])
     u = rng.random()
     place = rng.randrange(4)
-    if args.box_max == 28 and args.general == 0:  # the first run, exactly as it was
-        spec = C.CompositeSpec(t, taste.name, "badge", el, place, 0.5 + 1.5 * u, (), ())
-        comp = C.render(spec, {t: img(t), el: img(el)}, {})
-        x, y, s = box_of(round(20 + 8 * u), place)
-    else:
-        if rng.random() < args.general:  # any training sticker, named by its own title
+    if args.general > 0 and rng.random() < args.general:  # any training sticker, named by its own title
+        el = rng.choice(targets)
+        while el == t:
             el = rng.choice(targets)
-            while el == t:
-                el = rng.choice(targets)
-        x, y, s = box_of(round(20 + (args.box_max - 20) * u), place)
-        canvas = img(t).astype(np.float32)
-        C._paste(canvas, img(el), s, x, y)
-        comp = (canvas.clip(0, 255) + 0.5).astype(np.uint8)
+    x, y, s = box_of(round(20 + (args.box_max - 20) * u), place)  # the first run: 20–28 px, as composites.render
+    canvas = img(t).astype(np.float32)
+    C._paste(canvas, img(el), s, x, y)
+    comp = (canvas.clip(0, 255) + 0.5).astype(np.uint8)
     masked = img(t).copy()
     masked[y:y + s, x:x + s] = 255
     general = el not in pools[taste.name]

@@ -42,10 +42,12 @@ def load(name: str, root: str | Path | None = None, build_if_missing: bool = Tru
     """Load a built-in dataset, building it first when missing (``build_if_missing``). ``options`` go to
     its builder (``sticker-users``: ``seed=N`` loads another draw of users, :mod:`.sticker_users`)."""
     _check(name)
-    folder = data_dir(root) / (sticker_users.folder_name(options.get("seed", 0)) if name == "sticker-users" else name)
     if build_if_missing:
         folder = build(name, root, **options)
-    elif not (folder / "dataset.json").is_file():
-        how = f"`pmgen data build {name}`" if not options else f"datasets.build({name!r}, **{options!r})"
-        raise FileNotFoundError(f"dataset {folder.name!r} is not built in {folder.parent}; run {how}")
+    else:
+        folder = data_dir(root) / (sticker_users.folder_name(options.get("seed", 0)) if name == "sticker-users"
+                                   else name)
+        if not (folder / "dataset.json").is_file():
+            how = f"`pmgen data build {name}`" if not options else f"datasets.build({name!r}, **{options!r})"
+            raise FileNotFoundError(f"dataset {folder.name!r} is not built in {folder.parent}; run {how}")
     return load_dataset(folder, name=name)
