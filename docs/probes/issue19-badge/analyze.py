@@ -1,10 +1,18 @@
 """Summaries of eval_badge.py rows: selected result per method vs none, best taste at accuracy >= -5% (α sweep),
-both at once, evaluator-oracle ceiling."""
+both at once, evaluator-oracle ceiling.
+
+    python docs/probes/issue19-badge/analyze.py rows.jsonl [--union]
+
+--union adds "default+badge": one choice among the default's 5 candidates and the badge method's 4 (its
+α 2/3 line is re-chosen, as the best-α line always is)."""
 import json, sys, statistics
 from pmgen.eval.summary import reselect, candidate_ceiling
 
 rows = [json.loads(l) for l in open(sys.argv[1])]
 none = [dict(r, method="none", chosen=True) for r in rows if r["method"] == "default" and r["weight"] == 0]
+if "--union" in sys.argv[2:]:  # badge weights shifted by 10 so that the two sets' weights never collide
+    rows += [dict(r, method="default+badge", weight=r["weight"] + (10 if r["method"] == "badge" else 0),
+                  chosen=False) for r in rows if r["method"] == "default" or (r["method"] == "badge" and r["weight"] > 0)]
 rows = rows + none
 methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]
 base = {k: statistics.fmean(r[k] for r in none if k in r) for k in ("acc_text", "pers_taste", "gt_hit", "target_top5", "lpips_history")
@@ -22,7 +30,7 @@ def line(name, sel):
 print(f"n samples {len(none)}; none: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
 for m in methods:
     mr = [r for r in rows if r["method"] == m]
-    line(m + " (alpha 2/3)", [r for r in mr if r["chosen"]])
+    line(m + " (alpha 2/3)", reselect(mr, 2 / 3) if m == "default+badge" else [r for r in mr if r["chosen"]])
     best = None
     for a in [i / 40 for i in range(41)]:
         sel = reselect(mr, a)

@@ -41,6 +41,13 @@ ap.add_argument("--lpips", action="store_true")
 ap.add_argument("--first-run-selection", action="store_true", help="choose as the first run did (the default "
                 "of then: the seed-1 selector, keywords against the background); otherwise the preset's own default")
 ap.add_argument("--box-max", type=int, default=28, help="the box at w = 2 (px; 20 at w = 0.5), as trained")
+ap.add_argument("--zoom", type=float, default=None, metavar="S", help="two-scale sampling instead of the badge UNet: "
+                "the shipped generator draws the keywords' sticker at its own 64 px scale, that drawing (its ink, "
+                "squared) goes into the box of the baseline, and the generator redraws the box at strength S "
+                "(0 = the VAE's reconstruction of the layout), everything else held to the baseline")
+ap.add_argument("--element", choices=["keywords", "soft"], default="keywords", help="with --zoom: the zoomed "
+                "view's condition, the preference keywords alone or the plan's whole preference condition "
+                "(the keywords and the soft embeddings: compose mode's extra condition)")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 out = Path(args.out)
@@ -50,7 +57,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 pmg = PMG.from_preset("sticker-tiny", **({"selector": "zoo:sticker-tiny/selector"} if args.first_run_selection else {}))
 gen = pmg.generator
-unet9 = UNet2DConditionModel.from_pretrained(args.unet).eval().requires_grad_(False)
+unet9 = None if args.zoom is not None else UNet2DConditionModel.from_pretrained(args.unet).eval().requires_grad_(False)
 
 
 class WithExtra(torch.nn.Module):
@@ -89,14 +96,38 @@ def corner_box(img: torch.Tensor, size: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def badges(baseline: torch.Tensor, pref: list[str], weights, seed: int) -> torch.Tensor:
+def ink_square(img: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """The square around the ink of ``img`` [1, 3, 64, 64] (white background), ``pad`` px of margin."""
+    ys, xs = torch.nonzero(img[0].min(0).values < 0.9, as_tuple=True)
+    if len(ys) == 0:
+        return img
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = min(64, max(y1 - y0, x1 - x0) + 2 * pad)
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    top, left = min(max(cy - side // 2, 0), 64 - side), min(max(cx - side // 2, 0), 64 - side)
+    return img[:, :, top:top + side, left:left + side]
+
+
+def badges(baseline: torch.Tensor, pref: list[str], weights, seed: int, preference=None) -> torch.Tensor:
     cond, _ = pmg.text_encoder.token_states([keywords_text(pref)], max_length=gen.text_max_length)
+    steps = dict(num_inference_steps=pmg.settings.num_inference_steps, guidance_scale=pmg.settings.guidance_scale)
+    view = preference if args.element == "soft" else cond
+    blank = pmg.text_encoder.token_states([""], max_length=view.shape[1])[0] if args.zoom is not None else None
+    element = None if args.zoom is None else ink_square(gen.text_to_image(view, blank, seed=seed, **steps))
     imgs = []
     real = gen.unet
     for w in weights:
         u = (w - 0.5) / 1.5
         size = 4 * round((20 + (args.box_max - 20) * u) / 4)
         x, y = corner_box(baseline, size)
+        if element is not None:
+            layout = baseline.clone()
+            layout[:, :, y:y + size, x:x + size] = torch.nn.functional.interpolate(
+                element, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+            smap = torch.zeros(1, 1, 64, 64)
+            smap[:, :, y:y + size, x:x + size] = args.zoom
+            imgs.append(gen.image_to_image(layout, cond, empty, strength_map=smap, seed=seed, **steps))
+            continue
         masked = baseline.clone()
         masked[:, :, y:y + size, x:x + size] = 1.0
         smap = torch.zeros(1, 1, 64, 64)
@@ -106,9 +137,7 @@ def badges(baseline: torch.Tensor, pref: list[str], weights, seed: int) -> torch
         extra = torch.cat([m, gen.encode(masked)], 1)
         gen.unet = WithExtra(unet9, extra)
         try:
-            imgs.append(gen.image_to_image(baseline, cond, empty, strength_map=smap, seed=seed,
-                                           num_inference_steps=pmg.settings.num_inference_steps,
-                                           guidance_scale=pmg.settings.guidance_scale))
+            imgs.append(gen.image_to_image(baseline, cond, empty, strength_map=smap, seed=seed, **steps))
         finally:
             gen.unet = real
     return torch.cat(imgs)
@@ -127,7 +156,8 @@ for n, s in enumerate(samples):
     results = {"default": (pmg.finish(plan, images), images)}
     ws = [w for w in plan.settings.weights if w > 0]
     if plan.preference_keywords:
-        bimgs = torch.cat([images[:1], badges(images[:1], plan.preference_keywords, ws, plan.settings.seed)])
+        bimgs = torch.cat([images[:1], badges(images[:1], plan.preference_keywords, ws, plan.settings.seed,
+                                              plan.conditions[-1].extra_prompt_embeds)])
         results["badge"] = (pmg.finish(plan, bimgs), bimgs)
     for name, (res, imgs) in results.items():
         metrics = grader.grade(imgs, s, taste, hist)

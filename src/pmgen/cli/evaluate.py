@@ -215,6 +215,8 @@ def evaluate_judge(
     out: Annotated[Path, typer.Option(help="Output folder (judge.json, judge.md, judge_examples.png).")] = Path(
         "runs/eval"),
     seed: Annotated[int, typer.Option(help="Seed of the taste elements, their corners and the bootstrap.")] = 0,
+    lpips: Annotated[bool, typer.Option(help="Also ST-LPIPS to the user's history images, and a row for a sticker "
+                                             "the user sent (against the rest of the history); slower.")] = False,
     evaluator: EvaluatorOpt = None,
     preset: PresetOpt = "sticker-tiny",
     data_dir_: DataDirOpt = None,
@@ -222,7 +224,7 @@ def evaluate_judge(
     """What can the evaluator credit as "the target, in this user's taste"? Real images and composites, no generation."""
     from pmgen.eval.evaluate import evaluation_samples
     from pmgen.eval.grading import sticker_grader
-    from pmgen.eval.judge import judge_check, judge_table, write_judge_outputs
+    from pmgen.eval.judge import bound_sentence, judge_check, judge_table, write_judge_outputs
     from pmgen.presets import get_preset, load_scorer
     from pmgen.train.composites import heldout_from_sticker_users
 
@@ -241,14 +243,19 @@ def evaluate_judge(
         grader = sticker_grader(ev, data_dir_, perceptual=False)
     except (DataError, FileNotFoundError) as e:
         _fail(str(e))
+    if lpips:
+        from pmgen.eval.metrics import STLPIPS
+
+        grader.lpips = STLPIPS("alex")
     samples = evaluation_samples(ds, n_samples, split=split)
     _, truths = heldout_from_sticker_users(ds.samples)
     result = _with_progress("grading", len(samples), lambda progress: judge_check(
-        grader, ds, samples, truths, seed=seed, progress=progress))
+        grader, ds, samples, truths, seed=seed, progress=progress, history=lpips))
     result = {**result, "split": split, "evaluator": ev.name, "evaluator_weights": p.evaluator}
     _show_result(result, out, write_judge_outputs, judge_table,
                  f"What the evaluator credits, {result['n_samples']} {split} samples (mean [95% CI])",
-                 f"{out / 'judge_examples.png'}: the images of the first samples")
+                 "\n".join(x for x in (bound_sentence(result),
+                                       f"{out / 'judge_examples.png'}: the images of the first samples") if x))
 
 
 @app.command("evaluate-leaks")
