@@ -9,9 +9,12 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import httpx
 from PIL import Image
@@ -83,6 +86,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def running_server(app: Any, config: Callable[[Any, int], Any] | None = None) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 (a free port) in a background thread; yields the base URL.
+
+    ``config(app, port)`` makes the ``uvicorn.Config`` (default: uvicorn's own defaults)."""
+    import uvicorn
+
+    port = free_port()
+    cfg = config(app, port) if config else uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                         timeout_graceful_shutdown=5)
+    srv = uvicorn.Server(cfg)
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(30)
+
+
 def start_server(state: Path, port: int, log: Path, queue_size: int = 64, slow: float = 0.0) -> subprocess.Popen:
     """``tests/serve_tiny_server.py`` as a subprocess on 127.0.0.1:``port``, its output in ``log``."""
     cmd = [sys.executable, str(TESTS / "serve_tiny_server.py"), "--state", str(state), "--port", str(port),
@@ -115,6 +142,7 @@ __all__ = [
     "free_port",
     "json",
     "png_bytes",
+    "running_server",
     "start_server",
     "toy_catalog",
     "wait_ready",

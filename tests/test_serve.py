@@ -243,10 +243,12 @@ def test_writes_need_the_token_when_bound_beyond_loopback(tiny_pmg, toy_data, tm
         assert c.post("/v1/users/u/events", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.post("/v1/generations", json={"user": body, "target_id": "a"}).status_code == 401
         assert c.post("/v1/generations/g0/feedback", json={"candidate": 0, "signal": "like"}).status_code == 401
-        assert c.get("/v1/users").json()["users"] == []  # nothing stored
-        ok = c.post("/v1/users/u/events", json=body, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and c.get("/v1/users/u").status_code == 200  # reads are open
-        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "http://x"}).headers
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/users", headers=auth).json()["users"] == []  # nothing stored
+        ok = c.post("/v1/users/u/events", json=body, headers=auth)
+        assert ok.status_code == 200 and c.get("/v1/users/u", headers=auth).status_code == 200
+        assert c.get("/v1/users/u").status_code == 401  # reads need it too (tests/test_serve_security.py)
+        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "http://x", **auth}).headers
 
 
 def test_health_docs_and_page(make_client):

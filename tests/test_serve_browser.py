@@ -8,8 +8,6 @@ Chromium comes from the system package (``make setup`` installs it); Playwright 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ pytest.importorskip("playwright")
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from serve_helpers import free_port, toy_catalog  # noqa: E402
+from serve_helpers import running_server, toy_catalog  # noqa: E402
 
 from pmgen.data.schema import Event, User  # noqa: E402
 from pmgen.stages.select import z_score  # noqa: E402
@@ -54,22 +52,11 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tiny_pmg, toy_data, tmp_path_factory):
     """The app on 127.0.0.1:<free port> in a background thread (uvicorn), stopped at the end."""
-    import uvicorn
-
     from pmgen.serve.app import create_app
 
     app = create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path_factory.mktemp("serve-browser"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(15)
+    with running_server(app) as base:
+        yield base
 
 
 def _seed_where_alpha_matters(pmg, catalog) -> int:
@@ -168,3 +155,43 @@ def test_page_walkthrough_slider_and_feedback_survive_reload(browser, server, ti
     assert errors == []
     assert all(u.startswith(server) for u in requests_out), "the page fetched something from another host"
     page.close()
+
+
+def test_page_with_a_token_sends_it_on_reads_and_images(browser, tiny_pmg, toy_data, tmp_path):
+    """``--token --public-read``: the page loads, asks for the token once, and every API read — the
+    catalog and candidate images included — carries it."""
+    from pmgen.serve.app import create_app
+
+    app = create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path / "serve", host="0.0.0.0", token="s3cret",
+                     public_read=True)
+    with running_server(app) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(20_000)
+        errors, prompts, unauthorized = [], [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("response", lambda r: unauthorized.append(r.url) if r.status == 401 else None)
+
+        def give_token(dialog):
+            prompts.append(dialog.message)
+            dialog.accept("s3cret")
+
+        page.on("dialog", give_token)
+        page.goto(base + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        assert prompts == ["This server needs its API token:"]
+        page.wait_for_function(  # catalog images are API reads: fetched with the token
+            "[...document.querySelectorAll('#target-results .item img')].length === 4 && "
+            "[...document.querySelectorAll('#target-results .item img')].every(i => i.complete && i.naturalWidth > 0)")
+        assert page.inner_text("#ready") == "models ready"
+        page.fill("#user-id", "tok")
+        page.click("#use-user")
+        page.click("#event-results .item[data-id='b']")
+        page.wait_for_function("document.querySelector('#n-events').textContent === '(1 events)'")
+        page.click("#target-results .item[data-id='a']")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#candidates .cand').length === 3", timeout=30_000)
+        page.wait_for_function(
+            "[...document.querySelectorAll('#candidates .cand img')].every(i => i.complete && i.naturalWidth > 0)")
+        assert errors == [] and len(prompts) == 1
+        assert all(u.startswith(base + "/v1/") for u in unauthorized)  # only the first reads, before the prompt
+        page.close()

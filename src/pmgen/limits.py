@@ -16,6 +16,8 @@ limit                      default     applies to
 ``max_events_per_user``    10,000      events of one user (a history, or a request's inline user)
 ``max_text_chars``         10,000      one event's ``text`` (review, search, conversation, note)
 ``max_title_chars``        1,000       an item's ``title``
+``max_json_depth``         32          nesting of arrays and objects in a JSON request to the service
+                                       (checked before the JSON is parsed)
 =========================  ==========  ==============================================================
 
 Change them for a run with ``dataclasses.replace(LIMITS, ...)`` and pass the result where a
@@ -41,6 +43,7 @@ class Limits:
     max_events_per_user: int = 10_000
     max_text_chars: int = 10_000
     max_title_chars: int = 1_000
+    max_json_depth: int = 32
 
     def __post_init__(self) -> None:
         bad = [k for k, v in vars(self).items() if not isinstance(v, int) or v <= 0]

@@ -1,6 +1,9 @@
 """``pmgen serve``: a personalization service (FastAPI) with a web page, a store and feedback.
 
 * :mod:`pmgen.serve.app` — the HTTP routes (thin) and :func:`~pmgen.serve.app.create_app`;
+* :mod:`pmgen.serve.guards` — before any route: the token, body size / arrival time / JSON nesting;
+* :mod:`pmgen.serve.waiting` — long polls parked on the event loop, a bounded number per client;
+* :mod:`pmgen.serve.server` — uvicorn's configuration (idle connections close);
 * :mod:`pmgen.serve.service` — what each route does: queueing, the worker's job, recovery;
 * :mod:`pmgen.serve.validation` — checking events, generation requests and target images;
 * :mod:`pmgen.serve.errors` — the answers other than success (with their HTTP status) and problems;

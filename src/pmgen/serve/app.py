@@ -16,21 +16,22 @@ API (versioned under ``/v1``; OpenAPI at ``/docs``)::
     GET  /v1/items/from-message?message=     the catalog item a chat message asks for
     GET  /healthz, /readyz                   alive / models loaded
 
-Writes need ``Authorization: Bearer <token>`` when a token is set; a token is required to bind
-anything but loopback. Request bodies are bounded (:func:`max_body_bytes`); CORS is off unless
-origins are given.
+With a token, every request needs ``Authorization: Bearer <token>`` — reads and writes, ``/docs``
+too; ``public_read`` opens the page and ``/healthz``, ``/readyz`` only. A token is required to bind
+anything but loopback. Bodies are bounded in bytes (:func:`max_body_bytes`), arrival time and JSON
+nesting (:mod:`pmgen.serve.guards`); long polls park on the event loop, a bounded number per client
+(:mod:`pmgen.serve.waiting`); CORS is off unless origins are given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-import json
-import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -39,7 +40,8 @@ from pydantic import BaseModel, Field
 
 from pmgen.data.schema import Dataset
 from pmgen.limits import LIMITS, Limits
-from pmgen.serve.errors import Invalid, ServiceError, TooLarge, problem
+from pmgen.serve.errors import ServiceError, TooLarge, problem
+from pmgen.serve.guards import BodyGuard, TokenGuard, error_response, parse_json
 from pmgen.serve.service import MAX_WAIT_S, Service
 from pmgen.data.store import STORE_FILE, Store, sqlite_url
 
@@ -76,7 +78,7 @@ class GenerationIn(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    candidate: int = Field(..., description="index into the record's candidates")
+    candidate: int = Field(..., strict=True, description="index into the record's candidates (true/false refused)")
     signal: Literal["pick", "like", "dislike"]
 
 
@@ -96,32 +98,6 @@ def max_body_bytes(limits: Limits) -> int:
     return max(limits.max_image_bytes * 4 // 3, limits.max_request_file_bytes) + 2**20
 
 
-class BodyLimit:
-    """ASGI middleware: bodies over ``limit`` bytes get 413 (declared length checked up front)."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            resp = JSONResponse({"detail": f"request body over {self.limit:,} bytes", "problems": []}, 413)
-            return await resp(scope, receive, send)
-        seen = 0
-
-        async def bounded() -> Any:
-            nonlocal seen
-            msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, f"request body over {self.limit:,} bytes")
-            return msg
-
-        await self.app(scope, bounded, send)
-
-
 def _field(loc: tuple[Any, ...]) -> str | None:
     out = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
@@ -132,8 +108,9 @@ def _field(loc: tuple[Any, ...]) -> str | None:
 # ---------------------------------------------------------------------------------------- the app
 
 def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str | None = None,
-               host: str = "127.0.0.1", token: str | None = None, cors_origins: tuple[str, ...] = (),
-               limits: Limits = LIMITS, queue_size: int = 16) -> FastAPI:
+               host: str = "127.0.0.1", token: str | None = None, public_read: bool = False,
+               cors_origins: tuple[str, ...] = (), limits: Limits = LIMITS, queue_size: int = 16,
+               waits_per_client: int = 16, body_timeout: float = 30.0) -> FastAPI:
     """The service's ASGI app.
 
     Args:
@@ -143,18 +120,26 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         root: folder of the store (SQLite by default), result images and uploads.
         store_url: another SQLAlchemy URL for the store (e.g. ``postgresql://…``).
         host: the address it will be bound to; not loopback → ``token`` is required.
-        token: bearer token checked on every write (``None``: writes open, loopback only).
+        token: bearer token checked on every request, reads included (``None``: all open, loopback only).
+        public_read: with a token, open the page (``/``, ``/static/``) and ``/healthz``, ``/readyz`` to anyone.
         cors_origins: origins allowed by CORS (none: CORS off).
+        queue_size: generations waiting at most (more get 503).
+        waits_per_client: long polls one client address may park at once (more get 429).
+        body_timeout: seconds a request body may take to arrive (more: 408, the connection closes).
     """
     if not is_loopback(host) and not token:
         raise ValueError(f"binding {host} (not loopback) needs a token: --token or PMGEN_TOKEN")
+    if public_read and not token:
+        raise ValueError("--public-read is only with a token (without one everything is open, on loopback)")
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_url or sqlite_url(root / STORE_FILE))
-    service = Service(pmg, catalog, store, root, limits=limits, queue_size=queue_size)
+    service = Service(pmg, catalog, store, root, limits=limits, queue_size=queue_size,
+                      waits_per_client=waits_per_client)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
+        service.waits.bind(asyncio.get_running_loop())
         service.start()
         yield
         await run_in_threadpool(service.stop)
@@ -163,8 +148,10 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
     app = FastAPI(title="pmgen serve", version="1", lifespan=lifespan,
                   description="Personalized images per user: post events, request generations, send feedback.")
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=max_body_bytes(limits))
-    if cors_origins:
+    app.add_middleware(BodyGuard, limit=max_body_bytes(limits), timeout=body_timeout, max_depth=limits.max_json_depth)
+    if token:  # outside the body guard: a request without the token is refused before its body is read
+        app.add_middleware(TokenGuard, token=token, public_read=public_read)
+    if cors_origins:  # outermost: preflights carry no token
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -172,22 +159,13 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, e: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": e.message, "problems": e.problems}, e.status, headers=e.headers)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         probs = [problem(_field(tuple(err.get("loc", ()))), err.get("msg", "invalid")) for err in e.errors()]
         return JSONResponse({"detail": f"{len(probs)} problem(s) in the request; nothing was stored",
                              "problems": probs}, 422)
-
-    def writer(request: Request) -> None:
-        """Writes need the bearer token when one is set."""
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), token.encode())):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
 
     # ------------------------------------------------------------------ page and health
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -196,23 +174,24 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    @app.get("/healthz")  # async and in memory, like readyz: answers whatever the threads are doing
+    async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         if not service.ready:
             return JSONResponse({"ready": False, "error": service.load_error}, 503, headers={"Retry-After": "5"})
         return JSONResponse({"ready": True, "preset": service.pmg.preset.name, "queue_depth": service.worker.depth,
-                             "queue_size": service.worker.maxsize, "recovered": service.recovered})
+                             "queue_size": service.worker.maxsize, "waits_parked": service.waits.parked,
+                             "recovered": service.recovered})
 
     # ------------------------------------------------------------------ users
     @app.get("/v1/users")
     def list_users() -> dict[str, Any]:
         return {"users": service.users()}
 
-    @app.post("/v1/users/{user_id}/events", dependencies=[Depends(writer)])
+    @app.post("/v1/users/{user_id}/events")
     def add_events(user_id: str, body: EventsIn) -> dict[str, Any]:
         return service.add_events(user_id, body.events)
 
@@ -221,7 +200,7 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         return service.profile(user_id)
 
     # ------------------------------------------------------------------ generations
-    @app.post("/v1/generations", status_code=202, dependencies=[Depends(writer)], openapi_extra={
+    @app.post("/v1/generations", status_code=202, openapi_extra={
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": GenerationIn.model_json_schema()},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -231,32 +210,26 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         upload = None
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form(max_files=1, max_fields=4, max_part_size=2**20)
-            try:
-                body = json.loads(str(form.get("request") or "{}"))
-            except json.JSONDecodeError as e:
-                raise Invalid("malformed JSON", [problem("request", f"malformed JSON: {e.msg}")]) from None
+            body = parse_json(str(form.get("request") or "{}"), limits.max_json_depth, "request")
             file = form.get("image")
             if file is not None and not isinstance(file, str):
                 upload = await file.read(limits.max_image_bytes + 1)
                 if len(upload) > limits.max_image_bytes:
                     raise TooLarge("the target image is over the byte limit", [problem("image", "image too large")])
         else:
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise Invalid("malformed JSON", [problem(None, f"malformed JSON: {e}")]) from None
+            body = parse_json(await request.body(), limits.max_json_depth)
         return await run_in_threadpool(service.submit, body, upload)
 
     @app.get("/v1/generations/{gen_id}")
-    def get_generation(gen_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_S,
-                                                        description="block up to this many seconds")) -> dict:
-        return service.get(gen_id, wait)
+    async def get_generation(request: Request, gen_id: str, wait: float = Query(
+            0, ge=0, le=MAX_WAIT_S, description="wait up to this many seconds for it to finish")) -> dict:
+        return await service.wait(gen_id, wait, request.client.host if request.client else "unknown")
 
     @app.get("/v1/generations/{gen_id}/images/{name}")
     def generation_image(gen_id: str, name: str) -> FileResponse:
         return FileResponse(service.image_path(gen_id, name), media_type="image/png")
 
-    @app.post("/v1/generations/{gen_id}/feedback", dependencies=[Depends(writer)])
+    @app.post("/v1/generations/{gen_id}/feedback")
     def add_feedback(gen_id: str, body: FeedbackIn) -> dict[str, Any]:
         return service.feedback(gen_id, body.candidate, body.signal)
 

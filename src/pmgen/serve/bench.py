@@ -9,12 +9,16 @@
    p50/p95 latency, errors; generations also from acceptance to done (queueing included) and
    from start to done on the worker; throughput; lost requests (never answered with success).
 
+``--long-polls N`` runs another scenario instead (:func:`run_long_polls`): N concurrent long polls
+on unfinished generations plus a trickle of writes; ``/healthz`` p99 and the writes' p95 latency.
+
 Everything is bounded in count and time and sent to 127.0.0.1 only; the server is stopped and its
 temporary folder removed at the end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -25,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -126,22 +131,22 @@ def _send(c: httpx.Client, rec: Recorder, name: str, method: str, url: str, body
     return None
 
 
-def run_bench(preset: str = "sticker-tiny", clients: int = 16, requests: int = 200, n_sequential: int = 5,
-              data_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the three phases (see the module docstring) and print the table; returns the numbers."""
-    from pmgen.data import datasets
-
-    load0 = os.getloadavg()
-    log(f"machine: {os.cpu_count()} cores, load average {load0[0]:.2f} (1 min) at the start; "
+def _machine(log: Callable[[str], None]) -> float:
+    load = os.getloadavg()[0]
+    log(f"machine: {os.cpu_count()} cores, load average {load:.2f} (1 min) at the start; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    ds = datasets.load("stickers", data_dir)  # builds the catalog once if missing
-    inproc = in_process(preset, n_sequential, data_dir, log)
+    return load
 
+
+@contextmanager
+def local_server(preset: str, data_dir: Path, log: Callable[[str], None], *args: str) -> Iterator[str]:
+    """A fresh ``pmgen serve`` subprocess on 127.0.0.1 (its own temporary store, ``args`` added), ready;
+    yields its base URL; stopped and its folder removed at the end."""
     tmp = Path(tempfile.mkdtemp(prefix="pmgen-bench-serve-"))
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "pmgen.serve", "serve", "--host", "127.0.0.1", "--port", str(port), "--preset", preset,
-           "--root", str(tmp / "serve"), "--data-dir", str(ds.root.parent), "--queue-size", "16"]
+           "--root", str(tmp / "serve"), "--data-dir", str(data_dir), "--queue-size", "16", *args]
     with open(tmp / "server.log", "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -158,7 +163,7 @@ def run_bench(preset: str = "sticker-tiny", clients: int = 16, requests: int = 2
                 raise TimeoutError("server not ready after 600 s")
             time.sleep(0.5)
         log(f"server ready on {base} after {time.monotonic() - t0:.1f} s")
-        result = _measure(base, inproc, clients, requests, n_sequential, log)
+        yield base
     finally:
         proc.terminate()
         try:
@@ -167,8 +172,20 @@ def run_bench(preset: str = "sticker-tiny", clients: int = 16, requests: int = 2
             proc.kill()
             proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_bench(preset: str = "sticker-tiny", clients: int = 16, requests: int = 200, n_sequential: int = 5,
+              data_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the three phases (see the module docstring) and print the table; returns the numbers."""
+    from pmgen.data import datasets
+
+    load0 = _machine(log)
+    ds = datasets.load("stickers", data_dir)  # builds the catalog once if missing
+    inproc = in_process(preset, n_sequential, data_dir, log)
+    with local_server(preset, ds.root.parent, log) as base:
+        result = _measure(base, inproc, clients, requests, n_sequential, log)
     load1 = os.getloadavg()
-    result["load_average"] = {"start": load0[0], "end": load1[0]}
+    result["load_average"] = {"start": load0, "end": load1[0]}
     log(f"load average (1 min) at the end: {load1[0]:.2f}")
     return result
 
@@ -269,6 +286,148 @@ def _measure(base: str, inproc: list[float], clients: int, requests: int, n_seq:
     return {"rows": rows, "throughput_rps": n_requests / t_sent, "seconds_sending": t_sent, "seconds_total": t_all,
             "retries_503": rec.retries, "lost": rec.lost + failed, "errors": sum(rec.errors.values()),
             "in_process_s": inproc, "api_s": api_times, "ratio": ratio, "generations": len(accepted)}
+
+
+# ---------------------------------------------------------------------------------------- long polls
+
+HEALTHZ_P99_MS = 200.0
+WRITES_P95_MS = 500.0
+
+
+def run_long_polls(preset: str = "sticker-tiny", polls: int = 100, seconds: float = 30.0,
+                   data_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``polls`` concurrent ``GET /v1/generations/{id}?wait=60`` parked on unfinished generations (a full
+    queue on the real model) for ``seconds``, while ``/healthz`` is probed every 50 ms and a trickle of
+    event writes (4 per second) is sent; their latencies against the targets (healthz p99 ≤ 200 ms,
+    writes p95 ≤ 500 ms). Loopback only, bounded in time; the server is a fresh subprocess."""
+    from pmgen.data import datasets
+
+    load0 = _machine(log)
+    ds = datasets.load("stickers", data_dir)
+    with local_server(preset, ds.root.parent, log, "--waits-per-client", str(polls + 8)) as base:
+        result = asyncio.run(_long_polls(base, polls, seconds, log))
+    result["load_average"] = {"start": load0, "end": os.getloadavg()[0]}
+    log(f"load average (1 min) at the end: {result['load_average']['end']:.2f}")
+    return result
+
+
+async def _long_polls(base: str, polls: int, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    pool = httpx.Limits(max_connections=polls + 8, max_keepalive_connections=polls + 8)
+    waits = httpx.AsyncClient(base_url=base, timeout=90, limits=pool)
+    probe = httpx.AsyncClient(base_url=base, timeout=30)  # its own connections: never queued behind the waits
+    await probe.post("/v1/users/bench-lp/events", json={"events": EVENTS})
+    ids: list[str] = []
+    for seed in range(17):  # one running and a full queue: generations that stay unfinished for a while
+        r = await probe.post("/v1/generations", json={"user_id": "bench-lp", "target_id": TARGET,
+                                                      "weights": list(WEIGHTS), "seed": seed})
+        if r.status_code == 202:
+            ids.append(r.json()["id"])
+    finished: set[str] = set()
+    counts = {"answered": 0, "refused_429": 0, "errors": 0}
+
+    async def waiter(k: int) -> None:
+        while True:
+            pending = [g for g in ids if g not in finished]
+            if not pending:  # all finished (a long run): nothing left to wait on
+                await asyncio.sleep(1)
+                continue
+            gid = pending[k % len(pending)]  # spread: each finished generation wakes its waits, which park again
+            try:
+                r = await waits.get(f"/v1/generations/{gid}", params={"wait": 60})
+            except httpx.HTTPError:
+                counts["errors"] += 1
+                await asyncio.sleep(1)
+                continue
+            counts["answered"] += 1
+            if r.status_code == 429:
+                counts["refused_429"] += 1
+                await asyncio.sleep(1)
+            elif r.status_code != 200:
+                counts["errors"] += 1
+            elif r.json()["status"] in ("done", "failed"):
+                finished.add(gid)
+
+    async def parked() -> int:
+        return (await probe.get("/readyz")).json().get("waits_parked", -1)
+
+    tasks = [asyncio.create_task(waiter(k)) for k in range(polls)]
+    t0 = loop.time()
+    while await parked() < polls and loop.time() - t0 < 30:
+        await asyncio.sleep(0.2)
+    log(f"{await parked()} long polls parked after {loop.time() - t0:.1f} s; measuring for {seconds:g} s")
+    health: list[tuple[float, float]] = []  # (seconds taken, seconds into the run when sent)
+    writes: list[tuple[float, float]] = []
+    seen_parked: list[int] = []
+    start = loop.time()
+    stop = start + seconds
+
+    async def timed(name: str, out: list[tuple[float, float]], request: Any) -> None:
+        t = time.perf_counter()
+        at = loop.time() - start
+        try:
+            r = await request
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.append((time.perf_counter() - t, at))
+        if not ok:
+            counts["errors"] += 1
+            log(f"error: {name}")
+
+    async def health_probe() -> None:
+        while loop.time() < stop:
+            await timed("GET /healthz", health, probe.get("/healthz"))
+            await asyncio.sleep(0.05)
+
+    async def writer() -> None:
+        i = 0
+        while loop.time() < stop:
+            ev = [{"type": "search", "text": f"long-poll bench {i}"}]
+            await timed("POST events", writes, probe.post(f"/v1/users/bench-lp-w{i % 4}/events", json={"events": ev}))
+            i += 1
+            await asyncio.sleep(0.25)
+
+    async def watch() -> None:
+        while loop.time() < stop:
+            seen_parked.append(await parked())
+            await asyncio.sleep(1)
+
+    answered0 = counts["answered"]
+    await asyncio.gather(health_probe(), writer(), watch())
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    statuses = [(await probe.get(f"/v1/generations/{g}")).json()["status"] for g in ids]
+    await waits.aclose()
+    await probe.aclose()
+    done = sum(s in ("done", "failed") for s in statuses)
+
+    def row(name: str, samples: list[tuple[float, float]], q: float) -> dict[str, Any]:
+        v = [took for took, _ in samples]
+        slowest = max(samples, default=(float("nan"), float("nan")))
+        return {"endpoint": name, "n": len(v), "p50_ms": _pct(v, 0.5) * 1000,
+                f"p{round(q * 100)}_ms": _pct(v, q) * 1000,
+                "max_ms": slowest[0] * 1000, "max_at_s": slowest[1]}
+
+    h, w = row("GET /healthz", health, 0.99), row("POST /v1/users/{id}/events", writes, 0.95)
+    log("")
+    log(f"long polls: {polls} concurrent GET /v1/generations/{{id}}?wait=60 on unfinished generations, "
+        f"{seconds:g} s; parked (sampled each second): min {min(seen_parked, default=0)}, "
+        f"max {max(seen_parked, default=0)}")
+    log(f"| {'endpoint':<28} | {'n':>4} | {'p50 ms':>7} | {'p95/p99 ms':>10} | {'max ms (at s)':>15} |")
+    log(f"|{'-' * 30}|{'-' * 6}|{'-' * 9}|{'-' * 12}|{'-' * 17}|")
+    for r, q in ((h, "p99"), (w, "p95")):
+        log(f"| {r['endpoint']:<28} | {r['n']:>4} | {r['p50_ms']:>7.1f} | {q} {r[q + '_ms']:>6.1f} | "
+            f"{r['max_ms']:>7.1f} ({r['max_at_s']:>4.0f}) |")
+    ok = h["p99_ms"] <= HEALTHZ_P99_MS and w["p95_ms"] <= WRITES_P95_MS
+    log(f"healthz p99 {h['p99_ms']:.1f} ms (target ≤ {HEALTHZ_P99_MS:g}), writes p95 {w['p95_ms']:.1f} ms "
+        f"(target ≤ {WRITES_P95_MS:g}): {'met' if ok else 'NOT met'}; long polls answered during the run "
+        f"{counts['answered'] - answered0} (generations finished: {done} of {len(ids)}), 429: {counts['refused_429']}, "
+        f"errors: {counts['errors']}")
+    return {"polls": polls, "seconds": seconds, "healthz": h, "writes": w, "parked_min": min(seen_parked, default=0),
+            "targets_met": ok, "errors": counts["errors"], "refused_429": counts["refused_429"],
+            "generations_finished": done, "long_polls_answered": counts["answered"] - answered0}
 
 
 if __name__ == "__main__":  # pragma: no cover

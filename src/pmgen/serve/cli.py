@@ -30,15 +30,23 @@ def serve(
                                                    "(default DATA_DIR/serve)."),
     catalog: str = typer.Option("stickers", help="Built-in dataset whose items are the catalog."),
     token: Optional[str] = typer.Option(None, envvar="PMGEN_TOKEN",
-                                        help="Bearer token required on every write (also PMGEN_TOKEN)."),
+                                        help="Bearer token required on every request, reads included "
+                                             "(also PMGEN_TOKEN)."),
+    public_read: bool = typer.Option(False, help="With --token: the page (/, /static/) and /healthz, /readyz "
+                                                 "are open to anyone; the API and /docs still need the token."),
     cors_origin: List[str] = typer.Option([], help="Allow this origin by CORS (repeatable; default: CORS off)."),
     queue_size: int = typer.Option(16, min=1, max=10_000, help="Generations waiting at most; more get 503."),
+    waits_per_client: int = typer.Option(16, min=1, max=10_000, help="Long polls (?wait=) one client address "
+                                                                     "may park at once; more get 429."),
+    body_timeout: float = typer.Option(30.0, min=0.1, max=3600, help="Seconds a request body may take to "
+                                                                     "arrive; slower gets 408."),
 ) -> None:
     """Run the personalization service: API under /v1, the page at /, OpenAPI at /docs."""
     try:
         import uvicorn
 
         from pmgen.serve.app import create_app, is_loopback
+        from pmgen.serve.server import uvicorn_config
     except ImportError as e:
         _fail(f"{e.name} is not installed: install the service's dependencies with "
               "`pip install -e '.[serve]'` (or `make setup`)")
@@ -47,6 +55,8 @@ def serve(
 
     if not is_loopback(host) and not token:
         _fail(f"binding {host} (not loopback) needs a token: --token or PMGEN_TOKEN")
+    if public_read and not token:
+        _fail("--public-read is only with --token (without a token everything is open, on loopback)")
     from pmgen.presets import get_preset
 
     try:
@@ -64,9 +74,10 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(load_models, ds, root=root or ddir / "serve", store_url=store, host=host, token=token,
-                     cors_origins=tuple(cors_origin), queue_size=queue_size)
+                     public_read=public_read, cors_origins=tuple(cors_origin), queue_size=queue_size,
+                     waits_per_client=waits_per_client, body_timeout=body_timeout)
     typer.echo(f"pmgen serve on http://{host}:{port}/ (models load in the background; /readyz says when)")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, host, port)).run()
 
 
 def bench_serve(
@@ -77,18 +88,25 @@ def bench_serve(
                                                              "and through the API (the ratio)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="pmgen data directory (the catalog)."),
     out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here."),
+    long_polls: int = typer.Option(0, min=0, max=1000, help="Instead: this many concurrent long polls on "
+                                                            "unfinished generations plus a trickle of writes; "
+                                                            "/healthz p99 and the writes' p95."),
+    seconds: float = typer.Option(30.0, min=5, max=300, help="How long the --long-polls scenario measures."),
 ) -> None:
     """Bounded load on a local server (127.0.0.1): p50/p95 per endpoint, throughput, errors, and the
-    same 3-weight generation in process vs. through the API."""
+    same 3-weight generation in process vs. through the API (or, with --long-polls, parked long polls)."""
     try:
-        from pmgen.serve.bench import run_bench
+        from pmgen.serve.bench import run_bench, run_long_polls
     except ImportError as e:
         _fail(f"{e.name} is not installed: `pip install -e '.[serve]'` (or `make setup`)")
     import json
 
-    result = run_bench(preset=preset, clients=clients, requests=requests, n_sequential=generations,
-                       data_dir=data_dir)
+    if long_polls:
+        result = run_long_polls(preset=preset, polls=long_polls, seconds=seconds, data_dir=data_dir)
+    else:
+        result = run_bench(preset=preset, clients=clients, requests=requests, n_sequential=generations,
+                           data_dir=data_dir)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
-    if result["lost"] or result["errors"]:
+    if result.get("lost") or result["errors"]:
         raise typer.Exit(1)

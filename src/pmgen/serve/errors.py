@@ -26,6 +26,14 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+
+
 class Invalid(ServiceError):
     status = 422
 
@@ -40,6 +48,10 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status = 409
+
+
+class TooMany(ServiceError):
+    status = 429
 
 
 class Busy(ServiceError):

@@ -19,6 +19,7 @@ resolved with :func:`pmgen.paths.inside`; no path a client sends is ever opened.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from pmgen.serve.catalog import Catalog
 from pmgen.serve.errors import Busy, Conflict, Invalid, NotFound, problem, safe_id
 from pmgen.data.store import SIGNALS, Generation, Store
 from pmgen.serve.validation import RequestValidator
+from pmgen.serve.waiting import RECHECK_S, Waits
 from pmgen.serve.worker import Worker
 from pmgen.stages.feedback import UserBalance, balance_from_store
 from pmgen.stages.select import DEFAULT_ALPHA
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 60.0
 """Longest ``?wait=`` a request may block."""
+FINAL = ("done", "failed")
+"""Statuses a generation never leaves."""
 MAX_ATTEMPTS = 2
 """A generation interrupted this many times (the server died while running it) is marked failed."""
 _PARTIAL = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9._-]*\.[0-9a-f]{8}\.(partial|old)")
@@ -66,10 +70,11 @@ class Service:
         root: folder for result images and uploads (beside an SQLite store by default).
         limits: input sizes (:mod:`pmgen.limits`).
         queue_size: generations waiting at most; more get 503 with ``Retry-After``.
+        waits_per_client: long polls one client may park at once; more get 429.
     """
 
     def __init__(self, pmg: Any, catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
-                 queue_size: int = 16):
+                 queue_size: int = 16, waits_per_client: int = 16):
         self._loader: Callable[[], Any] | None = pmg if callable(pmg) and not hasattr(pmg, "generate") else None
         self.pmg = None if self._loader else pmg
         self.catalog = catalog
@@ -84,7 +89,7 @@ class Service:
         self.validator = RequestValidator(catalog, self.index, store, limits)
         self.worker = Worker(self.run_generation, queue_size)
         self._ready = threading.Event()
-        self._changed = threading.Condition()
+        self.waits = Waits(waits_per_client)
         self._model_lock = threading.Lock()
         self._durations: list[float] = []
         self._keywords: dict[tuple[str, int], list[str]] = {}
@@ -137,10 +142,6 @@ class Service:
                 self.store.finish(gen.id, error="the server restarted with more unfinished generations than its "
                                                 "queue holds; submit it again")
                 self.recovered["failed"] += 1
-
-    def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
 
     # ------------------------------------------------------------------ users and events
     def add_events(self, user_id: str, events: Any) -> dict[str, Any]:
@@ -247,19 +248,31 @@ class Service:
         return {"id": gen_id, "status": "queued", "url": f"/v1/generations/{gen_id}",
                 **({"target_id": prep.request["target"]["item_id"]} if "item_id" in prep.request["target"] else {})}
 
-    def get(self, gen_id: str, wait: float = 0.0) -> dict[str, Any]:
-        """A generation's status, record, image URLs and feedback; ``wait`` blocks until it is final."""
+    def get(self, gen_id: str) -> dict[str, Any]:
+        """A generation's status, record, image URLs and feedback."""
         gen_id = safe_id(gen_id, "generation_id")
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
-        while True:
-            gen = self.store.generation(gen_id)
-            if gen is None:
-                raise NotFound(f"unknown generation {gen_id!r}")
-            left = deadline - time.monotonic()
-            if gen.status in ("done", "failed") or left <= 0:
-                return self._view(gen)
-            with self._changed:
-                self._changed.wait(min(left, 0.5))
+        gen = self.store.generation(gen_id)
+        if gen is None:
+            raise NotFound(f"unknown generation {gen_id!r}")
+        return self._view(gen)
+
+    async def wait(self, gen_id: str, seconds: float, client: str) -> dict[str, Any]:
+        """:meth:`get` once the generation is final or ``seconds`` (at most :data:`MAX_WAIT_S`) have
+        passed; the wait is parked on the event loop (:mod:`pmgen.serve.waiting`), store reads run on a
+        thread. Raises :class:`~pmgen.serve.errors.TooMany` when ``client`` has its bound of waits parked."""
+        view = await asyncio.to_thread(self.get, gen_id)
+        if view["status"] in FINAL or seconds <= 0:
+            return view
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(seconds, MAX_WAIT_S)
+        with self.waits.slot(client):
+            while True:
+                changed = self.waits.event(view["id"])  # before reading: a change after the read wakes us
+                view = await asyncio.to_thread(self.get, gen_id)
+                left = deadline - loop.time()
+                if view["status"] in FINAL or left <= 0:
+                    return view
+                await self.waits.sleep(changed, min(left, RECHECK_S))
 
     def _view(self, gen: Generation) -> dict[str, Any]:
         base = f"/v1/generations/{gen.id}/images"
@@ -358,20 +371,20 @@ class Service:
         """Run one accepted generation on the worker thread and store its result (or its failure)."""
         self._ready.wait()
         gen = self.store.generation(gen_id)
-        if gen is None or gen.status in ("done", "failed"):
+        if gen is None or gen.status in FINAL:
             return
         folder = inside(self.gen_root, check_id(gen_id, "generation_id"))
         if (folder / "record.json").is_file():  # written in full before a crash, not yet marked done
             self.store.finish(gen_id, json.loads((folder / "record.json").read_text()))
-            self._notify()
+            self.waits.changed(gen_id)
             return
         if gen.attempts >= MAX_ATTEMPTS:
             self.store.finish(gen_id, error=f"interrupted {gen.attempts} times (the server stopped while running "
                                             "it); not retried")
-            self._notify()
+            self.waits.changed(gen_id)
             return
         self.store.start(gen_id)
-        self._notify()
+        self.waits.changed(gen_id)
         t0 = time.perf_counter()
         try:
             user, target, context, target_image, history = self._materialize(gen)
@@ -394,4 +407,4 @@ class Service:
         except Exception as e:  # a bad image, a model error: reported on the generation
             log.exception("generation %s failed", gen_id)
             self.store.finish(gen_id, error=f"{type(e).__name__}: {e}")
-        self._notify()
+        self.waits.changed(gen_id)

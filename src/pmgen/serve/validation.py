@@ -19,6 +19,11 @@ from pmgen.data.store import Store
 from pmgen.stages.select import weight_grid
 
 
+def _is_number(v: Any) -> bool:
+    """An int or float, not a bool (``True`` is an int to Python, never a number to the API)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class Prepared:
     """A checked generation request: the user it is for, what the worker stores, the target image's
@@ -120,17 +125,21 @@ class RequestValidator:
                                               "or a chat 'message' to take the target from"))
 
         options: dict[str, Any] = {}
-        if body.get("weights") is not None:
-            try:
-                options["weights"] = weight_grid(body["weights"])
-            except (ValueError, TypeError) as e:
-                probs.append(problem("weights", str(e)))
+        weights = body.get("weights")
+        if weights is not None:
+            if not isinstance(weights, list) or not all(_is_number(w) for w in weights):
+                probs.append(problem("weights", "expected a list of numbers such as [0, 1, 2]"))
+            else:
+                try:
+                    options["weights"] = weight_grid(weights)
+                except ValueError as e:
+                    probs.append(problem("weights", str(e)))
         for key, lo, hi in (("alpha", 0.0, 1.0), ("strength", 0.0, 1.0)):
             v = body.get(key)
             if key == "alpha" and v == "auto":  # the user's learned α (the default anyway)
                 continue
             if v is not None:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                if not _is_number(v) or not lo <= v <= hi:
                     probs.append(problem(key, f"expected a number in [{lo:g}, {hi:g}], got {v!r}"))
                 else:
                     options[key] = float(v)

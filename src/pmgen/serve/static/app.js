@@ -27,10 +27,12 @@ function headers(json) {
   return h;
 }
 async function api(method, url, body) {
+  const sent = localStorage.getItem("pmgen.token");
   let resp = await fetch(url, { method, headers: headers(body !== undefined),
                                 body: body !== undefined ? JSON.stringify(body) : undefined });
-  if (resp.status === 401) {
-    const token = prompt("This server needs its API token for writes:");
+  if (resp.status === 401) { // a token given meanwhile (another request asked) is tried before asking again
+    const now = localStorage.getItem("pmgen.token");
+    const token = now !== sent ? now : prompt("This server needs its API token:");
     if (token) { localStorage.setItem("pmgen.token", token); return api(method, url, body); }
   }
   const data = await resp.json().catch(() => ({}));
@@ -43,10 +45,21 @@ async function api(method, url, body) {
   return data;
 }
 function showError(e) { const el = $("#error"); el.hidden = !e; el.textContent = e ? String(e.message || e) : ""; }
+// Images are API reads too: with a token they are fetched with it and shown from a blob URL.
+function setImage(img, url) {
+  const auth = headers(false);
+  if (!url || !auth.Authorization) { img.src = url; return; }
+  fetch(url, { headers: auth }).then((r) => (r.ok ? r.blob() : null)).then((b) => {
+    if (!b) return;
+    img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
+    img.src = URL.createObjectURL(b);
+  }).catch(() => {});
+}
 function el(tag, attrs = {}, ...children) {
   const n = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") n.className = v; else if (k.startsWith("on")) n.addEventListener(k.slice(2), v);
+    else if (tag === "img" && k === "src") setImage(n, v);
     else n.setAttribute(k, v);
   }
   for (const c of children) n.append(c);
@@ -225,7 +238,7 @@ async function main() {
   search("", $("#event-results"), (it) => addEvents([{ type: "social", item_id: it.id, value: "send" }])).catch(showError);
   search("", $("#target-results"), (it) => setTarget(it)).catch(showError);
   const poll = async () => {
-    const r = await fetch("/readyz").catch(() => null);
+    const r = await fetch("/readyz", { headers: headers(false) }).catch(() => null);
     const ok = r && r.ok;
     $("#ready").textContent = ok ? "models ready" : "loading models…";
     $("#ready").className = "pill " + (ok ? "ok" : "wait");
