@@ -130,12 +130,22 @@ def test_z_score_math():
 
 
 class FakeSelector:
+    """Image i's similarity to the j-th text ever asked about is ``sims[i][j]`` ("t" first, then "p"):
+    texts are one-hot axes, images their rows of ``sims``."""
+
     def __init__(self, sims, img_sims=None):
         self.sims = torch.tensor(sims)
         self.img_sims = img_sims
+        self.axes: dict[str, int] = {"t": 0, "p": 1}
+
+    def image_embeddings(self, images):
+        return self.sims
+
+    def text_embeddings(self, texts):
+        return torch.eye(self.sims.shape[1])[[self.axes.setdefault(t, len(self.axes)) for t in texts]]
 
     def text_similarity(self, images, texts):
-        return self.sims[:, : len(texts)]
+        return self.image_embeddings(images) @ self.text_embeddings(texts).T
 
     def image_similarity(self, images, others):
         return torch.tensor(self.img_sims)

@@ -417,11 +417,16 @@ def test_evaluate_methods_pin_their_selection_whatever_the_preset_default():
     assert "pmg-compose-contrast" not in without and "pmg-contrast" not in without
     known = default_methods(True, history_available=True, background_available=True)
     for m in known.values():
-        if m.name != "none":
+        if m.name not in ("none", "none-kept"):  # one candidate: nothing to select
             assert {"target_text", "contrast", "preference_text"} <= set(m.overrides), m.name
+        assert {"inversion", "exemplars"} <= set(m.overrides), m.name  # the start is pinned too
     assert known["pmg"].overrides["contrast"] == 0 and known["pmg"].overrides["mode"] == "concat"
     assert known["pmg-compose-contrast"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title",
-                                                       "contrast": 1.0, "preference_text": "keywords"}
+                                                       "contrast": 1.0, "preference_text": "keywords",
+                                                       "inversion": "off", "exemplars": 0}
+    kept = known["pmg-kept"].overrides
+    assert kept["inversion"] == "ddim" and kept["exemplars"] > 0 and kept["preference_text"] == "history"
+    assert known["none-kept"].overrides["weights"] == (0.0,) and known["none-kept"].overrides["inversion"] == "ddim"
     assert known["pmg-compose-history"].overrides["preference_text"] == "history"
     assert known["pmg-compose-both"].overrides["preference_text"] == "both"
     assert known["pmg-guidance-contrast"].overrides["mode"] == "guidance"
@@ -450,7 +455,7 @@ def test_soft_prompt_trained_in_the_preference_branch_is_evaluated_in_compose_mo
     assert [soft_prompt_branch(f) for f in folders.values()] == ["preference", "target", "target", "target"]
     known = default_methods(True, folders, background_available=True)
     assert known["soft-pref"].overrides == {"use_soft": True, "mode": "compose", "target_text": "title", "contrast": 1.0,
-                                            "preference_text": "keywords"}
+                                            "preference_text": "keywords", "inversion": "off", "exemplars": 0}
     assert known["soft-pref"].soft_prompt == str(folders["soft-pref"])
     assert known["soft-old"].overrides["use_keywords"] is False and "mode" not in known["soft-old"].overrides
     assert default_methods(True, folders)["soft-pref"].overrides["contrast"] == 0.0

@@ -65,17 +65,19 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
     for s in samples:
         req = from_dataset(ds, sample_id=s.sample_id)
         res = pmg.generate(req.user, req.target, req.items, context=context, target_image=req.target_image,
-                           history_images=req.history_images, user_id=req.user.user_id)
+                           history_images=req.history_images, user_id=req.user.user_id, item_images=req.item_image)
         res.save(out / req.request_id)
         results.append((s, req, res))
         if res.record.soft_embeddings == "on":  # the same request without them, to show what they change
             plain = pmg.generate(req.user, req.target, req.items, context=context, target_image=req.target_image,
-                                 history_images=req.history_images, user_id=req.user.user_id, use_soft=False)
+                                 history_images=req.history_images, user_id=req.user.user_id, use_soft=False,
+                                 item_images=req.item_image)
             plain.save(out / req.request_id / "keywords-only")
             without[s.sample_id] = plain
+        c = res.record.chosen_candidate
         log(f"{s.user_id} ({ds.users[s.user_id].attributes.get('taste')}): "
-            f"{', '.join(res.record.preference_keywords[:6])} → chosen w = "
-            f"{res.record.chosen_candidate.weight:g}")
+            f"{', '.join(res.record.preference_keywords[:6])} → chosen w = {c.weight:g}"
+            + (f", redrawn from {c.start_title!r}" if c.start else ""))
     first = results[0][2]
     target = samples[0]
     convo = " / ".join(f"{e.speaker}: {e.text}" for e in context)
@@ -87,11 +89,13 @@ def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str
     for s, req, res in results:
         taste = ds.users[s.user_id].attributes.get("taste", "?")
         w = res.record.chosen_candidate.weight
+        start = res.record.chosen_candidate.start_title
         gt = ds.items[s.ground_truth_personalized].title if s.ground_truth_personalized else "-"
         columns.append({"image": out / req.request_id / "chosen.png", "caption": f"{s.user_id}",
                         "history": req.history_images[:8], "highlight": True,
                         "lines": [f"hidden taste: {taste}",
                                   f"chosen w = {w:g}" + (" + soft" if res.record.soft_embeddings == "on" else ""),
+                                  *([f"from: {start[:22]}"] if start else []),
                                   *res.record.preference_keywords[:4], f"gt: {gt}"]})
         if s.sample_id in without:
             plain = without[s.sample_id]

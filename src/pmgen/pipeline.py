@@ -22,16 +22,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from pmgen.stages.condition import WEIGHTING_MODES, ConditionBuilder, keywords_text
 from pmgen.data.schema import Event, Item, User, recent_item_ids
 from pmgen.data.images import load_image
-from pmgen.models.generator import outline_strengths
+from pmgen.models.generator import INVERSIONS, outline_strengths
 from pmgen.presets import Preset, get_preset
-from pmgen.stages.select import DEFAULT_ALPHA, PREFERENCE_SOURCES, select, weight_grid
+from pmgen.stages.retrieve import MAX_EXEMPLARS, ExemplarIndex
+from pmgen.stages.select import (DEFAULT_ALPHA, MAX_WEIGHT, PREFERENCE_SOURCES, preference_vector, select,
+                                 weight_grid)
 from pmgen.types import (Candidate, ChatLLM, GenerationRecord, Generator, Scorer, SoftPrompt, TextEncoder)
 from pmgen.stages.verbalize import TEXT_CHARS, shortened_texts
 
@@ -79,6 +81,19 @@ class Settings:
             pixels) for the personalized candidates (``w > 0``); inside, ``strength``. ``None`` (the
             default) = ``strength`` everywhere. The ``w = 0`` baseline never changes. Needs pmgen's
             sticker generator (per-pixel strengths, :func:`pmgen.models.generator.outline_strengths`).
+        inversion: how candidates start from the target's image: ``"off"`` (SDEdit noise at ``strength``),
+            ``"ddim"`` or ``"noised"`` (the target inverted into the generator's trajectory under its own
+            condition, :meth:`pmgen.models.generator.StickerGenerator.invert`: ``w = 0`` reproduces the
+            target, ``w > 0`` keeps its layout). Needs pmgen's sticker generator.
+        inversion_strength: the share of the sampler's steps the inversion covers (1 = from pure noise).
+        keep: the share of steps, from the first, that hold the inverted layout (1 = all).
+        exemplars: how many catalog items holding both the target and the user's taste to retrieve
+            (:mod:`pmgen.stages.retrieve`); each is inverted under its own name and redrawn under the
+            target + preference condition at ``exemplar_weight``, an extra candidate. Needs ``inversion``
+            and the items' images.
+        exemplar_weight: the preference weight the exemplars are redrawn at.
+        exemplar_floor: an item is retrieved only if the selector's ``d_t`` of it is at least this share
+            of the target image's own.
     """
 
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
@@ -100,6 +115,12 @@ class Settings:
     contrast: float = 0.0
     surround_strength: float | None = None
     preference_text: str = "keywords"
+    inversion: str = "off"
+    inversion_strength: float = 1.0
+    keep: float = 1.0
+    exemplars: int = 0
+    exemplar_weight: float = 1.0
+    exemplar_floor: float = 0.9
 
     @classmethod
     def for_preset(cls, preset: Preset, **overrides: Any) -> "Settings":
@@ -107,7 +128,8 @@ class Settings:
         base = dict(strength=preset.strength, num_inference_steps=preset.num_inference_steps,
                     guidance_scale=preset.guidance_scale, mode=preset.mode, alpha=preset.alpha,
                     target_text=preset.target_text, contrast=preset.contrast,
-                    preference_text=preset.preference_text)
+                    preference_text=preset.preference_text, inversion=preset.inversion, keep=preset.keep,
+                    exemplars=preset.exemplars)
         return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
@@ -139,8 +161,28 @@ class Settings:
         if self.surround_strength is not None and not (
                 isinstance(self.surround_strength, (int, float)) and 0 <= self.surround_strength <= 1):
             raise ValueError(f"surround_strength must be in [0, 1] (or None: off), got {self.surround_strength!r}")
+        if self.inversion not in ("off", *INVERSIONS):
+            raise ValueError(f"inversion must be one of off, {', '.join(INVERSIONS)}; got {self.inversion!r}")
+        for name in ("inversion_strength", "keep", "exemplar_floor"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.inversion_strength == 0:
+            raise ValueError("inversion_strength must be > 0")
+        if isinstance(self.exemplars, bool) or not isinstance(self.exemplars, int) or \
+                not 0 <= self.exemplars <= MAX_EXEMPLARS:
+            raise ValueError(f"exemplars must be an integer in [0, {MAX_EXEMPLARS}], got {self.exemplars!r}")
+        if self.exemplars and self.inversion == "off":
+            raise ValueError("exemplars are inverted and redrawn: they need inversion 'ddim' or 'noised'")
+        if not 0 < self.exemplar_weight <= MAX_WEIGHT:
+            raise ValueError(f"exemplar_weight must be in (0, {MAX_WEIGHT:g}], got {self.exemplar_weight}")
         if self.k > 64 or self.n_target_keywords > 64 or self.budget_tokens > 8192:
             raise ValueError("k and n_target_keywords must be <= 64 and budget_tokens <= 8192")
+
+
+def candidate_file(c: Candidate, index: int) -> str:
+    """A candidate's PNG in a result folder: ``candidates/w_<weight>.png``, or for one redrawn from an
+    exemplar ``candidates/x<index>_w_<weight>.png``."""
+    return f"candidates/{f'x{index}_' if c.start is not None else ''}w_{c.weight:.2f}.png"
 
 
 @dataclass
@@ -174,7 +216,7 @@ class GenerationResult:
 
         pils = StickerGenerator.to_pil(self.images)
         record = dataclasses.replace(self.record, image="chosen.png", candidates=[
-            dataclasses.replace(c, image=f"candidates/w_{c.weight:.2f}.png") for c in self.record.candidates])
+            dataclasses.replace(c, image=candidate_file(c, i)) for i, c in enumerate(self.record.candidates)])
 
         def write(tmp: Path) -> None:
             (tmp / "candidates").mkdir()
@@ -228,6 +270,7 @@ class PMG:
         self._extractors: dict[tuple[int, int], Any] = {}
         self._builders: dict[str, ConditionBuilder] = {}
         self._background: torch.Tensor | None = None
+        self._exemplar_indexes: dict[tuple[int, int], ExemplarIndex] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -344,14 +387,16 @@ class PMG:
                  context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
                  user_id: str | None = None, settings: Settings | None = None,
                  soft_prompt: SoftPrompt | None = None, alpha_source: str | None = None,
-                 **overrides: Any) -> GenerationResult:
+                 item_images: Callable[[str], Any] | None = None, **overrides: Any) -> GenerationResult:
         """Generate the personalized version of ``target`` for ``user``.
 
         ``target_image`` (path, PIL image or tensor) is the init for image-to-image; without one the
         generator draws from noise. ``history_images`` are shown in the report and, with
         ``history_weight > 0``, count in d_p. ``soft_prompt`` replaces the PMG's own for this call
         (used when ``use_soft``). ``alpha_source`` is recorded as where α came from (default:
-        ``"request"`` when ``alpha`` is given here, else ``"preset"``). An empty history gives an explicit non-personalized result (only
+        ``"request"`` when ``alpha`` is given here, else ``"preset"``). ``item_images(item_id)`` gives an
+        item's image (a path, or ``None``): the catalog ``exemplars`` are retrieved from. An empty history
+        gives an explicit non-personalized result (only
         ``w = 0``; ``record.personalized`` is false with the reason).
 
         Three steps, also usable one by one (the batch engines run :meth:`render` for many requests
@@ -360,7 +405,7 @@ class PMG:
         """
         plan = self.plan(user, target, items, context=context, target_image=target_image,
                          history_images=history_images, user_id=user_id, settings=settings,
-                         soft_prompt=soft_prompt, alpha_source=alpha_source, **overrides)
+                         soft_prompt=soft_prompt, alpha_source=alpha_source, item_images=item_images, **overrides)
         t = time.perf_counter()
         images = self.render(plan)
         plan.timings["generate"] = time.perf_counter() - t
@@ -370,7 +415,8 @@ class PMG:
              context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
              user_id: str | None = None, settings: Settings | None = None,
              soft_prompt: SoftPrompt | None = None, alpha_source: str | None = None,
-             keywords: Any = None, soft: torch.Tensor | None = None, **overrides: Any) -> "Plan":
+             keywords: Any = None, soft: torch.Tensor | None = None,
+             item_images: Callable[[str], Any] | None = None, **overrides: Any) -> "Plan":
         """Everything before the generator: target and preference keywords, soft embeddings, conditions.
 
         Arguments as in :meth:`generate`. ``keywords`` (a :class:`pmgen.stages.keywords.Keywords`)
@@ -448,6 +494,13 @@ class PMG:
         timings["conditions"] = time.perf_counter() - t
         for c in conds:
             warnings += [w for w in c.warnings if w not in warnings]
+        found, ex_init, ex_cond = [], None, None
+        if personalized and s.exemplars and init is not None:
+            t = time.perf_counter()
+            found, ex_init = self.retrieve(target, items, item_images, s, tkw, pref_kw, history_titles, warnings)
+            timings["retrieve"] = time.perf_counter() - t
+            if found:
+                ex_cond = builder.build(tkw, pref_kw, s.exemplar_weight, torch.cat(extra) if extra else None)
         return Plan(user_id=uid, target=target, settings=s, target_keywords=tkw, preference_keywords=pref_kw,
                     preference=pref_record, personalized=personalized, reason=reason, soft=soft_t,
                     soft_prompt=sp, conditions=conds, history_tokens=hist_tokens, init=init, history=hist,
@@ -455,10 +508,54 @@ class PMG:
                     t_start=t_all, alpha_source=alpha_source or ("request" if "alpha" in overrides else "preset"),
                     history_images=[Path(p) for p in history_images],
                     target_image=Path(target_image) if isinstance(target_image, (str, Path)) else None,
-                    history_titles=history_titles)
+                    history_titles=history_titles, exemplars=found, exemplar_init=ex_init,
+                    exemplar_condition=ex_cond)
+
+    def target_text(self, target: Item, target_keywords: Sequence[str], s: Settings) -> str:
+        """What d_t compares with: the target's title (``target_text="title"``) or its keywords."""
+        return target.title if s.target_text == "title" and target.title.strip() else keywords_text(target_keywords)
+
+    def exemplar_index(self, items: Mapping[str, Item], item_images: Callable[[str], Any]) -> ExemplarIndex:
+        """The selector's :class:`~pmgen.stages.retrieve.ExemplarIndex` of ``items`` (built once per
+        catalog and selector; kept on disk in the cache dir)."""
+        from pmgen.paths import cache_dir
+
+        key = (id(items), len(items))
+        if key not in self._exemplar_indexes:
+            size = int(self.generator.image_size)
+
+            def image_of(item_id: str) -> torch.Tensor | None:
+                path = item_images(item_id)
+                return load_image(path, size) if path is not None and Path(path).is_file() else None
+
+            self._exemplar_indexes = {key: ExemplarIndex.build(self.selector, items, image_of,
+                                                               cache_dir=cache_dir() / "exemplars")}
+        return self._exemplar_indexes[key]
+
+    def retrieve(self, target: Item, items: Mapping[str, Item], item_images: Callable[[str], Any] | None,
+                 s: Settings, target_keywords: Sequence[str], preference_keywords: Sequence[str],
+                 history_titles: Sequence[str], warnings: list[str]) -> tuple[list[Any], torch.Tensor | None]:
+        """The request's exemplars (:mod:`pmgen.stages.retrieve`) and their images ``[X, 3, H, W]``."""
+        if item_images is None:
+            warnings.append("exemplars: no item images given (item_images): none retrieved")
+            return [], None
+        p_vec = preference_vector(self.selector, keywords_text(preference_keywords), history_titles,
+                                  s.preference_text, self.background() if s.contrast > 0 else None, s.contrast)
+        if p_vec is None:
+            return [], None
+        index = self.exemplar_index(items, item_images)
+        t_vec = self.selector.text_embeddings([self.target_text(target, target_keywords, s)])[0]
+        found = index.search(t_vec, p_vec, s.exemplars, s.alpha, min_target=s.exemplar_floor, target_item=target.id)
+        if not found:
+            return [], None
+        size = int(self.generator.image_size)
+        return found, torch.cat([load_image(item_images(e.item_id), size) for e in found])
 
     def render(self, plan: "Plan") -> torch.Tensor:
-        """The plan's candidates ``[N, 3, H, W]``, one generator call per condition (same seed each)."""
+        """The plan's candidates ``[N, 3, H, W]``, one generator call per condition (same seed each), then
+        one per exemplar. With ``inversion`` the target (and each exemplar) is inverted first."""
+        if plan.settings.inversion != "off" and plan.init is not None:
+            return self.render_inverted(plan)
         return torch.cat([self.render_one(c, plan.settings, plan.init) for c in plan.conditions])
 
     def render_one(self, c: Any, s: Settings, init: torch.Tensor | None) -> torch.Tensor:
@@ -479,6 +576,49 @@ class PMG:
             return self.generator.image_to_image(init, c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
         return self.generator.text_to_image(c.prompt_embeds, c.negative_prompt_embeds, **kwargs)
 
+    def render_inverted(self, plan: "Plan") -> torch.Tensor:
+        """Candidates edited from the target's inversion under its ``w = 0`` condition (``w = 0`` is the
+        target itself, through the VAE), then the exemplars, each inverted under its own name (in the same
+        batch) and redrawn under :attr:`Plan.exemplar_condition`. Rows whose conditions have one shape
+        (``compose`` and ``guidance``: the target's states, one extra direction) share one batched sampler
+        call; ``concat`` conditions, whose lengths differ, run one by one."""
+        s, gen = plan.settings, self.generator
+        if not hasattr(gen, "invert"):
+            raise ValueError(f"inversion needs pmgen's sticker generator; {type(gen).__name__} has none")
+        c0 = plan.conditions[0]
+        rows = [(0, c) for c in plan.conditions[1:]] + [(1 + j, plan.exemplar_condition)
+                                                      for j in range(len(plan.exemplars))]
+        if not rows:
+            return gen.decode(gen.encode(plan.init))
+        images, source = plan.init, c0.prompt_embeds
+        if plan.exemplars:
+            names = torch.stack([self.builder(s.mode).encode(e.title)[0] for e in plan.exemplars])
+            images, source = torch.cat([plan.init, plan.exemplar_init]), torch.cat([source, names])
+        inv = gen.invert(images, source, c0.negative_prompt_embeds, strength=s.inversion_strength,
+                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                         method=s.inversion, seed=s.seed)
+        out = [gen.decode(inv.init_latents[:1])]
+        if len({(c.prompt_embeds.shape, c.negative_prompt_embeds.shape, c.extra_base,
+                 None if c.extra_prompt_embeds is None else c.extra_prompt_embeds.shape) for _, c in rows}) == 1 \
+                and rows[0][1].extra_prompt_embeds is not None:
+            cs = [c for _, c in rows]
+            out.append(gen.edit(inv.select([r for r, _ in rows]), torch.cat([c.prompt_embeds for c in cs]),
+                                torch.cat([c.negative_prompt_embeds for c in cs]),
+                                extra_prompt_embeds=torch.cat([c.extra_prompt_embeds for c in cs]),
+                                extra_guidance_scale=[c.extra_scale for c in cs], extra_base=cs[0].extra_base,
+                                keep=s.keep))
+        else:
+            out += [self.edit_one(inv.select([r]), c, s.keep) for r, c in rows]
+        return torch.cat(out)
+
+    def edit_one(self, inversion: Any, c: Any, keep: float) -> torch.Tensor:
+        """One candidate ``[1, 3, H, W]`` sampled from ``inversion`` under condition ``c``."""
+        kwargs = {}
+        if c.extra_prompt_embeds is not None:
+            kwargs = dict(extra_prompt_embeds=c.extra_prompt_embeds, extra_guidance_scale=c.extra_scale,
+                          extra_base=c.extra_base)
+        return self.generator.edit(inversion, c.prompt_embeds, c.negative_prompt_embeds, keep=keep, **kwargs)
+
     def finish(self, plan: "Plan", images: torch.Tensor) -> GenerationResult:
         """Score the candidates, choose one and write the record (``plan.timings["generate"]`` is the
         caller's: the time its generator call took for this request)."""
@@ -486,10 +626,8 @@ class PMG:
         tkw, pref_kw = plan.target_keywords, plan.preference_keywords
         t = time.perf_counter()
         hist_t = torch.cat(plan.history) if plan.history else None
-        use_title = s.target_text == "title" and plan.target.title.strip()
-        target_text = plan.target.title if use_title else keywords_text(tkw)
-        sel = select(images, self.selector, target_text, keywords_text(pref_kw), s.alpha, hist_t,
-                     s.history_weight, s.min_accuracy, self.background() if s.contrast > 0 else None, s.contrast,
+        sel = select(images, self.selector, self.target_text(plan.target, tkw, s), keywords_text(pref_kw), s.alpha,
+                     hist_t, s.history_weight, s.min_accuracy, self.background() if s.contrast > 0 else None, s.contrast,
                      history_texts=plan.history_titles, preference_source=s.preference_text)
         timings["select"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - plan.t_start
@@ -497,6 +635,12 @@ class PMG:
         candidates = [Candidate(weight=c.weight, d_t=sel.d_t[i], d_p=sel.d_p[i], z=sel.z[i],
                                 preference_tokens=c.n_preference_tokens, eligible=sel.eligible[i],
                                 d_h=sel.d_h[i] if sel.d_h is not None else None) for i, c in enumerate(conds)]
+        for j, e in enumerate(plan.exemplars):
+            i, c = len(conds) + j, plan.exemplar_condition
+            candidates.append(Candidate(weight=c.weight, d_t=sel.d_t[i], d_p=sel.d_p[i], z=sel.z[i],
+                                        preference_tokens=c.n_preference_tokens, eligible=sel.eligible[i],
+                                        d_h=sel.d_h[i] if sel.d_h is not None else None, start=e.item_id,
+                                        start_title=e.title))
         sp, soft, init = plan.soft_prompt, plan.soft, plan.init
         record = GenerationRecord(
             user_id=plan.user_id, target_id=plan.target.id, target_title=plan.target.title,
@@ -547,3 +691,7 @@ class Plan:
     target_image: Path | None = None
     history_tokens: torch.Tensor | None = None
     history_titles: list[str] = field(default_factory=list)
+    exemplars: list[Any] = field(default_factory=list)
+    """Retrieved :class:`pmgen.stages.retrieve.Exemplar` items, each an extra candidate after the conditions'."""
+    exemplar_init: torch.Tensor | None = None
+    exemplar_condition: Any = None

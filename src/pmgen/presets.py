@@ -50,6 +50,8 @@ class Preset:
             :class:`pmgen.pipeline.Settings`).
         preference_background: reference to a JSON file ``{"texts": [...]}`` of other users'
             preference texts, the background of ``contrast`` (``""`` = none).
+        inversion, keep, exemplars: how candidates start from the target's image and how many catalog
+            exemplars are redrawn beside them (see :class:`pmgen.pipeline.Settings`).
     """
 
     name: str
@@ -74,6 +76,9 @@ class Preset:
     contrast: float = 0.0
     preference_background: str = ""
     preference_text: str = "keywords"
+    inversion: str = "off"
+    keep: float = 1.0
+    exemplars: int = 0
 
     def __post_init__(self) -> None:
         if self.generator_kind not in ("sticker", "stable-diffusion"):

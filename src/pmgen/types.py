@@ -106,7 +106,8 @@ class Candidate:
 
     ``image`` is the PNG's path relative to the result folder once saved (``None`` before).
     ``d_h`` is the history-image similarity when ``history_weight > 0``. ``eligible`` is false when
-    the candidate lost too much of the target to be chosen (``min_accuracy``).
+    the candidate lost too much of the target to be chosen (``min_accuracy``). ``start`` / ``start_title``
+    name the catalog exemplar the candidate was redrawn from (``None``: the target's own image).
     """
 
     weight: float
@@ -117,12 +118,16 @@ class Candidate:
     preference_tokens: int = 0
     d_h: float | None = None
     eligible: bool = True
+    start: str | None = None
+    start_title: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"weight": self.weight, "d_t": self.d_t, "d_p": self.d_p, "z": self.z, "image": self.image,
                "preference_tokens": self.preference_tokens, "eligible": self.eligible}
         if self.d_h is not None:
             out["d_h"] = self.d_h
+        if self.start is not None:
+            out["start"], out["start_title"] = self.start, self.start_title
         return out
 
 

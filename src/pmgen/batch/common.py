@@ -186,10 +186,12 @@ def write_index(out: Path, lines: dict[str, int] | None = None) -> list[dict[str
 
 def request_kwargs(req: Request, alpha_of: Callable[[str], Any] | None) -> dict[str, Any]:
     """The keyword arguments of :meth:`PMG.generate` / :meth:`PMG.plan` that a batch request carries:
-    context, images, user id, its seed, and the user's learned ``(α, source)`` when ``alpha_of`` has one."""
+    context, images (and the catalog's, for exemplars), user id, its seed, and the user's learned
+    ``(α, source)`` when ``alpha_of`` has one."""
     learned = alpha_of(req.user.user_id) if alpha_of is not None else None
     return dict(context=req.context, target_image=req.target_image, history_images=req.history_images,
-                user_id=req.user.user_id, **({"seed": req.seed} if req.seed is not None else {}),
+                user_id=req.user.user_id, item_images=req.item_image,
+                **({"seed": req.seed} if req.seed is not None else {}),
                 **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
 
 

@@ -75,9 +75,10 @@ def render_many(pmg: Any, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_
     if not can_render_many(gen):
         return [pmg.render(p) for p in plans]
     out: list[list[torch.Tensor | None]] = [[None] * len(p.conditions) for p in plans]
-    # per-pixel strengths (surround_strength) hold pixels per row: such a plan is rendered on its own
-    alone = {i: pmg.render(p) for i, p in enumerate(plans) if p.settings.surround_strength is not None
-             and p.init is not None}
+    # per-pixel strengths (surround_strength) hold pixels per row, an inversion starts each row from its own
+    # trajectory (and adds exemplars): such a plan is rendered on its own
+    alone = {i: pmg.render(p) for i, p in enumerate(plans) if p.init is not None
+             and (p.settings.surround_strength is not None or p.settings.inversion != "off")}
     groups: dict[tuple, list[_Row]] = defaultdict(list)
     with torch.no_grad():
         for i, p in enumerate(plans):

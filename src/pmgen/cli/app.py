@@ -63,14 +63,17 @@ _OPTION_OF = {"weights": "--weights", "alpha": "--alpha", "mode": "--mode", "see
               "strength": "--strength", "num_inference_steps": "--steps", "k": "--keywords",
               "history_weight": "--history-weight", "min_accuracy": "--min-accuracy",
               "target_text": "--target-text", "contrast": "--contrast", "surround_strength": "--surround-strength",
-              "preference_text": "--preference-text"}
+              "preference_text": "--preference-text", "inversion": "--inversion", "exemplars": "--exemplars",
+              "keep": "--keep"}
 
 
 def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Optional[str], seed: Optional[int],
                         strength: Optional[float], steps: Optional[int], k: Optional[int],
                         history_weight: Optional[float], min_accuracy: Optional[float] = None,
                         target_text: Optional[str] = None, contrast: Optional[float] = None,
-                        surround_strength: Optional[float] = None, preference_text: Optional[str] = None) -> dict:
+                        surround_strength: Optional[float] = None, preference_text: Optional[str] = None,
+                        inversion: Optional[str] = None, exemplars: Optional[int] = None,
+                        keep: Optional[float] = None) -> dict:
     """The generation settings given as options, checked before any model loads (exit 2 naming the option)."""
     from pmgen.pipeline import Settings
     from pmgen.stages.select import weight_grid
@@ -84,12 +87,13 @@ def _settings_overrides(weights: Optional[str], alpha: Optional[float], mode: Op
     for key, val in (("alpha", alpha), ("mode", mode), ("seed", seed), ("strength", strength),
                      ("num_inference_steps", steps), ("k", k), ("history_weight", history_weight),
                      ("min_accuracy", min_accuracy), ("target_text", target_text), ("contrast", contrast),
-                     ("surround_strength", surround_strength), ("preference_text", preference_text)):
+                     ("surround_strength", surround_strength), ("preference_text", preference_text),
+                     ("inversion", inversion), ("exemplars", exemplars), ("keep", keep)):
         if val is not None:
             out[key] = val
     for key, val in out.items():
         try:
-            Settings(**{key: val})
+            Settings(**{key: val, **({"inversion": "ddim"} if key == "exemplars" else {})})
         except (ValueError, TypeError) as e:
             _fail(f"{_OPTION_OF[key]}: {e}", 2)
     return out
@@ -137,6 +141,14 @@ StrengthOpt = Annotated[Optional[float], typer.Option(help="Image-to-image stren
 SurroundOpt = Annotated[Optional[float], typer.Option(
     help="Strength outside the target's outline for the personalized candidates (w > 0); inside, --strength. "
          "Default: off (--strength everywhere). The w = 0 baseline never changes.")]
+InversionOpt = Annotated[Optional[str], typer.Option(
+    help="Start from the target inverted into the generator's noise: ddim or noised (w = 0 reproduces the "
+         "target, w > 0 keeps its layout); off = SDEdit noise at --strength. Default: the preset's.")]
+ExemplarsOpt = Annotated[Optional[int], typer.Option(
+    help="Catalog items holding both the target and the user's taste to retrieve and redraw as extra "
+         "candidates (0-8; needs --inversion). Default: the preset's.")]
+KeepOpt = Annotated[Optional[float], typer.Option(
+    help="With --inversion: the share of steps that hold the inverted layout (1 = all).")]
 StepsOpt = Annotated[Optional[int], typer.Option(help="Sampler steps (default: the preset's).")]
 KOpt = Annotated[Optional[int], typer.Option("--keywords", help="Number of preference keywords (default 8).")]
 HistOpt = Annotated[Optional[float], typer.Option(help="Share of history-image similarity in d_p (default 0).")]

@@ -19,6 +19,9 @@ from pmgen.cli.app import (
     MinAccOpt,
     ModeOpt,
     PrefTextOpt,
+    InversionOpt,
+    ExemplarsOpt,
+    KeepOpt,
     PresetOpt,
     SeedOpt,
     SelectorOpt,
@@ -62,6 +65,7 @@ def generate(
     strength: StrengthOpt = None, steps: StepsOpt = None, keywords: KOpt = None, history_weight: HistOpt = None,
     min_accuracy: MinAccOpt = None, target_text: TargetTextOpt = None, contrast: ContrastOpt = None,
     surround_strength: SurroundOpt = None, preference_text: PrefTextOpt = None,
+    inversion: InversionOpt = None, exemplars: ExemplarsOpt = None, keep: KeepOpt = None,
     soft_prompt: SoftOpt = None, generator: GeneratorOpt = None, selector: SelectorOpt = None,
     history_images: Annotated[Optional[bool], typer.Option(
         "--history-images/--no-history-images",
@@ -86,7 +90,8 @@ def generate(
     from pmgen.paths import UnsafePathError, check_result_dir
 
     overrides = _settings_overrides(weights, alpha, mode, seed, strength, steps, keywords, history_weight, min_accuracy,
-                                    target_text, contrast, surround_strength, preference_text)
+                                    target_text, contrast, surround_strength, preference_text,
+                                    inversion, exemplars, keep)
     if history_images is not None:
         overrides["use_history_images"] = history_images
     if batch is not None:
@@ -115,7 +120,7 @@ def generate(
     learned = _learned_alpha(pmg, data_dir_)(req.user.user_id) if alpha is None else None
     try:
         res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                           history_images=req.history_images, user_id=req.user.user_id,
+                           history_images=req.history_images, user_id=req.user.user_id, item_images=req.item_image,
                            **({"seed": req.seed} if req.seed is not None else {}),
                            **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
         folder = res.save(folder)
@@ -320,6 +325,9 @@ def feedback(
     like: Annotated[Optional[int], typer.Option(help="The user liked candidate N.")] = None,
     dislike: Annotated[Optional[int], typer.Option(help="The user disliked candidate N.")] = None,
     data_dir_: DataDirOpt = None,
+    store_url: Annotated[Optional[str], typer.Option("--store", help="SQLAlchemy URL of the store, as given to "
+                                                     "`pmgen serve --store` (default: the SQLite store under the "
+                                                     "data directory).")] = None,
 ) -> None:
     """Record a user's feedback on a result; their next generations use the α learned from it."""
     from pmgen.paths import check_id
@@ -341,7 +349,17 @@ def feedback(
         _fail(f"{path}: not a pmgen generation record ({e})", 2)
     if not 0 <= candidate < len(record.candidates):
         _fail(f"--{signal} {candidate}: the record has candidates 0..{len(record.candidates) - 1}", 2)
-    store = open_store(data_dir_, create=True)
+    if store_url:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from pmgen.data.store import Store
+
+        try:
+            store = Store.open(store_url)
+        except (ImportError, SQLAlchemyError) as e:  # a bad URL, a missing driver, a server that is not there
+            _fail(f"--store {store_url}: {type(e).__name__}: {e}", 2)
+    else:
+        store = open_store(data_dir_, create=True)
     import hashlib
 
     gen_id = "cli-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]

@@ -39,6 +39,21 @@ class Request:
     history_images: list[Path] = field(default_factory=list)
     seed: int | None = None
     ground_truth: str | None = None
+    images_root: Path | None = None
+    """The folder the items' ``image`` paths are relative to (for :meth:`item_image`)."""
+
+    def item_image(self, item_id: str) -> Path | None:
+        """The image of any catalog item (the exemplars' source), verified to stay inside
+        :attr:`images_root`; ``None`` when the item has none, is unknown, or its path leaves the folder."""
+        from pmgen.paths import UnsafePathError, inside
+
+        item = self.items.get(item_id)
+        if item is None or not item.image or self.images_root is None:
+            return None
+        try:
+            return inside(self.images_root, item.image)
+        except UnsafePathError:
+            return None
 
 
 def history_image_paths(ds_or_root: Dataset | Path, user: User, items: Mapping[str, Item], limit: int = 12) -> list[Path]:
@@ -77,7 +92,7 @@ def from_dataset(ds: Dataset, sample_id: str | None = None, user_id: str | None 
     return Request(request_id=request_id or safe_id(sample_id or f"{user_id}-{target_id}"), user=user,
                    target=ds.items[target_id], items=ds.items, context=list(context),
                    target_image=ds.image_path(target_id), history_images=history_image_paths(ds, user, ds.items),
-                   ground_truth=gt)
+                   ground_truth=gt, images_root=ds.items_root or ds.root)
 
 
 def user_from_json(obj: Any, where: str, items: Mapping[str, Item] | None, limits: Limits = LIMITS) -> User:
@@ -168,7 +183,7 @@ def from_files(behaviors: Path, items_path: Path, target_id: str, request_id: st
     return Request(request_id=request_id or safe_id(f"{user.user_id}-{target_id}"), user=user, target=target,
                    items=items, context=context or [],
                    target_image=(root / target.image) if target.image else None,
-                   history_images=history_image_paths(root, user, items))
+                   history_images=history_image_paths(root, user, items), images_root=root)
 
 
 def _str_field(obj: Mapping[str, Any], key: str, required: bool = False) -> str | None:
@@ -250,7 +265,8 @@ def read_batch(path: Path, data_root: Path | None = None,
                 target = items[target_id]
                 req = Request(request_id=rid or safe_id(f"{user.user_id}-{target.id}"), user=user, target=target,
                               items=items, target_image=(items_path.parent / target.image) if target.image else None,
-                              history_images=history_image_paths(items_path.parent, user, items))
+                              history_images=history_image_paths(items_path.parent, user, items),
+                              images_root=items_path.parent)
             else:
                 raise ValueError("expected 'dataset' (+ 'sample_id' or 'user_id'/'target_id') or 'user' + 'items' + "
                                  "'target_id'")

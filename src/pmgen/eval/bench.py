@@ -128,6 +128,7 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
                                              "per_stage_median_s": {k: statistics.median(v) for k, v in per_stage.items()}}
         stages["throughput_stickers_per_s"] = {"value": 3 * n / sum(gen_t)}
         log(f"generate (3 weights, warm): {stages['generate_3_weights_warm']['median_s']:.2f} s")
+        stages.update(_five_weights(pmg, reqs[:n], log))
         results["peak_rss_gb_in_process"] = peak_rss_gb()
 
     if cold:
@@ -160,6 +161,41 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
     results["budgets_s"] = BUDGETS_S
     results["budget_rss_gb"] = BUDGET_RSS_GB
     return results
+
+
+def _five_weights(pmg: Any, reqs: list[Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Warm 5-weight generation with the preset's start (inversion, exemplars) against SDEdit alone (the
+    start before issue 41), interleaved request by request; the retrieval's share; a 100,000-item index."""
+    from pmgen.stages.retrieve import ExemplarIndex
+
+    plain = {"inversion": "off", "exemplars": 0}
+    times: dict[str, list[float]] = {"preset": [], "sdedit": []}
+    retrieve: list[float] = []
+    for r in reqs:
+        for name, over in (("preset", {}), ("sdedit", plain)):
+            t = time.perf_counter()
+            res = pmg.generate(r.user, r.target, r.items, context=r.context, target_image=r.target_image,
+                               item_images=r.item_image, **over)
+            times[name].append(time.perf_counter() - t)
+            if name == "preset" and "retrieve" in res.record.timings_s:
+                retrieve.append(res.record.timings_s["retrieve"])
+    out: dict[str, Any] = {f"generate_5_weights_warm_{k}": {"median_s": statistics.median(v), "runs": len(v)}
+                           for k, v in times.items()}
+    ratio = out["generate_5_weights_warm_preset"]["median_s"] / out["generate_5_weights_warm_sdedit"]["median_s"]
+    out["generate_5_weights_ratio_vs_sdedit"] = {"value": ratio}
+    if retrieve:
+        out["retrieve_per_request"] = {"median_s": statistics.median(retrieve), "runs": len(retrieve)}
+    g = torch.Generator().manual_seed(0)
+    big = torch.nn.functional.normalize(torch.randn(100_000, 256, generator=g), dim=1)
+    index = ExemplarIndex([str(i) for i in range(len(big))], [""] * len(big), big)
+    t_vec, p_vec = big[0], big[1]
+    med, _ = _median_time(lambda: index.search(t_vec, p_vec, 4, 2 / 3, target_item="0"), 9)
+    out["retrieve_100k_items"] = {"median_s": med, "runs": 9}
+    log(f"generate (5 weights, warm): preset {out['generate_5_weights_warm_preset']['median_s']:.2f} s, SDEdit "
+        f"{out['generate_5_weights_warm_sdedit']['median_s']:.2f} s (×{ratio:.2f}); retrieval "
+        f"{(out.get('retrieve_per_request') or {}).get('median_s', 0) * 1000:.1f} ms per request, "
+        f"{med * 1000:.1f} ms on 100,000 items")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- batch engines

@@ -50,6 +50,12 @@ CONTRAST_SELECTION = {"target_text": "title", "contrast": 1.0, "preference_text"
 background."""
 
 
+KEPT = {"inversion": "ddim", "exemplars": 4, "exemplar_floor": 0.85}
+"""The structure-kept start (issue 41): the target's DDIM inversion, and retrieved exemplars."""
+SDEDIT = {"inversion": "off", "exemplars": 0}
+"""How candidates started before issue 41 (SDEdit noise at the strength): pinned by every other method."""
+
+
 def default_methods(soft_available: bool, ablations: dict[str, Path] | None = None,
                     history_available: bool = False, background_available: bool = False) -> dict[str, Method]:
     """The methods ``pmgen evaluate`` knows; soft-embedding, history-image and background methods only
@@ -105,6 +111,14 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
                                             **PAPER_SELECTION},
                                            description="the four groups, the preference composed with the target "
                                                        "(AND guidance)")
+    if soft_available and background_available:
+        out["none-kept"] = Method("none-kept", {"weights": (0.0,), **KEPT},
+                                  description="no personalization, the target inverted: w = 0 is the target "
+                                              "itself through the VAE")
+        out["pmg-kept"] = Method("pmg-kept", {**out["pmg-compose-history"].overrides, **KEPT},
+                                 description="pmg-compose-history started from the target's inversion (its layout "
+                                             "kept), plus retrieved catalog exemplars redrawn under the target + "
+                                             "preference condition")
     from pmgen.presets import soft_prompt_branch
 
     for name, folder in (ablations or {}).items():
@@ -118,6 +132,9 @@ def default_methods(soft_available: bool, ablations: dict[str, Path] | None = No
             continue
         out[name] = Method(name, {"use_soft": True, "use_keywords": False, "history_weight": 1.0, **PAPER_SELECTION},
                            soft_prompt=str(folder), description=f"soft embeddings only, {name} weights")
+    for m in out.values():  # every other method starts as it always did: SDEdit noise, no exemplars
+        for key, value in SDEDIT.items():
+            m.overrides.setdefault(key, value)
     return out
 
 
@@ -165,13 +182,15 @@ def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample]
                 softs[m.soft_prompt] = soft_loader(m.soft_prompt)
             res = pmg.generate(req.user, req.target, req.items, context=req.context,
                                target_image=req.target_image, history_images=[ds.image_path(i) for i in hist],
-                               soft_prompt=softs.get(m.soft_prompt) if m.soft_prompt else None, **m.overrides)
+                               soft_prompt=softs.get(m.soft_prompt) if m.soft_prompt else None,
+                               item_images=ds.image_path, **m.overrides)
             metrics = grader.grade(res.images, s, taste, hist)
             told = oracle_scores(pmg.selector, res.images, req.target.title, taste)
             for i, (cand, mt) in enumerate(zip(res.record.candidates, metrics)):
                 rows.append({"sample_id": s.sample_id, "user_id": s.user_id, "method": m.name,
                              "weight": cand.weight, "d_t": cand.d_t, "d_p": cand.d_p,
                              **({"d_h": cand.d_h} if cand.d_h is not None else {}),
+                             **({"start": cand.start} if cand.start is not None else {}),
                              **{k: v[i] for k, v in told.items()}, "chosen": i == res.chosen, **mt})
             if n < keep_images:
                 kept[s.sample_id][m.name] = res.chosen_image

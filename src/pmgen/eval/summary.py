@@ -22,8 +22,8 @@ def selected(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def at_weight(rows: list[dict[str, Any]], weight: float) -> list[dict[str, Any]]:
-    """The candidates at one preference weight (no selection)."""
-    return [r for r in rows if abs(r["weight"] - weight) < 1e-9]
+    """The candidates at one preference weight started from the target (no selection; exemplars' left out)."""
+    return [r for r in rows if abs(r["weight"] - weight) < 1e-9 and "start" not in r]
 
 
 def reselect(rows: list[dict[str, Any]], alpha: float, min_accuracy: float = 0.0) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ CONFIG_NAME = "pmgen_generator.json"
 FORMAT = "pmgen-sticker-generator"
 FORMAT_VERSION = 1
 EXTRA_BASES = ("cond", "uncond")
+INVERSIONS = ("ddim", "noised")
+"""How :meth:`StickerGenerator.invert` builds the trajectory: DDIM inversion under the source condition,
+or the init noised with one seeded noise (SDEdit's forward process, one point per step)."""
 """What composed guidance adds its extra direction to: the prompt's prediction or the unconditional one."""
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
@@ -179,6 +183,39 @@ def build_scheduler(prediction_type: str = "v_prediction") -> Any:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class Inversion:
+    """Init images inverted into the sampler's trajectory under a source condition
+    (:meth:`StickerGenerator.invert`).
+
+    Sampling from ``start`` over ``timesteps`` under the source condition and ``guidance_scale``,
+    adding ``corrections[k]`` after step ``k``, lands on ``init_latents`` (to float rounding): the image
+    is reproduced, every detail the VAE keeps included. Under another condition the same corrections
+    keep the image's layout while the condition changes what it shows (the noise maps of edit-friendly
+    inversion, Huberman-Spiegelglas et al. 2024, here on a deterministic DDIM sampler).
+
+    Tensors: ``init_latents`` and ``start`` ``[B, C, h, w]``, ``corrections`` ``[K, B, C, h, w]``,
+    ``timesteps`` ``[K]``.
+    """
+
+    init_latents: torch.Tensor
+    start: torch.Tensor
+    corrections: torch.Tensor
+    timesteps: torch.Tensor
+    num_inference_steps: int
+    guidance_scale: float
+    method: str = "ddim"
+
+    def __len__(self) -> int:
+        return int(self.start.shape[0])
+
+    def select(self, rows: Sequence[int]) -> Inversion:
+        """The inversion of the given rows (repeats allowed: one row per candidate)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return Inversion(self.init_latents[idx], self.start[idx], self.corrections[:, idx], self.timesteps,
+                         self.num_inference_steps, self.guidance_scale, self.method)
 
 
 class StickerGenerator:
@@ -404,27 +441,120 @@ class StickerGenerator:
         return self.decode(self._denoise(latents, timesteps, scheduler, cond, uncond, guidance_scale, extra,
                                          extra_guidance_scale, extra_base, hold))
 
+    @torch.no_grad()
+    def invert(self, init_images: torch.Tensor, prompt_embeds: torch.Tensor,
+               negative_prompt_embeds: torch.Tensor | None = None, *, strength: float = 1.0,
+               num_inference_steps: int = 20, guidance_scale: float = 4.0, method: str = "ddim",
+               seed: int = 0) -> Inversion:
+        """Invert ``init_images`` ``[B, 3, 64, 64]`` in [0, 1] under their source condition (``prompt_embeds``
+        ``[B, L, D]``, e.g. each image's own name) for :meth:`edit`.
+
+        Args:
+            strength: in (0, 1]; the trajectory covers the last ``int(num_inference_steps · strength)``
+                steps (1 = from pure noise: the most freedom for an edit).
+            method: ``"ddim"`` (:class:`diffusers.DDIMInverseScheduler` under the source condition,
+                unguided: the noise the model itself would have started from) or ``"noised"`` (the init
+                noised with one noise drawn from ``seed``: no inversion pass, larger corrections).
+            guidance_scale: the guidance :meth:`edit` will sample with (the corrections are computed
+                under it, so the source condition reproduces the image at that guidance).
+
+        Costs one unguided UNet pass per step (``"ddim"``) plus one guided pass per step.
+        """
+        from diffusers import DDIMInverseScheduler
+
+        if method not in INVERSIONS:
+            raise ValueError(f"inversion method must be one of {INVERSIONS}, got {method!r}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"inversion strength must be in (0, 1], got {strength}")
+        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        images = self._check_images(init_images)
+        if images.shape[0] != cond.shape[0]:
+            raise ValueError(f"init_images has {images.shape[0]} images for {cond.shape[0]} prompts")
+        init = self.encode(images)
+        scheduler = self._fresh_scheduler(num_inference_steps)
+        timesteps = img2img_timesteps(scheduler, num_inference_steps, strength)
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} runs no step of {num_inference_steps}: raise it")
+        if method == "ddim":
+            inverse = DDIMInverseScheduler.from_config(scheduler.config)
+            inverse.set_timesteps(num_inference_steps, device=self.device)
+            traj = [init]
+            for t in timesteps.flip(0):
+                traj.append(inverse.step(self._predict(traj[-1], t, inverse, cond, None, 1.0), t, traj[-1]).prev_sample)
+            traj = traj[::-1]
+        else:
+            noise = self._randn(tuple(init.shape), [torch.Generator().manual_seed(int(seed))])
+            traj = [scheduler.add_noise(init, noise, t.reshape(1).repeat(init.shape[0])) for t in timesteps] + [init]
+        corrections = torch.stack([
+            traj[k + 1] - scheduler.step(self._predict(traj[k], t, scheduler, cond, uncond, guidance_scale), t,
+                                         traj[k]).prev_sample
+            for k, t in enumerate(timesteps)])
+        return Inversion(init, traj[0], corrections, timesteps, num_inference_steps, float(guidance_scale), method)
+
+    @torch.no_grad()
+    def edit(self, inversion: Inversion, prompt_embeds: torch.Tensor,
+             negative_prompt_embeds: torch.Tensor | None = None, *, extra_prompt_embeds: torch.Tensor | None = None,
+             extra_guidance_scale: float | Sequence[float] = 0.0, extra_base: str = "cond",
+             keep: float = 1.0) -> torch.Tensor:
+        """Sample from an :class:`Inversion` (one row, or one per prompt) under a new condition.
+
+        The sampler, steps and guidance are the inversion's. ``keep`` in [0, 1]: the share of the steps,
+        from the first, that add the inversion's corrections (1 = all: the source condition reproduces
+        the image; lower = the last steps are free to redraw details). ``extra_*`` as in
+        :meth:`text_to_image`; ``extra_guidance_scale`` may give one scale per row (candidates at several
+        preference weights in one batch). Returns float32 ``[B, 3, 64, 64]`` in [0, 1].
+        """
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"keep must be in [0, 1], got {keep}")
+        g = inversion.guidance_scale
+        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, g)
+        batch = cond.shape[0]
+        if len(inversion) not in (1, batch):
+            raise ValueError(f"the inversion has {len(inversion)} rows for {batch} prompts (expected 1 or {batch})")
+        inv = inversion.select([0] * batch) if len(inversion) == 1 and batch > 1 else inversion
+        extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
+        scale: float | torch.Tensor = extra_guidance_scale  # type: ignore[assignment]
+        if not isinstance(extra_guidance_scale, (int, float)):
+            scale = torch.tensor([float(v) for v in extra_guidance_scale], dtype=self.dtype, device=self.device)
+            if scale.numel() != batch:
+                raise ValueError(f"extra_guidance_scale has {scale.numel()} values for {batch} prompts")
+            scale = scale.view(-1, 1, 1, 1)
+        scheduler = self._fresh_scheduler(inv.num_inference_steps)
+        n_keep = round(keep * len(inv.timesteps))
+        return self.decode(self._denoise(inv.start.to(self.device, self.dtype), inv.timesteps, scheduler, cond,
+                                         uncond, g, extra, scale, extra_base,
+                                         corrections=inv.corrections[:n_keep].to(self.device, self.dtype)))
+
     def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
-                 extra_scale: float = 0.0, extra_base: str = "cond", hold: "Hold | None" = None) -> torch.Tensor:
+                 extra_scale: float = 0.0, extra_base: str = "cond", hold: "Hold | None" = None,
+                 corrections: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise with classifier-free guidance; with ``extra`` also add ``extra_scale·(ε_extra − ε_base)``,
         ``ε_base`` being ``ε_cond`` or (``extra_base="uncond"``) ``ε_uncond``; with ``hold``, the
-        pixels not yet released are reset to the noised init before each step."""
-        use_cfg = uncond is not None
-        context = torch.cat([uncond, cond]) if use_cfg else cond
-        use_extra = extra is not None and extra_scale != 0.0
+        pixels not yet released are reset to the noised init before each step; with ``corrections``
+        ``[K, B, C, h, w]``, ``corrections[k]`` is added after step ``k`` (an :class:`Inversion`'s)."""
         first = scheduler.num_inference_steps - len(timesteps) // scheduler.order
         for k, t in enumerate(timesteps):
             if hold is not None:
                 latents = hold(latents, first + k, t, scheduler)
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, encoder_hidden_states=context).sample
-            out_extra = (self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
-                         if use_extra else None)
-            out = guide(out, guidance_scale, use_cfg, out_extra, extra_scale, extra_base)
+            out = self._predict(latents, t, scheduler, cond, uncond, guidance_scale, extra, extra_scale, extra_base)
             latents = scheduler.step(out, t, latents).prev_sample
+            if corrections is not None and k < len(corrections):
+                latents = latents + corrections[k]
         return latents
+
+    def _predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler: Any, cond: torch.Tensor,
+                 uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
+                 extra_scale: float | torch.Tensor = 0.0, extra_base: str = "cond") -> torch.Tensor:
+        """One step's guided model output (:func:`guide`) at ``latents``, timestep ``t`` (``extra_scale``:
+        one number, or one per row ``[B, 1, 1, 1]``)."""
+        use_cfg = uncond is not None
+        context = torch.cat([uncond, cond]) if use_cfg else cond
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if use_cfg else latents, t)
+        out = self.unet(model_in, t, encoder_hidden_states=context).sample
+        out_extra = (self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
+                     if extra is not None and (isinstance(extra_scale, torch.Tensor) or extra_scale != 0.0) else None)
+        return guide(out, guidance_scale, use_cfg, out_extra, extra_scale, extra_base)
 
     def _check_extra(self, extra: torch.Tensor | None, batch: int, base: str = "cond",
                      uncond: torch.Tensor | None = None) -> torch.Tensor | None:

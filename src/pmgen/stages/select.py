@@ -102,6 +102,38 @@ def background_embedding(selector: Any, texts: Sequence[str]) -> torch.Tensor:
     return selector.text_embeddings(texts).mean(dim=0)
 
 
+def preference_vector(selector: Any, preference_text: str, history_texts: Sequence[str] = (),
+                      preference_source: str = "keywords", background: torch.Tensor | None = None,
+                      contrast: float = 0.0) -> torch.Tensor | None:
+    """The user's side of ``d_p`` as one vector ``p`` ``[E]``: ``sim_p(image) = image · p`` (``None`` when
+    no preference is known). Every ``sim`` of the module docstring is linear in the image embedding, so
+    the mean over history names and the background fold into one vector, shared by the selection and
+    the exemplar retrieval (:mod:`pmgen.stages.retrieve`)::
+
+        keywords: p = kw − c·b        history: p = mean_j name_j        both: p = (kw + mean_j name_j)/2 − c·b
+
+    (``kw`` the keyword text's unit embedding; ``both`` without keywords uses the names twice; with no
+    names, ``history`` and ``both`` fall back to ``keywords``.)
+    """
+    if preference_source not in PREFERENCE_SOURCES:
+        raise ValueError(f"preference_source must be one of {PREFERENCE_SOURCES}, got {preference_source!r}")
+    if contrast > 0 and background is None:
+        raise ValueError("contrast > 0 needs a preference background (other users' preference texts)")
+    names = [t for t in history_texts if t and t.strip()] if preference_source != "keywords" else []
+    back = contrast * background if contrast > 0 and background is not None else None
+    if names:
+        hist = selector.text_embeddings(names).mean(dim=0)
+        if preference_source == "history":
+            return hist
+        side = selector.text_embeddings([preference_text])[0] if preference_text else hist
+        p = side / 2 + hist / 2
+    elif preference_text:
+        p = selector.text_embeddings([preference_text])[0]
+    else:
+        return None
+    return p - back.to(p.device, p.dtype) if back is not None else p
+
+
 def select(images: torch.Tensor, selector: Any, target_text: str, preference_text: str,
            alpha: float = DEFAULT_ALPHA, history_images: torch.Tensor | None = None,
            history_weight: float = 0.0, min_accuracy: float = 0.0,
@@ -121,34 +153,11 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
         raise ValueError(f"history_weight must be in [0, 1], got {history_weight}")
     if not 0.0 <= contrast <= 1.0:
         raise ValueError(f"contrast must be in [0, 1], got {contrast}")
-    if preference_source not in PREFERENCE_SOURCES:
-        raise ValueError(f"preference_source must be one of {PREFERENCE_SOURCES}, got {preference_source!r}")
-    if contrast > 0 and background is None:
-        raise ValueError("contrast > 0 needs a preference background (other users' preference texts)")
-    names = [t for t in history_texts if t and t.strip()] if preference_source != "keywords" else []
-    if names:
-        use_kw = bool(preference_text) and preference_source == "both"
-        emb = selector.image_embeddings(images)
-        sims = emb @ selector.text_embeddings([target_text] + ([preference_text] if use_kw else []) + names
-                                              ).to(emb.device, emb.dtype).T
-        hist = sims[:, 2 if use_kw else 1:].mean(dim=1)
-        if preference_source == "history":
-            sim_p = hist
-        else:  # both: the keyword side (or, without keywords, the names again) with the names, against the background
-            sim_p = (sims[:, 1] if use_kw else hist) / 2 + hist / 2
-            if contrast > 0:
-                sim_p = sim_p - contrast * (emb @ background.to(emb.device, emb.dtype))
-        d_t, d_p = to_unit(sims[:, 0]), to_unit(sim_p)
-    else:
-        texts = [target_text] + ([preference_text] if preference_text else [])
-        if preference_text and contrast > 0:  # one pass of the image tower serves both the texts and the background
-            emb = selector.image_embeddings(images)
-            sims = emb @ selector.text_embeddings(texts).to(emb.device, emb.dtype).T
-            sims[:, 1] -= contrast * (emb @ background.to(emb.device, emb.dtype))
-        else:
-            sims = selector.text_similarity(images, texts)
-        d_t = to_unit(sims[:, 0])
-        d_p = to_unit(sims[:, 1]) if preference_text else torch.ones_like(d_t)
+    emb = selector.image_embeddings(images)
+    t_vec = selector.text_embeddings([target_text])[0].to(emb.device, emb.dtype)
+    p_vec = preference_vector(selector, preference_text, history_texts, preference_source, background, contrast)
+    d_t = to_unit(emb @ t_vec)
+    d_p = to_unit(emb @ p_vec.to(emb.device, emb.dtype)) if p_vec is not None else torch.ones_like(d_t)
     d_h = None
     if history_images is not None and history_images.shape[0] > 0 and history_weight > 0:
         d_h = to_unit(selector.image_similarity(images, history_images).mean(dim=1))
@@ -156,7 +165,8 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
     z = z_score(d_t, d_p, alpha)
     eligible = keeps_target(d_t.tolist(), min_accuracy)
     return Selection(d_t=[float(v) for v in d_t], d_p=[float(v) for v in d_p], z=[float(v) for v in z],
-                     chosen=argmax_z(z, eligible), eligible=eligible, alpha=alpha, d_h=[float(v) for v in d_h] if d_h is not None else None)
+                     chosen=argmax_z(z, eligible), eligible=eligible, alpha=alpha,
+                     d_h=[float(v) for v in d_h] if d_h is not None else None)
 
 
 def weight_grid(spec: str | Sequence[float]) -> list[float]:
