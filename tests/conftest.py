@@ -82,3 +82,58 @@ def toy_data(tmp_path_factory):
     user = User("u1", [Event("social", item_id="b", value="send", time=1), Event("search", text="cat stickers", time=2),
                        Event("social", item_id="b", value="send", time=3)])
     return root, items, user
+
+
+# ------------------------------------------------------------------ the service's store: SQLite and PostgreSQL
+STORES = ["sqlite", "postgresql"]
+"""The service tests run on both stores: SQLite (a file under the test's root) and a real PostgreSQL."""
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    """A throwaway PostgreSQL server for the session (tests/pg_server.py); skipped where PostgreSQL is not
+    installed, except in CI (``make setup`` installs it there)."""
+    from pg_server import pg_bin, postgres_server
+
+    if pg_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is missing: `make setup` installs it (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (run `make setup`)")
+    with postgres_server() as url:
+        yield url
+
+
+def _postgres_database(request, name: str) -> str:
+    from pg_server import create_database
+
+    admin = request.getfixturevalue("postgres_admin_url")
+    created = request.session.__dict__.setdefault("_pmgen_pg_databases", {})
+    if name not in created:
+        created[name] = create_database(admin, name)
+    return created[name]
+
+
+@pytest.fixture(params=STORES)
+def store_url(request):
+    """The store URL of one service test: ``None`` (SQLite under the test's root) or an emptied PostgreSQL
+    database (one per session, its tables emptied before each test)."""
+    if request.param == "sqlite":
+        return None
+    import sqlalchemy as sa
+
+    from pmgen.data.store import Store
+
+    url = _postgres_database(request, "pmgen_tests")
+    store = Store.open(url)  # migrated on first use
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE users, events, generations, feedback RESTART IDENTITY CASCADE"))
+    store.close()
+    return url
+
+
+@pytest.fixture(scope="module", params=STORES)
+def module_store_url(request):
+    """As ``store_url``, for a module-scoped server: a PostgreSQL database of the module's own."""
+    if request.param == "sqlite":
+        return None
+    return _postgres_database(request, "pmgen_" + request.module.__name__.replace(".", "_"))

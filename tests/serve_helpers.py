@@ -110,10 +110,13 @@ def running_server(app: Any, config: Callable[[Any, int], Any] | None = None) ->
         th.join(30)
 
 
-def start_server(state: Path, port: int, log: Path, queue_size: int = 64, slow: float = 0.0) -> subprocess.Popen:
-    """``tests/serve_tiny_server.py`` as a subprocess on 127.0.0.1:``port``, its output in ``log``."""
+def start_server(state: Path, port: int, log: Path, queue_size: int = 64, slow: float = 0.0,
+                 store_url: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``tests/serve_tiny_server.py`` as a subprocess on 127.0.0.1:``port``, its output in ``log``
+    (``extra``: more of its options, e.g. ``("--workers", "0")`` or ``("--worker-only",)``)."""
     cmd = [sys.executable, str(TESTS / "serve_tiny_server.py"), "--state", str(state), "--port", str(port),
-           "--queue-size", str(queue_size), "--slow", str(slow)]
+           "--queue-size", str(queue_size), "--slow", str(slow), *(("--store", store_url) if store_url else ()),
+           *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS)

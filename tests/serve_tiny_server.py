@@ -1,6 +1,7 @@
 """A ``pmgen serve`` on tiny random models and a toy catalog, for the kill test and the browser test.
 
-    python tests/serve_tiny_server.py --state DIR --port 8765
+    python tests/serve_tiny_server.py --state DIR --port 8765 [--store URL] [--workers N] [--lease S]
+    python tests/serve_tiny_server.py --state DIR --worker-only --store URL     # a model worker, no HTTP
 
 Models and catalog are built under ``DIR/models`` and ``DIR/catalog`` (seconds); the service's
 store and images under ``DIR/serve`` — the same on every start, so a restart resumes.
@@ -21,7 +22,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--state", type=Path, required=True)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--store", default=None, help="store URL (default: SQLite under DIR/serve)")
+    p.add_argument("--workers", type=int, default=1, help="model worker threads (0: accept only)")
+    p.add_argument("--lease", type=float, default=10.0, help="lease seconds of a claimed generation")
+    p.add_argument("--worker-only", action="store_true", help="run generations from the store, no HTTP")
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--slow", type=float, default=0.0, help="seconds added to each candidate (a slower model)")
     a = p.parse_args()
@@ -42,7 +47,13 @@ def main() -> None:
             return fast(*args, **kw)
 
         pmg.generator.image_to_image = slow
-    app = create_app(pmg, catalog, root=a.state / "serve", queue_size=a.queue_size)
+    if a.worker_only:
+        from pmgen.serve.replica import run_worker
+
+        run_worker(pmg, catalog, root=a.state / "serve", store_url=a.store, threads=a.workers, lease_s=a.lease)
+        return
+    app = create_app(pmg, catalog, root=a.state / "serve", queue_size=a.queue_size, store_url=a.store,
+                     workers=a.workers, lease_s=a.lease)
     uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")
 
 

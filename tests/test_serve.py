@@ -14,6 +14,7 @@ pytest.importorskip("sqlalchemy")
 from fastapi.testclient import TestClient  # noqa: E402
 from serve_helpers import bomb_png, png_bytes, toy_catalog  # noqa: E402
 
+from pmgen.data.store import STORE_FILE, Store, sqlite_url  # noqa: E402
 from pmgen.limits import LIMITS  # noqa: E402
 from pmgen.stages.select import z_score  # noqa: E402
 from pmgen.serve.app import create_app  # noqa: E402
@@ -24,12 +25,13 @@ EVENTS = [{"type": "social", "item_id": "b", "value": "send", "time": 1},
 
 
 @pytest.fixture()
-def make_client(tiny_pmg, toy_data, tmp_path):
-    """``make_client(**create_app options)`` → a started TestClient (stopped at the end)."""
+def make_client(tiny_pmg, toy_data, tmp_path, store_url):
+    """``make_client(**create_app options)`` → a started TestClient (stopped at the end), on each store."""
     clients = []
 
     def make(**kw):
         kw.setdefault("root", tmp_path / "serve")
+        kw.setdefault("store_url", store_url)
         c = TestClient(create_app(tiny_pmg, toy_catalog(toy_data), **kw))
         c.__enter__()
         clients.append(c)
@@ -68,9 +70,9 @@ def test_bad_events_get_422_naming_index_and_field_and_nothing_is_stored(make_cl
     assert c.post("/v1/users/alice/events", json={"events": []}).status_code == 422
 
 
-def test_events_per_user_limit_is_enforced_across_requests(tiny_pmg, toy_data, tmp_path):
+def test_events_per_user_limit_is_enforced_across_requests(tiny_pmg, toy_data, tmp_path, store_url):
     limits = dataclasses.replace(LIMITS, max_events_per_user=4)
-    with TestClient(create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, limits=limits)) as c:
+    with TestClient(create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, limits=limits, store_url=store_url)) as c:
         assert c.post("/v1/users/u/events", json={"events": EVENTS}).status_code == 200
         r = c.post("/v1/users/u/events", json={"events": EVENTS[:2]})
         assert r.status_code == 422 and "limit of 4" in r.json()["detail"]
@@ -205,9 +207,9 @@ def test_traversal_in_urls_never_reaches_files(make_client):
     assert c.get(f"/v1/generations/{gid}/images/w_0.00.png").status_code == 200
 
 
-def test_oversized_and_bomb_images_are_refused_fast(tiny_pmg, toy_data, tmp_path):
+def test_oversized_and_bomb_images_are_refused_fast(tiny_pmg, toy_data, tmp_path, store_url):
     limits = dataclasses.replace(LIMITS, max_image_bytes=64 * 1024)
-    with TestClient(create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, limits=limits)) as c:
+    with TestClient(create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, limits=limits, store_url=store_url)) as c:
         user = {"events": EVENTS}
         big = base64.b64encode(b"\x89PNG" + b"\0" * 100_000).decode()
         cases = [
@@ -233,10 +235,11 @@ def test_oversized_and_bomb_images_are_refused_fast(tiny_pmg, toy_data, tmp_path
         assert list((tmp_path / "uploads").iterdir()) == []  # nothing refused was written
 
 
-def test_writes_need_the_token_when_bound_beyond_loopback(tiny_pmg, toy_data, tmp_path):
+def test_writes_need_the_token_when_bound_beyond_loopback(tiny_pmg, toy_data, tmp_path, store_url):
     with pytest.raises(ValueError, match="needs a token"):
         create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, host="0.0.0.0")
-    app = create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, host="0.0.0.0", token="s3cret")
+    app = create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path, host="0.0.0.0", token="s3cret",
+                     store_url=store_url)
     with TestClient(app) as c:
         body = {"events": EVENTS}
         assert c.post("/v1/users/u/events", json=body).status_code == 401
@@ -266,7 +269,7 @@ def test_health_docs_and_page(make_client):
     assert "function choose" in c.get("/static/app.js").text
 
 
-def test_models_loading_in_background_gives_503_until_ready(tiny_pmg, toy_data, tmp_path):
+def test_models_loading_in_background_gives_503_until_ready(tiny_pmg, toy_data, tmp_path, store_url):
     import threading
 
     gate = threading.Event()
@@ -275,7 +278,7 @@ def test_models_loading_in_background_gives_503_until_ready(tiny_pmg, toy_data, 
         gate.wait(10)
         return tiny_pmg
 
-    with TestClient(create_app(load, toy_catalog(toy_data), root=tmp_path)) as c:
+    with TestClient(create_app(load, toy_catalog(toy_data), root=tmp_path, store_url=store_url)) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503
         c.post("/v1/users/u/events", json={"events": EVENTS})
@@ -286,25 +289,29 @@ def test_models_loading_in_background_gives_503_until_ready(tiny_pmg, toy_data, 
         assert c.get("/readyz").status_code == 200
 
 
-def test_restart_resumes_unfinished_generations_and_removes_partial_folders(tiny_pmg, toy_data, tmp_path):
+def test_restart_resumes_unfinished_generations_and_removes_partial_folders(tiny_pmg, toy_data, tmp_path, store_url):
     cat = toy_catalog(toy_data)
-    with TestClient(create_app(tiny_pmg, cat, root=tmp_path)) as c:
+    with TestClient(create_app(tiny_pmg, cat, root=tmp_path, store_url=store_url)) as c:
         c.post("/v1/users/u/events", json={"events": EVENTS})
         done_id = c.post("/v1/generations", json={"user_id": "u", "target_id": "a", "weights": [0]}).json()["id"]
         _done(c, done_id)
-        store = c.app.state.service.store
-        # as a SIGKILL leaves it: one generation running, one queued, a half-written result folder
-        store.add_generation("gdead0001", "u", store.generation(done_id).request)
-        store.start("gdead0001")
-        store.add_generation("gdead0002", "u", store.generation(done_id).request)
+        request = c.app.state.service.store.generation(done_id).request
+    # as a SIGKILL leaves it: one generation running under a lease that expired (its worker died),
+    # one queued, a half-written result folder
+    store = Store.open(store_url or sqlite_url(tmp_path / STORE_FILE))
+    store.add_generation("gdead0001", "u", request)
+    assert store.claim("dead-worker", lease_s=-1).id == "gdead0001"
+    store.add_generation("gdead0002", "u", request)
+    store.close()
     partial = tmp_path / "generations" / ".gdead0001.0123abcd.partial"
     partial.mkdir()
     (partial / "chosen.png").write_bytes(b"\x89PNG half")
-    with TestClient(create_app(tiny_pmg, cat, root=tmp_path)) as c:
-        assert c.get("/readyz").json()["recovered"] == {"resumed": 2, "failed": 0, "partial_removed": 1}
-        for gid in ("gdead0001", "gdead0002"):
+    with TestClient(create_app(tiny_pmg, cat, root=tmp_path, store_url=store_url)) as c:
+        assert c.get("/readyz").json()["recovered"] == {"pending": 2, "partial_removed": 1}
+        for gid, resumed in (("gdead0001", 1), ("gdead0002", 0)):
             g = _done(c, gid)
-            assert g["resumed"] == 1 and c.get(g["images"]["chosen"]).status_code == 200
+            assert (g["resumed"], g["attempts"]) == (resumed, resumed + 1)
+            assert c.get(g["images"]["chosen"]).status_code == 200
         assert not partial.exists()
         assert c.get(f"/v1/generations/{done_id}").json()["resumed"] == 0
 
@@ -320,8 +327,10 @@ def test_cli_commands_register_in_a_typer_app(tmp_path):
     app.command("bench-serve")(bench_serve)
     runner = CliRunner()
     r = runner.invoke(app, ["serve", "--help"])
-    assert r.exit_code == 0 and "--token" in r.output and "--store" in r.output
-    assert runner.invoke(app, ["bench-serve", "--help"]).exit_code == 0
+    assert r.exit_code == 0 and all(o in r.output for o in ("--token", "--store", "--workers", "--no-http", "--lease"))
+    r = runner.invoke(app, ["bench-serve", "--help"])
+    assert r.exit_code == 0 and "--throughput" in r.output
+    assert runner.invoke(app, ["bench-serve", "--throughput", "one"]).exit_code == 2
     r = runner.invoke(app, ["serve", "--host", "0.0.0.0"], env={"PMGEN_TOKEN": ""})
     assert r.exit_code == 2 and "needs a token" in r.output
     r = runner.invoke(app, ["serve", "--preset", "nope"])

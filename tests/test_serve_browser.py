@@ -50,11 +50,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pmg, toy_data, tmp_path_factory):
+def server(tiny_pmg, toy_data, tmp_path_factory, module_store_url):
     """The app on 127.0.0.1:<free port> in a background thread (uvicorn), stopped at the end."""
     from pmgen.serve.app import create_app
 
-    app = create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path_factory.mktemp("serve-browser"))
+    app = create_app(tiny_pmg, toy_catalog(toy_data), root=tmp_path_factory.mktemp("serve-browser"),
+                     store_url=module_store_url)
     with running_server(app) as base:
         yield base
 

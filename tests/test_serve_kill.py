@@ -1,7 +1,8 @@
-"""SIGKILL the service under load, restart it on the same store, and check nothing acknowledged is lost.
+"""SIGKILL the service under load, and separately one of its model workers: nothing acknowledged is lost.
 
-The server is a subprocess on tiny models (``tests/serve_tiny_server.py``, each candidate slowed by
-0.15 s so the kill lands while generations are queued and running). Bounded load on 127.0.0.1 only.
+The servers are subprocesses on tiny models (``tests/serve_tiny_server.py``, each candidate slowed by
+0.15 s so the kill lands while generations are queued and running), on SQLite and on PostgreSQL.
+Bounded load on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -20,10 +21,34 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 from serve_helpers import free_port, start_server, wait_ready  # noqa: E402
 
-from pmgen.data.store import Store, sqlite_url  # noqa: E402
+from pmgen.data.store import STORE_FILE, Store, sqlite_url  # noqa: E402
 
 N_CLIENTS = 4
 ROUNDS = 40  # requests per client at most (the kill comes first)
+LEASE = ("--lease", "3")  # a dead worker's generation is taken over 3 s after its last heartbeat
+
+
+def _open_store(store_url, state) -> Store:
+    return Store.open(store_url or sqlite_url(state / "serve" / STORE_FILE))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _whole_images(c: httpx.Client, view: dict) -> None:
+    """Every image of a done generation is a whole 64×64 PNG."""
+    for url in [view["images"]["chosen"], *view["images"]["candidates"]]:
+        resp = c.get(url)
+        assert resp.status_code == 200
+        Image.open(io.BytesIO(resp.content)).verify()
+        assert Image.open(io.BytesIO(resp.content)).size == (64, 64)
 
 
 def _client(base: str, k: int, acked: dict, stop: threading.Event) -> None:
@@ -52,11 +77,11 @@ def _client(base: str, k: int, acked: dict, stop: threading.Event) -> None:
                 return
 
 
-def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path):
+def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path, store_url):
     state, port = tmp_path / "state", free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    proc = start_server(state, port, log, queue_size=64, slow=0.15)
+    proc = start_server(state, port, log, queue_size=64, slow=0.15, store_url=store_url, extra=LEASE)
     try:
         wait_ready(base, proc)
         acked: dict[str, list] = {"events": [], "generations": [], "feedback": []}
@@ -73,15 +98,15 @@ def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path):
         for t in threads:
             t.join(15)
         assert len(acked["feedback"]) >= 3 and len(acked["generations"]) >= 10, acked
-        store = Store.open(sqlite_url(state / "serve" / "pmgen-serve.sqlite"))  # as the kill left it
-        pending_at_kill = [g.id for g in store.unfinished()]
+        store = _open_store(store_url, state)  # as the kill left it
+        pending_at_kill = {g.id: g.status for g in store.unfinished()}
         store.close()
         assert pending_at_kill, "the kill should land while generations are waiting"
 
-        proc = start_server(state, port, log, queue_size=64)  # same store, full speed
+        proc = start_server(state, port, log, queue_size=64, store_url=store_url, extra=LEASE)  # full speed
         t_restart = time.monotonic()
         ready = wait_ready(base, proc)
-        assert ready["recovered"]["resumed"] + ready["recovered"]["failed"] == len(pending_at_kill)
+        assert ready["recovered"]["pending"] == len(pending_at_kill)
 
         with httpx.Client(base_url=base, timeout=70) as c:
             # every acknowledged event is there, in each user's order
@@ -101,7 +126,10 @@ def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path):
             # it is not acknowledged, but it was pending in the store, so it is resumed all the same
             resumed = {g: statuses.get(g) or c.get(f"/v1/generations/{g}", params={"wait": 60}).json()
                        for g in pending_at_kill}
-            assert all(r["resumed"] >= 1 for r in resumed.values()), resumed
+            assert all(r["status"] in ("done", "failed") for r in resumed.values()), resumed
+            # the one(s) running at the kill were taken over from the dead worker: claimed again, counted
+            assert all(resumed[g]["resumed"] >= 1 and resumed[g]["attempts"] >= 2
+                       for g, st in pending_at_kill.items() if st == "running"), resumed
             assert sum(r["status"] == "done" for r in statuses.values()) >= len(acked["generations"]) - 1
             # every acknowledged feedback row is there
             fb_ids = {f["id"] for u in range(N_CLIENTS) for f in c.get(f"/v1/users/kill-u{u}").json()["feedback"]}
@@ -111,21 +139,79 @@ def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path):
                 if r["status"] != "done":
                     assert c.get(f"/v1/generations/{r['id']}/images/chosen.png").status_code == 404
                     continue
-                for url in [r["images"]["chosen"], *r["images"]["candidates"]]:
-                    resp = c.get(url)
-                    assert resp.status_code == 200
-                    Image.open(io.BytesIO(resp.content)).verify()
-                    assert Image.open(io.BytesIO(resp.content)).size == (64, 64)
+                _whole_images(c, r)
         print(f"kill test: {len(acked['events'])} events, {len(acked['generations'])} generations "
               f"({len(pending_at_kill)} queued/running at the kill), {len(acked['feedback'])} feedback acknowledged; "
               f"after restart: {ready['recovered']}, all drained {time.monotonic() - t_restart:.1f} s after restart")
         leftovers = [p.name for p in (state / "serve" / "generations").iterdir() if p.name.startswith(".")]
         assert leftovers == []
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        _stop(proc)
+
+
+N_GENERATIONS = 10
+
+
+def test_sigkill_of_one_model_worker_process_loses_no_generation(tmp_path, store_url):
+    """A stateless API process (no model worker) and two worker processes on one store; SIGKILL the
+    worker that is running a generation while 10 are queued or running: the other worker takes the
+    dead one's generation over when its lease expires, every generation ends done exactly once (one
+    result, attempts counted), and no half-written folder remains."""
+    state, port = tmp_path / "state", free_port()
+    base = f"http://127.0.0.1:{port}"
+    api = start_server(state, port, tmp_path / "api.log", store_url=store_url, extra=("--workers", "0", *LEASE))
+    procs = [api]
+    try:
+        wait_ready(base, api)
+        workers = [start_server(state, 0, tmp_path / f"worker{k}.log", slow=0.15, store_url=store_url,
+                                extra=("--worker-only", *LEASE)) for k in range(2)]
+        procs += workers
+        with httpx.Client(base_url=base, timeout=70) as c:
+            assert c.post("/v1/users/w/events", json={"events": [{"type": "search", "text": "cats"}]}).status_code == 200
+            ids = []
+            for i in range(N_GENERATIONS):
+                r = c.post("/v1/generations", json={"user_id": "w", "target_id": "a", "weights": [0, 1, 2], "seed": i})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+            # wait until a worker runs a generation, then kill that worker's process
+            store = _open_store(store_url, state)
+            victim = deadline = None
+            deadline = time.monotonic() + 120
+            while victim is None and time.monotonic() < deadline:
+                running = [g for g in store.unfinished() if g.status == "running" and g.lease_owner]
+                for g in running:
+                    pid = int(g.lease_owner.split(":")[1])
+                    victim = next((w for w in workers if w.pid == pid), None)
+                    if victim is not None:
+                        taken = g.id
+                        break
+                time.sleep(0.05)
+            assert victim is not None, "no worker started a generation"
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            at_kill = {g.id: g.status for g in store.unfinished()}
+            assert taken in at_kill and len(at_kill) >= 5, at_kill
+            views = [c.get(f"/v1/generations/{g}", params={"wait": 60}).json() for g in ids]
+            views = [v if v["status"] in ("done", "failed") else
+                     c.get(f"/v1/generations/{v['id']}", params={"wait": 60}).json() for v in views]
+            assert [v["status"] for v in views] == ["done"] * N_GENERATIONS, [(v["id"], v["error"]) for v in views]
+            by_id = {v["id"]: v for v in views}
+            assert by_id[taken]["resumed"] == 1 and by_id[taken]["attempts"] == 2  # taken over once
+            assert sum(v["attempts"] for v in views) == N_GENERATIONS + 1  # every other one ran once
+            for v in views:
+                _whole_images(c, v)
+                assert v["record"]["seed"] == ids.index(v["id"])
+            metrics = c.get("/metrics").text
+            assert f"pmgen_generations{{status=\"done\"}} {float(N_GENERATIONS)}" in metrics
+            assert "pmgen_queue_depth 0.0" in metrics and "pmgen_replicas 0.0" in metrics
+            store.close()
+        # exactly one result each: one folder per generation, no half-written or stale folder beside them
+        folders = sorted(p.name for p in (state / "serve" / "generations").iterdir())
+        assert folders == sorted(ids), folders
+        survivor_log = "".join((tmp_path / f"worker{k}.log").read_text() for k in range(2))
+        assert "not stored" not in survivor_log
+        print(f"worker kill: {taken} taken over after the kill; {len(at_kill)} queued/running at the kill; "
+              f"attempts {sum(v['attempts'] for v in views)} for {N_GENERATIONS} generations")
+    finally:
+        for p in procs:
+            _stop(p)

@@ -29,11 +29,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture()
-def app_for(tiny_pmg, toy_data, tmp_path):
-    """``app_for(**create_app options)`` → the app on the tiny models, its files under tmp_path."""
+def app_for(tiny_pmg, toy_data, tmp_path, store_url):
+    """``app_for(**create_app options)`` → the app on the tiny models, its files under tmp_path, on each store."""
 
     def make(**kw):
         kw.setdefault("root", tmp_path / "serve")
+        kw.setdefault("store_url", store_url)
         return create_app(tiny_pmg, toy_catalog(toy_data), **kw)
 
     return make
@@ -274,12 +275,12 @@ def test_booleans_are_refused_where_integers_or_numbers_are_expected(app_for):
         assert c.post(f"/v1/generations/{gid}/feedback", json={"candidate": 1, "signal": "like"}).status_code == 200
 
 
-def test_pmgen_feedback_reaches_a_service_started_with_a_store_url(app_for, tmp_path):
+def test_pmgen_feedback_reaches_a_service_started_with_a_store_url(app_for, tmp_path, store_url):
     from typer.testing import CliRunner
 
     from pmgen.cli import app as cli
 
-    url = f"sqlite:///{tmp_path / 'elsewhere' / 'store.sqlite'}"
+    url = store_url or f"sqlite:///{tmp_path / 'elsewhere' / 'store.sqlite'}"
     (tmp_path / "elsewhere").mkdir()
     with TestClient(app_for(store_url=url)) as c:
         c.post("/v1/users/u/events", json={"events": EVENTS})

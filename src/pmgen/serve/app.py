@@ -15,6 +15,7 @@ API (versioned under ``/v1``; OpenAPI at ``/docs``)::
     GET  /v1/items?q=                        catalog search;  GET /v1/items/{id}/image
     GET  /v1/items/from-message?message=     the catalog item a chat message asks for
     GET  /healthz, /readyz                   alive / models loaded
+    GET  /metrics                            Prometheus text: queue depth, running, latency histogram, replicas
 
 With a token, every request needs ``Authorization: Bearer <token>`` — reads and writes, ``/docs``
 too; ``public_read`` opens the page and ``/healthz``, ``/readyz`` only. A token is required to bind
@@ -34,7 +35,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -42,7 +43,9 @@ from pmgen.data.schema import Dataset
 from pmgen.limits import LIMITS, Limits
 from pmgen.serve.errors import ServiceError, TooLarge, problem
 from pmgen.serve.guards import BodyGuard, TokenGuard, error_response, parse_json
+from pmgen.serve.metrics import CONTENT_TYPE, metrics_registry, render
 from pmgen.serve.service import MAX_WAIT_S, Service
+from pmgen.serve.worker import LEASE_S
 from pmgen.data.store import STORE_FILE, Store, sqlite_url
 
 STATIC = Path(__file__).parent / "static"
@@ -110,7 +113,8 @@ def _field(loc: tuple[Any, ...]) -> str | None:
 def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str | None = None,
                host: str = "127.0.0.1", token: str | None = None, public_read: bool = False,
                cors_origins: tuple[str, ...] = (), limits: Limits = LIMITS, queue_size: int = 16,
-               waits_per_client: int = 16, body_timeout: float = 30.0) -> FastAPI:
+               waits_per_client: int = 16, body_timeout: float = 30.0, workers: int = 1,
+               lease_s: float = LEASE_S) -> FastAPI:
     """The service's ASGI app.
 
     Args:
@@ -118,7 +122,7 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
             loads one (``/readyz`` answers 503 until it is done).
         catalog: the items (e.g. ``datasets.load("stickers")``).
         root: folder of the store (SQLite by default), result images and uploads.
-        store_url: another SQLAlchemy URL for the store (e.g. ``postgresql://…``).
+        store_url: another SQLAlchemy URL for the store (e.g. ``postgresql://user@host:5432/pmgen``).
         host: the address it will be bound to; not loopback → ``token`` is required.
         token: bearer token checked on every request, reads included (``None``: all open, loopback only).
         public_read: with a token, open the page (``/``, ``/static/``) and ``/healthz``, ``/readyz`` to anyone.
@@ -126,6 +130,9 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         queue_size: generations waiting at most (more get 503).
         waits_per_client: long polls one client address may park at once (more get 429).
         body_timeout: seconds a request body may take to arrive (more: 408, the connection closes).
+        workers: model worker threads in this process (0: only accept; other processes sharing the
+            store run the generations, e.g. ``pmgen serve --workers 1 --no-http``).
+        lease_s: seconds a claimed generation stays its worker's without a heartbeat.
     """
     if not is_loopback(host) and not token:
         raise ValueError(f"binding {host} (not loopback) needs a token: --token or PMGEN_TOKEN")
@@ -135,7 +142,8 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
     root.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_url or sqlite_url(root / STORE_FILE))
     service = Service(pmg, catalog, store, root, limits=limits, queue_size=queue_size,
-                      waits_per_client=waits_per_client)
+                      waits_per_client=waits_per_client, workers=workers, lease_s=lease_s)
+    registry = metrics_registry(service)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -182,9 +190,14 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
     async def readyz() -> JSONResponse:
         if not service.ready:
             return JSONResponse({"ready": False, "error": service.load_error}, 503, headers={"Retry-After": "5"})
-        return JSONResponse({"ready": True, "preset": service.pmg.preset.name, "queue_depth": service.worker.depth,
-                             "queue_size": service.worker.maxsize, "waits_parked": service.waits.parked,
-                             "recovered": service.recovered})
+        depth = await run_in_threadpool(service.queue_depth)
+        return JSONResponse({"ready": True, "preset": service.pmg.preset.name, "queue_depth": depth,
+                             "queue_size": service.queue_size, "replicas": service.replicas,
+                             "waits_parked": service.waits.parked, "recovered": service.recovered})
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE)
 
     # ------------------------------------------------------------------ users
     @app.get("/v1/users")

@@ -12,6 +12,11 @@
 ``--long-polls N`` runs another scenario instead (:func:`run_long_polls`): N concurrent long polls
 on unfinished generations plus a trickle of writes; ``/healthz`` p99 and the writes' p95 latency.
 
+``--throughput 1,2`` runs another (:func:`run_throughput`): ``clients`` clients submit ``generations``
+3-weight generations against one in-process model worker, then against a stateless API with N model
+worker processes (``pmgen serve --no-http``) on the same store; generations per minute and p95
+accepted → done for each.
+
 Everything is bounded in count and time and sent to 127.0.0.1 only; the server is stopped and its
 temporary folder removed at the end.
 """
@@ -131,6 +136,31 @@ def _send(c: httpx.Client, rec: Recorder, name: str, method: str, url: str, body
     return None
 
 
+def _run_clients(n: int, client: Callable[[int], None]) -> None:
+    """``client(k)`` for k in 0..n-1, each on its own thread, until all return."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _accept(c: httpx.Client, rec: Recorder, name: str, body: dict[str, Any], accepted: list[str]) -> None:
+    """POST one generation (503s retried); its id joins ``accepted`` once acknowledged."""
+    r = _send(c, rec, name, "POST", "/v1/generations", body, 202)
+    if r:
+        with rec.lock:
+            accepted.append(r["id"])
+
+
+def _until_final(c: httpx.Client, gen_id: str) -> dict[str, Any]:
+    """The generation's view once it is done or failed (long polls of up to 60 s)."""
+    g = c.get(f"/v1/generations/{gen_id}", params={"wait": 60}).json()
+    while g["status"] not in ("done", "failed"):
+        g = c.get(f"/v1/generations/{gen_id}", params={"wait": 60}).json()
+    return g
+
+
 def _machine(log: Callable[[str], None]) -> float:
     load = os.getloadavg()[0]
     log(f"machine: {os.cpu_count()} cores, load average {load:.2f} (1 min) at the start; "
@@ -139,16 +169,23 @@ def _machine(log: Callable[[str], None]) -> float:
 
 
 @contextmanager
-def local_server(preset: str, data_dir: Path, log: Callable[[str], None], *args: str) -> Iterator[str]:
+def local_server(preset: str, data_dir: Path, log: Callable[[str], None], *args: str, worker_procs: int = 0,
+                 store: str | None = None) -> Iterator[str]:
     """A fresh ``pmgen serve`` subprocess on 127.0.0.1 (its own temporary store, ``args`` added), ready;
-    yields its base URL; stopped and its folder removed at the end."""
+    yields its base URL; stopped and its folder removed at the end. With ``worker_procs``: the API runs no
+    model worker, and that many ``pmgen serve --no-http`` processes share its store and folder."""
     tmp = Path(tempfile.mkdtemp(prefix="pmgen-bench-serve-"))
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pmgen.serve", "serve", "--host", "127.0.0.1", "--port", str(port), "--preset", preset,
-           "--root", str(tmp / "serve"), "--data-dir", str(data_dir), "--queue-size", "16", *args]
-    with open(tmp / "server.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    common = ["--preset", preset, "--root", str(tmp / "serve"), "--data-dir", str(data_dir),
+              *(("--store", store) if store else ())]
+    cmd = [sys.executable, "-m", "pmgen.serve", "serve", "--host", "127.0.0.1", "--port", str(port), *common,
+           "--queue-size", "16", *args, *(("--workers", "0") if worker_procs else ())]
+    procs = []
+    for k, c in enumerate([cmd] + [[sys.executable, "-m", "pmgen.serve", "serve", "--no-http", *common]] * worker_procs):
+        with open(tmp / (f"worker{k}.log" if k else "server.log"), "wb") as out:
+            procs.append(subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT))
+    proc = procs[0]
     try:
         t0 = time.monotonic()
         while True:
@@ -162,15 +199,23 @@ def local_server(preset: str, data_dir: Path, log: Callable[[str], None], *args:
             if time.monotonic() - t0 > 600:
                 raise TimeoutError("server not ready after 600 s")
             time.sleep(0.5)
-        log(f"server ready on {base} after {time.monotonic() - t0:.1f} s")
+        for k in range(1, len(procs)):  # each worker process logs its name once its models are loaded
+            while b"model worker " not in (tmp / f"worker{k}.log").read_bytes():
+                if procs[k].poll() is not None or time.monotonic() - t0 > 600:
+                    raise RuntimeError(f"worker {k} did not start; see {tmp / f'worker{k}.log'}")
+                time.sleep(0.5)
+        log(f"server ready on {base} after {time.monotonic() - t0:.1f} s"
+            + (f" (+{worker_procs} model worker processes)" if worker_procs else ""))
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -201,9 +246,7 @@ def _measure(base: str, inproc: list[float], clients: int, requests: int, n_seq:
         t = time.perf_counter()
         r = c.post("/v1/generations", json=body)
         r.raise_for_status()
-        g = c.get(f"/v1/generations/{r.json()['id']}", params={"wait": 60}).json()
-        while g["status"] not in ("done", "failed"):
-            g = c.get(f"/v1/generations/{g['id']}", params={"wait": 60}).json()
+        g = _until_final(c, r.json()["id"])
         if g["status"] != "done":
             raise RuntimeError(f"generation failed: {g['error']}")
         done_ids.append(g["id"])
@@ -230,28 +273,19 @@ def _measure(base: str, inproc: list[float], clients: int, requests: int, n_seq:
                     _send(cc, rec, "POST /v1/users/{id}/events", "POST", f"/v1/users/{user}/events",
                           {"events": ev}, 200)
                 elif op == "generation":
-                    r = _send(cc, rec, "POST /v1/generations (accept)", "POST", "/v1/generations",
-                              {"user_id": user, "target_id": TARGET, "weights": list(WEIGHTS), "seed": j}, 202)
-                    if r:
-                        with rec.lock:
-                            accepted.append(r["id"])
+                    _accept(cc, rec, "POST /v1/generations (accept)",
+                            {"user_id": user, "target_id": TARGET, "weights": list(WEIGHTS), "seed": j}, accepted)
                 else:
                     gid = done_ids[j % len(done_ids)]
                     _send(cc, rec, "POST /v1/generations/{id}/feedback", "POST", f"/v1/generations/{gid}/feedback",
                           {"candidate": j % len(WEIGHTS), "signal": ("like", "dislike", "pick")[j % 3]}, 200)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_clients(clients, client)
     t_sent = time.perf_counter() - t0
     e2e, service, failed = [], [], 0
     for gid in accepted:
-        g = c.get(f"/v1/generations/{gid}", params={"wait": 60}).json()
-        while g["status"] not in ("done", "failed"):
-            g = c.get(f"/v1/generations/{gid}", params={"wait": 60}).json()
+        g = _until_final(c, gid)
         if g["status"] == "done":
             e2e.append(g["finished_at"] - g["created_at"])
             service.append(g["finished_at"] - g["started_at"])
@@ -286,6 +320,83 @@ def _measure(base: str, inproc: list[float], clients: int, requests: int, n_seq:
     return {"rows": rows, "throughput_rps": n_requests / t_sent, "seconds_sending": t_sent, "seconds_total": t_all,
             "retries_503": rec.retries, "lost": rec.lost + failed, "errors": sum(rec.errors.values()),
             "in_process_s": inproc, "api_s": api_times, "ratio": ratio, "generations": len(accepted)}
+
+
+# ---------------------------------------------------------------------------------------- throughput
+
+def run_throughput(preset: str = "sticker-tiny", clients: int = 16, generations: int = 50,
+                   workers: tuple[int, ...] = (1, 2), store: str | None = None, data_dir: Path | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Generations per minute with one in-process model worker (``1`` in ``workers``; ``0`` is the same)
+    and with a stateless API plus N worker processes (each N > 1), on a fresh store each time (``store``:
+    a PostgreSQL URL whose database is emptied first; default a temporary SQLite file)."""
+    from pmgen.data import datasets
+
+    load0 = _machine(log)
+    ds = datasets.load("stickers", data_dir)
+    runs = []
+    for n in workers:
+        if store:
+            _empty(store)
+        with local_server(preset, ds.root.parent, log, "--queue-size", str(generations), worker_procs=n if n > 1 else 0,
+                          store=store) as base:
+            runs.append({"workers": n, **_throughput(base, clients, generations, log)})
+        label = "one in-process worker" if n <= 1 else f"API + {n} worker processes"
+        r = runs[-1]
+        log(f"{label}: {generations} generations from {clients} clients in {r['seconds']:.1f} s → "
+            f"{r['per_min']:.2f} generations/min; accepted → done p50 {r['p50_s']:.1f} s, p95 {r['p95_s']:.1f} s; "
+            f"failed {r['failed']}, 503 retried {r['retries_503']}")
+    base_rate = runs[0]["per_min"]
+    for r in runs[1:]:
+        log(f"{r['workers']} worker processes / one in-process worker: {r['per_min'] / base_rate:.2f}× generations/min")
+    load1 = os.getloadavg()[0]
+    log(f"load average (1 min): {load0:.2f} at the start, {load1:.2f} at the end")
+    return {"runs": runs, "load_average": {"start": load0, "end": load1},
+            "errors": sum(r["failed"] for r in runs), "lost": sum(r["lost"] for r in runs)}
+
+
+def _empty(url: str) -> None:
+    import sqlalchemy as sa
+
+    from pmgen.data.store import Store
+
+    s = Store.open(url)
+    with s.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM feedback"))
+        conn.execute(sa.text("DELETE FROM generations"))
+        conn.execute(sa.text("DELETE FROM events"))
+        conn.execute(sa.text("DELETE FROM users"))
+    s.close()
+
+
+def _throughput(base: str, clients: int, generations: int, log: Callable[[str], None]) -> dict[str, Any]:
+    rec = Recorder()
+    accepted: list[str] = []
+    per_client = [list(range(generations))[k::clients] for k in range(clients)]
+
+    def client(k: int) -> None:
+        user = f"bench-t{k}"
+        with httpx.Client(base_url=base, timeout=120) as cc:
+            _send(cc, rec, "events", "POST", f"/v1/users/{user}/events", {"events": EVENTS}, 200)
+            for j in per_client[k]:
+                _accept(cc, rec, "accept", {"user_id": user, "target_id": TARGET, "weights": list(WEIGHTS),
+                                            "seed": j}, accepted)
+
+    t0 = time.time()
+    _run_clients(clients, client)
+    e2e, failed, last = [], 0, t0
+    with httpx.Client(base_url=base, timeout=120) as c:
+        for gid in accepted:
+            g = _until_final(c, gid)
+            if g["status"] == "done":
+                e2e.append(g["finished_at"] - g["created_at"])
+                last = max(last, g["finished_at"])
+            else:
+                failed += 1
+    seconds = last - t0
+    return {"seconds": seconds, "per_min": len(e2e) / seconds * 60 if seconds > 0 else 0.0,
+            "p50_s": _pct(e2e, 0.5), "p95_s": _pct(e2e, 0.95), "failed": failed, "retries_503": rec.retries,
+            "lost": rec.lost + (generations - len(accepted))}
 
 
 # ---------------------------------------------------------------------------------------- long polls

@@ -22,8 +22,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --token."),
     port: int = typer.Option(8000, min=1, max=65535),
     preset: str = typer.Option("sticker-tiny", help="Model preset, loaded once at start-up."),
-    store: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in WAL mode "
-                                                   "under the data dir; postgresql://... works)."),
+    store: Optional[str] = typer.Option(None, help="URL of the store (default: SQLite in WAL mode under the data "
+                                                   "dir; postgresql://USER@HOST:PORT/DB with psycopg 3)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="pmgen data directory (catalog; the "
                                                                       "service's files go to DATA_DIR/serve)."),
     root: Optional[Path] = typer.Option(None, help="Folder for the store, images and uploads "
@@ -40,6 +40,12 @@ def serve(
                                                                      "may park at once; more get 429."),
     body_timeout: float = typer.Option(30.0, min=0.1, max=3600, help="Seconds a request body may take to "
                                                                      "arrive; slower gets 408."),
+    workers: int = typer.Option(1, min=0, max=64, help="Model worker threads in this process (0: only accept; "
+                                                       "worker processes on the same store run the generations)."),
+    http: bool = typer.Option(True, help="--no-http: a model worker only (no API), claiming generations from "
+                                         "--store; give the API processes' --root (a shared folder)."),
+    lease: float = typer.Option(10.0, min=1, max=3600, help="Seconds a claimed generation stays its worker's "
+                                                            "without a heartbeat; then another worker takes it."),
 ) -> None:
     """Run the personalization service: API under /v1, the page at /, OpenAPI at /docs."""
     try:
@@ -73,9 +79,16 @@ def serve(
         return PMG.from_preset(preset)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not http:
+        from pmgen.serve.replica import run_worker
+
+        typer.echo(f"pmgen model worker ({max(workers, 1)} thread(s)) on the store; stop with Ctrl-C / SIGTERM")
+        run_worker(load_models(), ds, root=root or ddir / "serve", store_url=store, threads=max(workers, 1),
+                   lease_s=lease)
+        return
     app = create_app(load_models, ds, root=root or ddir / "serve", store_url=store, host=host, token=token,
                      public_read=public_read, cors_origins=tuple(cors_origin), queue_size=queue_size,
-                     waits_per_client=waits_per_client, body_timeout=body_timeout)
+                     waits_per_client=waits_per_client, body_timeout=body_timeout, workers=workers, lease_s=lease)
     typer.echo(f"pmgen serve on http://{host}:{port}/ (models load in the background; /readyz says when)")
     uvicorn.Server(uvicorn_config(app, host, port)).run()
 
@@ -92,6 +105,12 @@ def bench_serve(
                                                             "unfinished generations plus a trickle of writes; "
                                                             "/healthz p99 and the writes' p95."),
     seconds: float = typer.Option(30.0, min=5, max=300, help="How long the --long-polls scenario measures."),
+    throughput: Optional[str] = typer.Option(None, help="Instead: generations/min and p95 accepted → done with "
+                                                        "one in-process worker (1) and an API + N worker processes "
+                                                        "(N > 1), e.g. 1,2."),
+    throughput_generations: int = typer.Option(50, min=1, max=500, help="Generations of the --throughput run."),
+    store: Optional[str] = typer.Option(None, help="--throughput on this store (a PostgreSQL URL; its database "
+                                                   "is emptied first). Default: a temporary SQLite file."),
 ) -> None:
     """Bounded load on a local server (127.0.0.1): p50/p95 per endpoint, throughput, errors, and the
     same 3-weight generation in process vs. through the API (or, with --long-polls, parked long polls)."""
@@ -101,7 +120,16 @@ def bench_serve(
         _fail(f"{e.name} is not installed: `pip install -e '.[serve]'` (or `make setup`)")
     import json
 
-    if long_polls:
+    if throughput:
+        from pmgen.serve.bench import run_throughput
+
+        try:
+            counts = tuple(int(x) for x in throughput.split(","))
+        except ValueError:
+            _fail(f"--throughput: expected worker counts like 1,2, got {throughput!r}")
+        result = run_throughput(preset=preset, clients=clients, generations=throughput_generations, workers=counts,
+                                store=store, data_dir=data_dir)
+    elif long_polls:
         result = run_long_polls(preset=preset, polls=long_polls, seconds=seconds, data_dir=data_dir)
     else:
         result = run_bench(preset=preset, clients=clients, requests=requests, n_sequential=generations,

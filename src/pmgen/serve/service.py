@@ -20,6 +20,7 @@ resolved with :func:`pmgen.paths.inside`; no path a client sends is ever opened.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -41,8 +43,8 @@ from pmgen.serve.errors import Busy, Conflict, Invalid, NotFound, problem, safe_
 from pmgen.data.store import SIGNALS, Generation, Store
 from pmgen.serve.validation import RequestValidator
 from pmgen.serve.waiting import RECHECK_S, Waits
-from pmgen.serve.worker import Worker
-from pmgen.stages.feedback import UserBalance, balance_from_store
+from pmgen.serve.worker import LEASE_S, Worker
+from pmgen.stages.feedback import FeedbackEvent, UserBalance, learn
 from pmgen.stages.select import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,11 @@ MAX_WAIT_S = 60.0
 FINAL = ("done", "failed")
 """Statuses a generation never leaves."""
 MAX_ATTEMPTS = 2
-"""A generation interrupted this many times (the server died while running it) is marked failed."""
+"""A generation interrupted this many times (its worker died while running it) is marked failed."""
+BALANCES_CACHED = 10_000
+"""Users whose feedback posterior is kept in memory (least recently used go first)."""
 _PARTIAL = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9._-]*\.[0-9a-f]{8}\.(partial|old)")
-_IMAGE_NAME = re.compile(r"(chosen|w_\d{1,2}\.\d{2})\.png")
+_IMAGE_NAME = re.compile(r"(chosen|(x\d{1,2}_)?w_\d{1,2}\.\d{2})\.png")
 
 
 # ---------------------------------------------------------------------------------------- service
@@ -69,12 +73,18 @@ class Service:
         store: where users, events, generations and feedback live.
         root: folder for result images and uploads (beside an SQLite store by default).
         limits: input sizes (:mod:`pmgen.limits`).
-        queue_size: generations waiting at most; more get 503 with ``Retry-After``.
+        queue_size: generations waiting at most (in the store, over all API processes); more get 503
+            with ``Retry-After``.
         waits_per_client: long polls one client may park at once; more get 429.
+        workers: model worker threads in this process (0: this process only accepts; workers of other
+            processes sharing the store run the generations).
+        lease_s: a claimed generation's lease (see :mod:`pmgen.serve.worker`).
     """
 
     def __init__(self, pmg: Any, catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
-                 queue_size: int = 16, waits_per_client: int = 16):
+                 queue_size: int = 16, waits_per_client: int = 16, workers: int = 1, lease_s: float = LEASE_S):
+        if queue_size < 1:
+            raise ValueError(f"queue size must be >= 1, got {queue_size}")
         self._loader: Callable[[], Any] | None = pmg if callable(pmg) and not hasattr(pmg, "generate") else None
         self.pmg = None if self._loader else pmg
         self.catalog = catalog
@@ -87,15 +97,17 @@ class Service:
             d.mkdir(parents=True, exist_ok=True)
         self.limits = limits
         self.validator = RequestValidator(catalog, self.index, store, limits)
-        self.worker = Worker(self.run_generation, queue_size)
+        self.queue_size = queue_size
+        self.worker = Worker(store, self.run_generation, lease_s=lease_s, threads=workers) if workers else None
         self._ready = threading.Event()
         self.waits = Waits(waits_per_client)
         self._model_lock = threading.Lock()
         self._durations: list[float] = []
         self._keywords: dict[tuple[str, int], list[str]] = {}
-        self._balances: dict[tuple[str, int, Any], UserBalance] = {}
+        self._balances: OrderedDict[str, tuple[float, int, int, UserBalance]] = OrderedDict()
+        self._balance_lock = threading.Lock()
         self.load_error: str | None = None
-        self.recovered: dict[str, int] = {"resumed": 0, "failed": 0, "partial_removed": 0}
+        self.recovered: dict[str, int] = {"pending": 0, "partial_removed": 0}
         if self.pmg is not None:
             self._ready.set()
 
@@ -105,9 +117,11 @@ class Service:
         return self._ready.is_set()
 
     def start(self) -> None:
-        """Recover what a previous run left, start the worker, load the models (if given a loader)."""
+        """Recover what a previous run left, load the models (if given a loader), start the worker once
+        they are loaded (it claims nothing before)."""
         self.recover()
-        self.worker.start()
+        if self.ready and self.worker is not None:
+            self.worker.start()
         if self._loader is not None and not self.ready:
             threading.Thread(target=self._load, name="pmgen-model-loader", daemon=True).start()
 
@@ -117,31 +131,28 @@ class Service:
             self.pmg = self._loader()
             log.info("models loaded in %.1f s", time.perf_counter() - t)
             self._ready.set()
+            if self.worker is not None:
+                self.worker.start()
         except Exception as e:  # reported by /readyz
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the models failed")
 
     def stop(self) -> None:
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
 
     def recover(self) -> None:
-        """After a restart: remove half-written result folders (``.<id>.<hex>.partial``, pmgen's own)
-        and upload temp files, then re-queue every generation accepted but not finished (oldest
-        first); one that does not fit in the queue, or was interrupted :data:`MAX_ATTEMPTS` times,
-        is marked failed with the reason."""
+        """After a restart: remove half-written result folders (``.<id>.<hex>.partial``, pmgen's own) of
+        generations no live worker holds, and upload temp files. Generations accepted but not finished
+        need nothing: they wait in the store's queue, and one whose worker died is claimed again once its
+        lease expires (``pending`` counts them)."""
         for d in (self.gen_root, self.upload_root):
             for p in d.iterdir():
-                if _PARTIAL.fullmatch(p.name) or (d is self.upload_root and p.name.endswith(".tmp")):
+                if d is self.upload_root and p.name.endswith(".tmp") or (
+                        _PARTIAL.fullmatch(p.name) and not self.store.held(p.name[1:].split(".")[0])):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
                     self.recovered["partial_removed"] += 1
-        for gen in self.store.unfinished():
-            self.store.requeue(gen.id)
-            if self.worker.submit(gen.id):
-                self.recovered["resumed"] += 1
-            else:
-                self.store.finish(gen.id, error="the server restarted with more unfinished generations than its "
-                                                "queue holds; submit it again")
-                self.recovered["failed"] += 1
+        self.recovered["pending"] = len(self.store.unfinished())
 
     # ------------------------------------------------------------------ users and events
     def add_events(self, user_id: str, events: Any) -> dict[str, Any]:
@@ -174,12 +185,32 @@ class Service:
         }
 
     def balance(self, user_id: str) -> UserBalance:
-        """What the user's feedback taught (α posterior, weights worth generating), replayed from the store."""
-        rows = self.store.feedback(user_id)
-        key = (user_id, len(rows), rows[-1]["id"] if rows else None)
-        if key not in self._balances:  # one user's cache is enough here
-            self._balances = {key: balance_from_store(self.store, user_id, self.default_alpha)}
-        return self._balances[key]
+        """What the user's feedback taught (α posterior, weights worth generating). Cached per user: a new
+        feedback row updates the cached posterior with that row only; the whole history is replayed when
+        the cache cannot be trusted (first use, another prior, rows that committed out of id order)."""
+        prior = self.default_alpha
+        with self._balance_lock:
+            cached = self._balances.get(user_id)
+        if cached is not None and cached[0] != prior:
+            cached = None
+        n, rows = self.store.feedback_with_records(user_id, cached[2] if cached else 0)
+        if cached is not None and n != cached[1] + len(rows):
+            cached, (n, rows) = None, self.store.feedback_with_records(user_id, 0)
+        if cached is not None and not rows:
+            return cached[3]
+        balance = copy.deepcopy(cached[3]) if cached is not None else learn([], prior)
+        for row, record in rows:
+            if record:  # the same update as pmgen.stages.feedback.learn, one event at a time
+                ev = FeedbackEvent.from_record(record, row["candidate"], row["signal"])
+                balance.posterior.update(ev.d_t, ev.d_p, ev.candidate, ev.signal)
+                balance.weights.update(ev.weights, ev.candidate, ev.signal)
+        last = rows[-1][0]["id"] if rows else cached[2] if cached else 0
+        with self._balance_lock:
+            self._balances[user_id] = (prior, n, last, balance)
+            self._balances.move_to_end(user_id)
+            while len(self._balances) > BALANCES_CACHED:
+                self._balances.popitem(last=False)
+        return balance
 
     @property
     def default_alpha(self) -> float:
@@ -207,6 +238,15 @@ class Service:
         return self._keywords.get(key, [])
 
     # ------------------------------------------------------------------ generations
+    @property
+    def replicas(self) -> int:
+        """Model worker threads in this process (0: it only accepts generations)."""
+        return self.worker.threads if self.worker is not None else 0
+
+    def queue_depth(self) -> int:
+        """Generations waiting in the store (over all API processes)."""
+        return self.store.queue_depth()
+
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the median generation time (at least 1)."""
         per = statistics.median(self._durations[-20:]) if self._durations else 5.0
@@ -236,15 +276,14 @@ class Service:
             os.replace(tmp, image_file)
             prep.request["target"]["image"] = image_file.name
 
-        def accept() -> None:
-            self.store.add_generation(gen_id, prep.user_id, prep.request)
-
-        if not self.worker.submit(gen_id, accept):
+        if not self.store.enqueue(gen_id, prep.user_id, prep.request, self.queue_size):
             if image_file is not None:
                 image_file.unlink(missing_ok=True)
             wait = self.retry_after()
-            raise Busy(f"the generation queue is full ({self.worker.maxsize} waiting); retry in {wait} s",
+            raise Busy(f"the generation queue is full ({self.queue_size} waiting); retry in {wait} s",
                        headers={"Retry-After": str(wait)})
+        if self.worker is not None:
+            self.worker.notify()
         return {"id": gen_id, "status": "queued", "url": f"/v1/generations/{gen_id}",
                 **({"target_id": prep.request["target"]["item_id"]} if "item_id" in prep.request["target"] else {})}
 
@@ -279,11 +318,12 @@ class Service:
         out: dict[str, Any] = {
             "id": gen.id, "status": gen.status, "user_id": gen.user_id, "created_at": gen.created_at,
             "started_at": gen.started_at, "finished_at": gen.finished_at, "resumed": gen.resumed,
+            "attempts": gen.attempts,
             "error": gen.error, "request": {k: v for k, v in gen.request.items() if k != "user"},
             "record": gen.record, "images": None, "feedback": gen.feedback,
         }
         if gen.status == "queued":
-            out["queue_depth"] = self.worker.depth
+            out["queue_depth"] = self.store.queue_depth()
         if gen.record:
             out["images"] = {"chosen": f"{base}/chosen.png",
                              "candidates": [f"{base}/{Path(c['image']).name}" for c in gen.record["candidates"]]}
@@ -293,7 +333,7 @@ class Service:
         """The file of a finished generation's image (``chosen.png`` or ``w_<weight>.png``)."""
         gen_id = safe_id(gen_id, "generation_id")
         if not _IMAGE_NAME.fullmatch(name):
-            raise NotFound(f"no image {name!r} (expected chosen.png or w_<weight>.png)")
+            raise NotFound(f"no image {name!r} (expected chosen.png, w_<weight>.png or x<n>_w_<weight>.png)")
         if self.store.status(gen_id) != "done":
             raise NotFound(f"generation {gen_id!r} has no images (not done)")
         folder = inside(self.gen_root, gen_id)
@@ -367,24 +407,22 @@ class Service:
         context = [Event(**e) for e in req["context"]]
         return user, target, context, target_image, history_image_paths(self.catalog, user, self.catalog.items)
 
-    def run_generation(self, gen_id: str) -> None:
-        """Run one accepted generation on the worker thread and store its result (or its failure)."""
-        self._ready.wait()
-        gen = self.store.generation(gen_id)
-        if gen is None or gen.status in FINAL:
-            return
-        folder = inside(self.gen_root, check_id(gen_id, "generation_id"))
+    def run_generation(self, gen: Generation) -> None:
+        """Run one claimed generation on a worker thread and store its result (or its failure), as long
+        as this worker still holds its lease (else another worker took it over and stores the result)."""
+        owner = self.worker.owner if self.worker is not None else None
+        folder = inside(self.gen_root, check_id(gen.id, "generation_id"))
+        self.waits.changed(gen.id)
+        for p in self.gen_root.glob(f".{gen.id}.*"):  # a dead worker's half-written folder (the lease is ours now)
+            if _PARTIAL.fullmatch(p.name):
+                shutil.rmtree(p, ignore_errors=True)
         if (folder / "record.json").is_file():  # written in full before a crash, not yet marked done
-            self.store.finish(gen_id, json.loads((folder / "record.json").read_text()))
-            self.waits.changed(gen_id)
+            self._finish(gen.id, owner, json.loads((folder / "record.json").read_text()))
             return
-        if gen.attempts >= MAX_ATTEMPTS:
-            self.store.finish(gen_id, error=f"interrupted {gen.attempts} times (the server stopped while running "
-                                            "it); not retried")
-            self.waits.changed(gen_id)
+        if gen.attempts > MAX_ATTEMPTS:
+            self._finish(gen.id, owner, error=f"interrupted {gen.attempts - 1} times (its worker stopped while "
+                                              "running it); not retried")
             return
-        self.store.start(gen_id)
-        self.waits.changed(gen_id)
         t0 = time.perf_counter()
         try:
             user, target, context, target_image, history = self._materialize(gen)
@@ -397,14 +435,25 @@ class Service:
                     opts["alpha"], opts["alpha_source"] = b.alpha(self.default_alpha)
             with self._model_lock:
                 res = self.pmg.generate(user, target, self.catalog.items, context=context, target_image=target_image,
-                                        history_images=history, user_id=user.user_id, **opts)
+                                        history_images=history, user_id=user.user_id,
+                                        item_images=self.catalog.image_path, **opts)
+                if owner is not None and not self.store.renew(gen.id, owner, self.worker.lease_s):
+                    log.warning("generation %s was taken over by another worker; result dropped", gen.id)
+                    return
                 res.save(folder)
                 record = res.record.to_json()
                 if gen.request["user"]["stored"]:  # the profile shows the keywords without running the LLM again
                     self._keywords[(user.user_id, len(user.events))] = list(record.get("preference_keywords") or [])
-            self.store.finish(gen_id, record)
-            self._durations = (self._durations + [time.perf_counter() - t0])[-50:]
+            if self._finish(gen.id, owner, record):
+                self._durations = (self._durations + [time.perf_counter() - t0])[-50:]
         except Exception as e:  # a bad image, a model error: reported on the generation
-            log.exception("generation %s failed", gen_id)
-            self.store.finish(gen_id, error=f"{type(e).__name__}: {e}")
+            log.exception("generation %s failed", gen.id)
+            self._finish(gen.id, owner, error=f"{type(e).__name__}: {e}")
+
+    def _finish(self, gen_id: str, owner: str | None, record: dict[str, Any] | None = None,
+                error: str | None = None) -> bool:
+        done = self.store.finish(gen_id, record, error, owner=owner)
+        if not done:
+            log.warning("generation %s: not stored, another worker holds it now", gen_id)
         self.waits.changed(gen_id)
+        return done

@@ -1,89 +1,128 @@
-"""One model worker fed by a bounded queue.
+"""Model workers fed by the store's durable queue (:meth:`pmgen.data.store.Store.claim`).
 
-The models are used by one thread only: generations run one at a time, in the order accepted.
-:meth:`Worker.submit` never blocks — a full queue is refused (the API answers 503 with
-``Retry-After``) so a caller never hangs behind a long backlog.
+A worker thread claims the oldest waiting generation, runs it and stores its result; a heartbeat
+thread renews the leases of the generations this worker runs. Workers in other processes (or on
+other machines) sharing the store claim from the same queue; a worker that dies stops renewing, its
+lease expires after ``lease_s`` and another worker takes the generation over. The API never blocks
+on the queue: :meth:`pmgen.data.store.Store.enqueue` refuses past the bound (503 + ``Retry-After``).
 
-    worker = Worker(run=service.run_generation, maxsize=16)
+    worker = Worker(store, run=service.run_generation, lease_s=10)
     worker.start()
-    worker.submit("g-1", accept=lambda: store.add_generation(...))   # False when full
+    worker.notify()          # after storing a generation: claim now instead of at the next poll
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import os
+import secrets
+import socket
 import threading
 from typing import Callable
 
+from pmgen.data.store import Generation, Store
+
 log = logging.getLogger(__name__)
+
+LEASE_S = 10.0
+"""Seconds a claimed generation stays its worker's without a heartbeat (renewed every third of it)."""
+POLL_S = 0.5
+"""Seconds between looks at the queue when nothing was notified (generations stored by other processes)."""
+
+
+def worker_id() -> str:
+    """A name for this worker that no other process shares: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Worker:
-    """A single thread running ``run(job_id)`` for each submitted id, from a queue of ``maxsize``.
+    """``threads`` threads, each claiming generations from ``store`` and running ``run(generation)``.
 
     Args:
-        run: called on the worker thread for each job; exceptions are logged (``run`` records
-            failures itself) and never stop the worker.
-        maxsize: jobs waiting at most (the one running is not counted).
+        store: the store holding the queue.
+        run: called on a worker thread with each claimed generation; it stores the result with
+            ``store.finish(..., owner=worker.owner)``. Exceptions are logged and never stop the worker
+            (the lease then expires and the generation is claimed again).
+        lease_s: lease length; the heartbeat renews it every ``lease_s / 3``.
+        threads: generations run at once by this worker.
     """
 
-    def __init__(self, run: Callable[[str], None], maxsize: int = 16):
-        if maxsize < 1:
-            raise ValueError(f"queue size must be >= 1, got {maxsize}")
+    def __init__(self, store: Store, run: Callable[[Generation], None], lease_s: float = LEASE_S,
+                 poll_s: float = POLL_S, threads: int = 1, owner: str | None = None):
+        if threads < 1:
+            raise ValueError(f"worker threads must be >= 1, got {threads}")
+        self.store = store
         self.run = run
-        self.maxsize = maxsize
-        self._queue: queue.Queue[str | None] = queue.Queue(maxsize)
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.owner = owner or worker_id()
+        self.threads = threads
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._halt = threading.Event()  # set once the worker threads have stopped: the heartbeat ends
+        self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self.current: str | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="pmgen-model-worker", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running job and stop (queued jobs stay in the store and resume on the next start)."""
-        if self._thread is None:
-            return
-        while True:  # drop waiting jobs so the stop signal gets in
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
+        self.running: set[str] = set()
+        """Generations this worker runs now."""
 
     @property
-    def depth(self) -> int:
-        """Jobs waiting (not counting the running one)."""
-        return self._queue.qsize()
+    def current(self) -> str | None:
+        return next(iter(self.running), None)
 
-    def submit(self, job_id: str, accept: Callable[[], None] | None = None) -> bool:
-        """Queue ``job_id``; ``False`` (and ``accept`` not called) when the queue is full.
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._stop.clear()
+        self._halt.clear()
+        self._threads = [threading.Thread(target=self._loop, name=f"pmgen-model-worker-{i}", daemon=True)
+                         for i in range(self.threads)]
+        self._threads.append(threading.Thread(target=self._heartbeat, name="pmgen-lease-heartbeat", daemon=True))
+        for t in self._threads:
+            t.start()
 
-        ``accept`` runs before the job is queued, under the same lock (e.g. storing the job), so a
-        job is stored only when it will be run.
-        """
-        with self._lock:
-            if self._queue.full():
-                return False
-            if accept is not None:
-                accept()
-            self._queue.put_nowait(job_id)
-            return True
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the running generations and stop (queued ones stay in the store for any worker)."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads[:-1]:
+            t.join(timeout)
+        self._halt.set()
+        if self._threads:
+            self._threads[-1].join(timeout)
+        self._threads = []
+
+    def notify(self) -> None:
+        """A generation was stored: look at the queue now."""
+        self._wake.set()
 
     def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self.current = job
+        while not self._stop.is_set():
             try:
-                self.run(job)
-            except Exception:  # run() records the failure; the worker must outlive any job
-                log.exception("generation %s failed", job)
+                gen = self.store.claim(self.owner, self.lease_s)
+            except Exception:  # the database is away for a moment: try again at the next poll
+                log.exception("claiming from the queue failed")
+                gen = None
+            if gen is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            with self._lock:
+                self.running.add(gen.id)
+            try:
+                self.run(gen)
+            except Exception:  # run() records failures; the worker must outlive any job
+                log.exception("generation %s failed", gen.id)
             finally:
-                self.current = None
+                with self._lock:
+                    self.running.discard(gen.id)
+
+    def _heartbeat(self) -> None:
+        while not self._halt.wait(self.lease_s / 3):
+            with self._lock:
+                ids = list(self.running)
+            for gen_id in ids:
+                try:
+                    if not self.store.renew(gen_id, self.owner, self.lease_s):
+                        log.warning("generation %s: the lease was lost (another worker took it over)", gen_id)
+                except Exception:
+                    log.exception("renewing the lease of %s failed", gen_id)
