@@ -43,6 +43,13 @@ def _read_atomic(path: Path) -> list[dict[str, str]]:
         return [dict(zip(header, row)) for row in reader if row]
 
 
+def ratings() -> list[tuple[str, str, float, float]]:
+    """Every rating of MovieLens-100k as shipped: ``(user_id, item_id, rating, timestamp)``, file order
+    (100,000 rows; ids as in ``items.jsonl`` / ``users.jsonl``)."""
+    return [(r["user_id"], r["item_id"], float(r["rating"]), float(r["timestamp"]))
+            for r in _read_atomic(source_dir() / "ml-100k.inter")]
+
+
 def build(data_root: Path, force: bool = False, seed: int = 0) -> Path:
     folder = data_root / "movielens"
     params = {"seed": seed}
