@@ -260,3 +260,13 @@ def test_an_item_image_path_that_leaves_the_catalog_folder_is_not_read(tmp_path)
     req = Request("r", User("u", []), items["ok"], items, images_root=tmp_path)
     assert req.item_image("ok") == (tmp_path / "img" / "ok.png").resolve()
     assert req.item_image("evil") is None and req.item_image("none") is None and req.item_image("missing") is None
+
+
+def test_the_report_names_the_exemplar_a_candidate_was_redrawn_from_escaped(tiny_pmg, toy_data, tmp_path) -> None:
+    import dataclasses
+
+    res = _gen(tiny_pmg, toy_data, inversion="ddim", mode="compose", exemplars=1, exemplar_floor=0.0)
+    c = res.record.candidates[-1]
+    res.record.candidates[-1] = dataclasses.replace(c, start_title="<b>cat</b>")  # catalog titles are user data
+    page = (res.save(tmp_path / "r") / "report.html").read_text()
+    assert "from &lt;b&gt;cat&lt;/b&gt;" in page and "<b>cat</b>" not in page

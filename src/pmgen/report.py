@@ -53,6 +53,8 @@ def write_request_report(folder: Path, record: GenerationRecord, history_images:
     for i, c in enumerate(record.candidates):
         chosen = i == record.chosen
         label = "baseline (w = 0)" if c.weight == 0 else f"w = {c.weight:g}"
+        if c.start is not None:  # redrawn from a retrieved catalog exemplar: say which (user-visible text, escaped)
+            label += f", from {html.escape(str(c.start_title or c.start))}"
         cands.append(f'<div class="{"card chosen" if chosen else "card"}"><img src="{html.escape(c.image or "")}">'
                      f'<br>{label}<br>d_t {c.d_t:.3f} · d_p {c.d_p:.3f}<br>z {c.z:.3f}'
                      f'{" ✔ chosen" if chosen else ""}</div>')

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pmgen.cli.app import (
@@ -130,7 +131,9 @@ def generate(
         print(json.dumps(res.record.to_json(), indent=2, ensure_ascii=False))
     else:
         c = res.record.chosen_candidate
-        console.print(f"[green]✓[/] {folder}/chosen.png  (w = {c.weight:g}, d_t {c.d_t:.3f}, d_p {c.d_p:.3f})")
+        start = f", redrawn from {c.start_title!r}" if c.start is not None else ""
+        console.print(f"[green]✓[/] {folder}/chosen.png  (w = {c.weight:g}{escape(start)}, d_t {c.d_t:.3f}, "
+                      f"d_p {c.d_p:.3f})")
         console.print(f"  preference keywords: {', '.join(res.record.preference_keywords) or '-'}", highlight=False)
         console.print(f"  report: {folder}/report.html", highlight=False)
         for w in res.record.warnings:
