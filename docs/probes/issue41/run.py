@@ -27,6 +27,9 @@ VARIANTS = {
     "inv+x2": {**DEFAULT, "inversion": "ddim", "exemplars": 2},
     "inv+x2-w0": {**DEFAULT, "inversion": "ddim", "exemplars": 2, "exemplar_weight": 0.5},
     "inv+x4f": {**DEFAULT, "inversion": "ddim", "exemplars": 4, "exemplar_floor": 0.85},
+    "inv.6-low": {**DEFAULT, "inversion": "ddim", "inversion_strength": 0.6, "weights": (0.0, 0.25, 0.5, 0.75, 1.0)},
+    "inv.6-low+x4f": {**DEFAULT, "inversion": "ddim", "inversion_strength": 0.6, "weights": (0.0, 0.25, 0.5, 0.75, 1.0),
+                      "exemplars": 4, "exemplar_floor": 0.85, "exemplar_weight": 0.5},
     "x3": {**DEFAULT, "inversion": "ddim", "weights": (0.0, 1.0), "exemplars": 3},
 }
 
