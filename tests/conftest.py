@@ -91,9 +91,9 @@ STORES = ["sqlite", "postgresql"]
 
 @pytest.fixture(scope="session")
 def postgres_admin_url():
-    """A throwaway PostgreSQL server for the session (tests/pg_server.py); skipped where PostgreSQL is not
+    """A throwaway PostgreSQL server for the session (pmgen.data.pg_local); skipped where PostgreSQL is not
     installed, except in CI (``make setup`` installs it there)."""
-    from pg_server import pg_bin, postgres_server
+    from pmgen.data.pg_local import pg_bin, postgres_server
 
     if pg_bin() is None:
         if os.environ.get("CI"):
@@ -104,7 +104,7 @@ def postgres_admin_url():
 
 
 def _postgres_database(request, name: str) -> str:
-    from pg_server import create_database
+    from pmgen.data.pg_local import create_database
 
     admin = request.getfixturevalue("postgres_admin_url")
     created = request.session.__dict__.setdefault("_pmgen_pg_databases", {})

@@ -8,6 +8,7 @@ Bounded load on 127.0.0.1 only.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import threading
@@ -215,3 +216,55 @@ def test_sigkill_of_one_model_worker_process_loses_no_generation(tmp_path, store
     finally:
         for p in procs:
             _stop(p)
+
+
+@pytest.mark.ray
+def test_sigkill_of_one_ray_serve_replica_loses_no_generation(tmp_path, store_url):
+    """``--replicas 2`` (Ray Serve, a local Ray): the API process only dispatches; SIGKILL one replica
+    while 10 generations are queued or running. The calls it held fail, their leases go back to the
+    queue, the survivor (or the replica Ray restarts) runs them: every generation ends done exactly once,
+    no half-written folder remains."""
+    pytest.importorskip("ray.serve")
+    state, port = tmp_path / "state", free_port()
+    base = f"http://127.0.0.1:{port}"
+    api = start_server(state, port, tmp_path / "api.log", slow=0.3, store_url=store_url,
+                       extra=("--workers", "0", "--replicas", "2", *LEASE))
+    try:
+        wait_ready(base, api, timeout=300)
+        with httpx.Client(base_url=base, timeout=70) as c:
+            assert c.get("/readyz").json()["replicas"] == 2
+            assert c.post("/v1/users/w/events", json={"events": [{"type": "search", "text": "cats"}]}).status_code == 200
+            ids = []
+            for i in range(N_GENERATIONS):
+                r = c.post("/v1/generations", json={"user_id": "w", "target_id": "a", "weights": [0, 1, 2], "seed": i})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+            store = _open_store(store_url, state)
+            deadline = time.monotonic() + 120
+            while not any(g.status == "running" for g in store.unfinished()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # the replicas are inside their batches now (each candidate takes 0.3 s)
+            replicas = subprocess.run(["pgrep", "-f", "ServeReplica:pmgen-models"], capture_output=True,
+                                      text=True).stdout.split()
+            assert len(replicas) == 2, replicas
+            at_kill = {g.id: g.status for g in store.unfinished()}
+            os.kill(int(replicas[0]), signal.SIGKILL)
+            assert len(at_kill) >= 5, at_kill
+            views = [c.get(f"/v1/generations/{g}", params={"wait": 60}).json() for g in ids]
+            for _ in range(3):  # long polls end after 60 s at most: ask again for the slow ones
+                views = [v if v["status"] in ("done", "failed") else
+                         c.get(f"/v1/generations/{v['id']}", params={"wait": 60}).json() for v in views]
+            assert [v["status"] for v in views] == ["done"] * N_GENERATIONS, [(v["id"], v["error"]) for v in views]
+            retried = [v["id"] for v in views if v["attempts"] > 1]
+            assert retried, "the killed replica's generations were run again"
+            assert all(v["resumed"] == v["attempts"] - 1 for v in views)
+            for v in views:
+                _whole_images(c, v)
+                assert v["record"]["seed"] == ids.index(v["id"])
+            store.close()
+        folders = sorted(p.name for p in (state / "serve" / "generations").iterdir())
+        assert folders == sorted(ids), folders  # one result each, nothing half-written beside them
+        print(f"replica kill: {len(at_kill)} queued/running at the kill; retried {len(retried)}; "
+              f"attempts {sum(v['attempts'] for v in views)} for {N_GENERATIONS} generations")
+    finally:
+        _stop(api)

@@ -143,3 +143,65 @@ def test_the_feedback_posterior_is_cached_per_user_and_updated_with_new_rows_onl
         assert service.balance("u") is service.balance("u")  # nothing new: the cached object
         assert time.perf_counter() - t < 1.0
         assert c.get("/v1/users/u").json()["alpha"]["n_feedback"] == 3
+
+
+def test_a_worker_batches_what_waits_and_runs_a_lone_generation_alone(store):
+    from pmgen.serve.worker import Worker
+
+    for i in range(5):
+        store.add_generation(f"g{i}", "u", {"i": i})
+    batches, done = [], threading.Event()
+
+    def finish(gens):
+        batches.append([g.id for g in gens])
+        for g in gens:
+            assert store.finish(g.id, {"n": len(gens)}, owner=w.owner)
+        if sum(map(len, batches)) == 5:
+            done.set()
+
+    w = Worker(store, run=lambda g: finish([g]), run_many=finish, batch=4, batch_wait_s=0.05, poll_s=0.05)
+    w.start()
+    try:
+        assert done.wait(30)
+    finally:
+        w.stop()
+    assert batches == [["g0", "g1", "g2", "g3"], ["g4"]]  # the queue's order; the fifth alone, through run()
+    assert dict(w.batches) == {4: 4, 1: 1}  # generations by the size of their batch
+    assert store.counts()["done"] == 5 and {store.generation(f"g{i}").attempts for i in range(5)} == {1}
+
+
+@pytest.mark.parametrize("bad", [{"batch": 0}, {"batch": 33}, {"batch": 2, "run_many": None},
+                                 {"batch": 2, "batch_wait_s": -1}])
+def test_worker_batch_settings_are_checked(store, bad):
+    from pmgen.serve.worker import Worker
+
+    kw = {"run_many": lambda gens: None, **bad}
+    with pytest.raises(ValueError):
+        Worker(store, run=lambda g: None, **kw)
+
+
+def test_the_service_runs_waiting_generations_as_one_batch_with_their_own_options(tiny_pmg, toy_data, tmp_path,
+                                                                                   store_url):
+    root = tmp_path / "serve"
+    with TestClient(create_app(tiny_pmg, toy_catalog(toy_data), root=root, store_url=store_url, workers=0,
+                               queue_size=8)) as c:  # an ingress only: the generations wait in the store
+        assert c.post("/v1/users/u/events", json={"events": EVENTS}).status_code == 200
+        bodies = [{"user_id": "u", "target_id": "a", "weights": [0, 1], "seed": 1},
+                  {"user_id": "u", "target_id": "b", "weights": [0], "alpha": 0.9},
+                  {"user": {"user_id": "inline", "events": EVENTS}, "target_id": "a", "weights": [0, 2]}]
+        ids = [c.post("/v1/generations", json=b).json()["id"] for b in bodies]
+    with TestClient(create_app(tiny_pmg, toy_catalog(toy_data), root=root, store_url=store_url, workers=1,
+                               batch=4)) as c:
+        gens = [c.get(f"/v1/generations/{g}", params={"wait": 60}).json() for g in ids]
+        assert [g["status"] for g in gens] == ["done"] * 3, gens
+        assert dict(c.app.state.service.worker.batches) == {3: 3}  # all three in one batch
+        recs = [g["record"] for g in gens]
+        assert [[x["weight"] for x in r["candidates"]] for r in recs] == [[0.0, 1.0], [0.0], [0.0, 2.0]]
+        assert [r["target_id"] for r in recs] == ["a", "b", "a"] and recs[0]["seed"] == 1
+        assert recs[1]["alpha"] == pytest.approx(0.9) and recs[1]["alpha_source"] == "request"
+        assert recs[2]["user_id"] == "inline"
+        for g in gens:
+            assert c.get(g["images"]["chosen"]).content.startswith(b"\x89PNG")
+        fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        assert {s.labels["size"]: s.value for s in fams["pmgen_batched_generations"].samples
+                if s.name.endswith("_total")} == {"3": 3}

@@ -104,14 +104,14 @@ PRESETS: dict[str, Preset] = {
         llm="smollm2",
         text_encoder="minilm",
         generator="zoo:sticker-tiny/generator",
-        # chosen on 200 val requests and pre-registered before a fresh test set (README, "Where the choice
+        # chosen on 200 val requests and pre-registered before a fresh test set (docs/results.md, "Where the choice
         # loses the taste"): the seed-3 selector, d_p to the names of the user's recent history items
         selector="zoo:sticker-tiny/selector-seed3",
         evaluator="zoo:sticker-tiny/evaluator",
         soft_prompt="zoo:sticker-tiny/soft-prompt",
         history_images="zoo:sticker-tiny/history-images",
         history_images_tower="zoo:sticker-tiny/selector",  # what the history-image encoder was trained on
-        # chosen on the val users (README, "Choosing with a background"): the preference composed with the
+        # chosen on the val users (docs/results.md, "Choosing with a background"): the preference composed with the
         # target, d_t to the title (d_p against other users' preferences with --preference-text keywords|both);
         # the paper's is concat / keywords / keywords / no contrast
         mode="compose",

@@ -23,6 +23,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--split", default="val")
 ap.add_argument("--n", type=int, default=60)
 ap.add_argument("--users-seed", type=int, default=0)
+ap.add_argument("--pref", default="names", choices=["names", "images", "both"],
+                help="the user's side: history names (the selector's text tower), history images (its image "
+                     "tower, the mean of the index rows of the recent history items) or both averaged")
+ap.add_argument("--exclude-history", action="store_true", help="never return an item of the user's history")
 a = ap.parse_args()
 p = get_preset("sticker-tiny")
 te = load_text_encoder(p, load_generator(p))
@@ -39,9 +43,14 @@ for alpha in (0.5, 2 / 3, 0.8):
         for s in samples:
             user = ds.users[s.user_id]
             names = [ds.items[i].title for i in recent_item_ids(user.events, HISTORY_NAMES) if i in ds.items]
-            pv = preference_vector(sel, "", names, "history")
+            hist_ids = [i for i in recent_item_ids(user.events, HISTORY_NAMES) if i in index.row]
+            pn = preference_vector(sel, "", names, "history")
+            pi = torch.nn.functional.normalize(index.embeddings[[index.row[i] for i in hist_ids]].mean(0), dim=0) \
+                if hist_ids else pn
+            pv = {"names": pn, "images": pi, "both": (pn + pi) / 2}[a.pref]
             tv = sel.text_embeddings([ds.items[s.target_id].title])[0]
-            found = index.search(tv, pv, 8, alpha, min_target=floor, target_item=s.target_id)
+            found = index.search(tv, pv, 8, alpha, min_target=floor, target_item=s.target_id,
+                                 exclude=history_item_ids(user) if a.exclude_history else ())
             if not found:
                 for k in hits:
                     hits[k].append(0.0)

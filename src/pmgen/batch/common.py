@@ -184,17 +184,6 @@ def write_index(out: Path, lines: dict[str, int] | None = None) -> list[dict[str
     return rows
 
 
-def request_kwargs(req: Request, alpha_of: Callable[[str], Any] | None) -> dict[str, Any]:
-    """The keyword arguments of :meth:`PMG.generate` / :meth:`PMG.plan` that a batch request carries:
-    context, images (and the catalog's, for exemplars), user id, its seed, and the user's learned
-    ``(α, source)`` when ``alpha_of`` has one."""
-    learned = alpha_of(req.user.user_id) if alpha_of is not None else None
-    return dict(context=req.context, target_image=req.target_image, history_images=req.history_images,
-                user_id=req.user.user_id, item_images=req.item_image,
-                **({"seed": req.seed} if req.seed is not None else {}),
-                **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
-
-
 def plan_group(pmg: Any, reqs: Sequence[Request], alpha_of: Callable[[str], Any] | None,
                keywords: dict[int, tuple[Any, float]] | None = None,
                soft: dict[int, tuple[Any, float]] | None = None) -> list[Any | Exception]:
@@ -208,7 +197,7 @@ def plan_group(pmg: Any, reqs: Sequence[Request], alpha_of: Callable[[str], Any]
         try:
             plans.append(pmg.plan(req.user, req.target, req.items,
                                   keywords=(keywords or {}).get(i, (None, 0))[0],
-                                  soft=(soft or {}).get(i, (None, 0))[0], **request_kwargs(req, alpha_of)))
+                                  soft=(soft or {}).get(i, (None, 0))[0], **req.generate_kwargs(alpha_of)))
             for name, given in (("preference_keywords", keywords), ("soft_embeddings", soft)):
                 if given and i in given and name in plans[-1].timings:
                     plans[-1].timings[name] = given[i][1]  # this request's share of the group's call

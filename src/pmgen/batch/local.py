@@ -22,7 +22,6 @@ from typing import Any, Callable
 import torch
 
 from pmgen.batch.common import (
-    request_kwargs,
     start_batch,
     DEFAULT_GROUP_SIZE,  # noqa: F401  (re-exported for callers choosing a group size)
     groups,
@@ -104,7 +103,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
                     for req in reqs:
                         try:
                             results.append(pmg.generate(req.user, req.target, req.items,
-                                                        **request_kwargs(req, alpha_of)))
+                                                        **req.generate_kwargs(alpha_of)))
                         except (ValueError, OSError) as e:
                             results.append(e)
                 else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pmgen.data.schema import DataError, Dataset, Event, Item, Problem, User, newest_first
 from pmgen.data.validate import _Ctx, _id, parse_event, parse_items
@@ -41,6 +41,24 @@ class Request:
     ground_truth: str | None = None
     images_root: Path | None = None
     """The folder the items' ``image`` paths are relative to (for :meth:`item_image`)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Settings overrides of this request (``weights``, ``alpha``, ``strength``, …: checked by whoever
+    made the request; the service's :mod:`pmgen.serve.validation`)."""
+
+    def generate_kwargs(self, alpha_of: Callable[[str], Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments of :meth:`pmgen.pipeline.PMG.generate` / :meth:`~pmgen.pipeline.PMG.plan`
+        that this request carries: context, images (and the catalog's, for exemplars), user id, seed, the
+        user's learned ``(α, source)`` when ``alpha_of`` has one (and :attr:`options` set no ``alpha``),
+        and :attr:`options`."""
+        learned = alpha_of(self.user.user_id) if alpha_of is not None and "alpha" not in self.options else None
+        kw: dict[str, Any] = dict(context=self.context, target_image=self.target_image,
+                                  history_images=self.history_images, user_id=self.user.user_id,
+                                  item_images=self.item_image)
+        if self.seed is not None:
+            kw["seed"] = self.seed
+        if learned:
+            kw["alpha"], kw["alpha_source"] = learned
+        return kw | self.options
 
     def item_image(self, item_id: str) -> Path | None:
         """The image of any catalog item (the exemplars' source), verified to stay inside

@@ -52,7 +52,7 @@ events_t = sa.Table(
     "events", _meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("user_id", sa.String(128), sa.ForeignKey("users.user_id"), nullable=False, index=True),
-    sa.Column("event", sa.Text, nullable=False),  # the README's event JSON
+    sa.Column("event", sa.Text, nullable=False),  # the event JSON (docs/data.md)
     sa.Column("created_at", sa.Float, nullable=False),
 )
 generations_t = sa.Table(
@@ -288,6 +288,14 @@ class Store:
             return conn.execute(generations_t.update().where(
                 (_g.id == gen_id) & (_g.status == "running") & (_g.lease_owner == owner))
                 .values(lease_expires=time.time() + lease_s)).rowcount == 1
+
+    def release(self, gen_id: str, owner: str) -> bool:
+        """Give ``owner``'s lease on a running generation back at once (its run failed before a result):
+        the next :meth:`claim` takes it (as a ``resumed`` attempt). ``False`` when it was not theirs."""
+        with self.engine.begin() as conn:
+            return conn.execute(generations_t.update().where(
+                (_g.id == gen_id) & (_g.status == "running") & (_g.lease_owner == owner))
+                .values(lease_expires=0.0)).rowcount == 1
 
     def finish(self, gen_id: str, record: dict[str, Any] | None = None, error: str | None = None,
                owner: str | None = None) -> bool:

@@ -238,7 +238,7 @@ class EnsembleScorer:
     The embeddings are the members' unit embeddings side by side, each scaled by ``1/sqrt(k)``, so any
     dot product — and a mean of embeddings, such as the selection's preference background — is the mean
     of the members' dot products. Independently trained selectors (other seeds and held-out splits)
-    averaged this way make a steadier proxy for the evaluator than any one of them (README, "Where the
+    averaged this way make a steadier proxy for the evaluator than any one of them (docs/results.md, "Where the
     choice loses the taste")."""
 
     def __init__(self, members: Sequence[Any]):

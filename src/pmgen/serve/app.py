@@ -5,7 +5,7 @@
 
 API (versioned under ``/v1``; OpenAPI at ``/docs``)::
 
-    POST /v1/users/{user_id}/events          append events (README format); 422 lists every problem, stores nothing
+    POST /v1/users/{user_id}/events          append events (docs/data.md format); 422 lists every problem, stores nothing
     GET  /v1/users/{user_id}                 event count, recent events, preference keywords, α, feedback
     GET  /v1/users                           stored users (for the page)
     POST /v1/generations                     202 + id; JSON, or multipart (field "request" + file "image")
@@ -54,7 +54,7 @@ STATIC = Path(__file__).parent / "static"
 # ---------------------------------------------------------------------------------------- models
 
 class EventsIn(BaseModel):
-    """Events in the README's event format, oldest first."""
+    """Events in the event format of docs/data.md, oldest first."""
 
     events: list[Any] = Field(..., examples=[[{"type": "search", "text": "cat stickers"},
                                               {"type": "social", "item_id": "1F431", "value": "send"}]])
@@ -114,7 +114,7 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
                host: str = "127.0.0.1", token: str | None = None, public_read: bool = False,
                cors_origins: tuple[str, ...] = (), limits: Limits = LIMITS, queue_size: int = 16,
                waits_per_client: int = 16, body_timeout: float = 30.0, workers: int = 1,
-               lease_s: float = LEASE_S) -> FastAPI:
+               lease_s: float = LEASE_S, batch: int = 1, pool: Any = None) -> FastAPI:
     """The service's ASGI app.
 
     Args:
@@ -133,6 +133,9 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         workers: model worker threads in this process (0: only accept; other processes sharing the
             store run the generations, e.g. ``pmgen serve --workers 1 --no-http``).
         lease_s: seconds a claimed generation stays its worker's without a heartbeat.
+        batch: most generations a model worker runs together (dynamic batching; 1: one at a time).
+        pool: model replicas on Ray Serve (:class:`pmgen.serve.ray_replicas.ReplicaPool`, on the same
+            store and root) run the generations instead of this process's worker threads.
     """
     if not is_loopback(host) and not token:
         raise ValueError(f"binding {host} (not loopback) needs a token: --token or PMGEN_TOKEN")
@@ -142,7 +145,7 @@ def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
     root.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_url or sqlite_url(root / STORE_FILE))
     service = Service(pmg, catalog, store, root, limits=limits, queue_size=queue_size,
-                      waits_per_client=waits_per_client, workers=workers, lease_s=lease_s)
+                      waits_per_client=waits_per_client, workers=workers, lease_s=lease_s, batch=batch, pool=pool)
     registry = metrics_registry(service)
 
     @asynccontextmanager

@@ -46,6 +46,15 @@ def serve(
                                          "--store; give the API processes' --root (a shared folder)."),
     lease: float = typer.Option(10.0, min=1, max=3600, help="Seconds a claimed generation stays its worker's "
                                                             "without a heartbeat; then another worker takes it."),
+    batch: int = typer.Option(8, min=1, max=32, help="Dynamic batching: a model worker runs up to this many waiting "
+                                                     "generations together (one LLM call for their keyword cache "
+                                                     "misses, shared UNet batches); 1: one at a time."),
+    replicas: int = typer.Option(0, min=0, max=64, help="Model replicas on Ray Serve (needs pmgen[ray]); this "
+                                                        "process then only accepts and dispatches. 0: the models "
+                                                        "run in this process (--workers)."),
+    ray_address: Optional[str] = typer.Option(None, help="With --replicas: an existing Ray cluster "
+                                                         "(`ray start --head`); default a local Ray."),
+    replica_cpus: float = typer.Option(1.0, min=0.1, max=64, help="CPUs per replica (its torch threads)."),
 ) -> None:
     """Run the personalization service: API under /v1, the page at /, OpenAPI at /docs."""
     try:
@@ -84,11 +93,24 @@ def serve(
 
         typer.echo(f"pmgen model worker ({max(workers, 1)} thread(s)) on the store; stop with Ctrl-C / SIGTERM")
         run_worker(load_models(), ds, root=root or ddir / "serve", store_url=store, threads=max(workers, 1),
-                   lease_s=lease)
+                   lease_s=lease, batch=batch)
         return
+    pool = None
+    if replicas:
+        import functools
+
+        from pmgen.data.store import STORE_FILE, sqlite_url
+        from pmgen.pipeline import PMG
+        from pmgen.serve.ray_replicas import ReplicaPool
+
+        serve_root = Path(root or ddir / "serve").expanduser()
+        serve_root.mkdir(parents=True, exist_ok=True)
+        pool = ReplicaPool(functools.partial(PMG.from_preset, preset), ds, root=serve_root,
+                           store_url=store or sqlite_url(serve_root / STORE_FILE), replicas=replicas, batch=batch,
+                           cpus=replica_cpus, lease_s=lease, ray_address=ray_address)
     app = create_app(load_models, ds, root=root or ddir / "serve", store_url=store, host=host, token=token,
                      public_read=public_read, cors_origins=tuple(cors_origin), queue_size=queue_size,
-                     waits_per_client=waits_per_client, body_timeout=body_timeout, workers=workers, lease_s=lease)
+                     waits_per_client=waits_per_client, body_timeout=body_timeout, workers=workers, lease_s=lease, batch=batch, pool=pool)
     typer.echo(f"pmgen serve on http://{host}:{port}/ (models load in the background; /readyz says when)")
     uvicorn.Server(uvicorn_config(app, host, port)).run()
 
@@ -110,7 +132,13 @@ def bench_serve(
                                                         "(N > 1), e.g. 1,2."),
     throughput_generations: int = typer.Option(50, min=1, max=500, help="Generations of the --throughput run."),
     store: Optional[str] = typer.Option(None, help="--throughput on this store (a PostgreSQL URL; its database "
-                                                   "is emptied first). Default: a temporary SQLite file."),
+                                                   "is emptied first). Default: a temporary SQLite file. With "
+                                                   "--replicas: a list of sqlite, postgresql (a throwaway local "
+                                                   "server) or postgresql:// URLs."),
+    replicas: Optional[str] = typer.Option(None, help="Instead: the scaling comparison: today's single worker "
+                                                      "against these replica counts (0: the in-process worker "
+                                                      "with dynamic batching; N: Ray Serve replicas), e.g. 0,1,2."),
+    batch: int = typer.Option(8, min=1, max=32, help="With --replicas: the dynamic batch size."),
 ) -> None:
     """Bounded load on a local server (127.0.0.1): p50/p95 per endpoint, throughput, errors, and the
     same 3-weight generation in process vs. through the API (or, with --long-polls, parked long polls)."""
@@ -120,7 +148,23 @@ def bench_serve(
         _fail(f"{e.name} is not installed: `pip install -e '.[serve]'` (or `make setup`)")
     import json
 
-    if throughput:
+    if replicas:
+        from pmgen.serve.bench import run_scale
+
+        try:
+            counts = tuple(int(x) for x in replicas.split(","))
+        except ValueError:
+            _fail(f"--replicas: expected replica counts like 0,1,2, got {replicas!r}")
+        if any(not 0 <= n <= 8 for n in counts):
+            _fail(f"--replicas: counts must be in 0..8, got {replicas!r}")
+        stores = tuple(x.strip() for x in (store or "sqlite").split(",") if x.strip())
+        try:
+            result = run_scale(preset=preset, clients=clients, generations=min(throughput_generations, 200),
+                               replicas=counts, stores=stores, batch=batch, n_sequential=generations,
+                               data_dir=data_dir)
+        except ValueError as e:
+            _fail(str(e))
+    elif throughput:
         from pmgen.serve.bench import run_throughput
 
         try:

@@ -7,8 +7,10 @@ in front of one store reports the same numbers::
     pmgen_generations_running                 generations claimed by a worker now
     pmgen_generations{status}                 generations per status (queued, running, done, failed)
     pmgen_generation_latency_seconds          histogram: accepted → done, over done generations
-    pmgen_replicas                            model workers in this process (0: an ingress only)
+    pmgen_replicas                            model replicas on Ray Serve, else worker threads here (0: ingress only)
     pmgen_waits_parked                        long polls parked on this process
+    pmgen_batched_generations_total{size}     generations run through this process (its workers or the replicas
+                                              it dispatches to), by the size of the batch they ran in
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -44,9 +46,15 @@ class ServiceCollector(Collector):
         buckets = [(f"{b:g}", c) for b, c in zip(LATENCY_BUCKETS, cumulative)] + [("+Inf", total)]
         yield HistogramMetricFamily("pmgen_generation_latency_seconds", "Generations accepted → done (seconds).",
                                     buckets=buckets, sum_value=seconds)
-        yield GaugeMetricFamily("pmgen_replicas", "Model workers in this process (0: an ingress only).",
+        yield GaugeMetricFamily("pmgen_replicas", "Model replicas on Ray Serve, else model worker threads in this "
+                                "process (0: an ingress only).",
                                 svc.replicas)
         yield GaugeMetricFamily("pmgen_waits_parked", "Long polls parked on this process.", svc.waits.parked)
+        batches = CounterMetricFamily("pmgen_batched_generations", "Generations run through this process, by the "
+                                      "size of the (dynamic) batch they ran in.", labels=["size"])
+        for size, n in sorted(svc.worker.batches.items() if svc.worker is not None else ()):
+            batches.add_metric([str(size)], n)
+        yield batches
 
 
 def metrics_registry(service: Any) -> CollectorRegistry:

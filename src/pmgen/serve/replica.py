@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str | None = None, threads: int = 1,
-               lease_s: float = LEASE_S, stop: threading.Event | None = None) -> None:
+               lease_s: float = LEASE_S, stop: threading.Event | None = None, batch: int = 1) -> None:
     """Run generations from the store until ``stop`` is set (or SIGTERM / SIGINT arrives, in the main thread).
 
     Args:
@@ -36,11 +36,12 @@ def run_worker(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         store_url: the store (default: SQLite under ``root``).
         threads: generations run at once.
         lease_s: a claimed generation's lease.
+        batch: most generations run together (dynamic batching).
     """
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_url or sqlite_url(root / STORE_FILE))
-    service = Service(pmg, catalog, store, root, workers=threads, lease_s=lease_s)
+    service = Service(pmg, catalog, store, root, workers=threads, lease_s=lease_s, batch=batch)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pmgen.data.requests import Request
 from pmgen.data.schema import Dataset, Event, Item, User
 from pmgen.limits import LIMITS, Limits
 from pmgen.paths import check_id, inside
@@ -79,10 +80,15 @@ class Service:
         workers: model worker threads in this process (0: this process only accepts; workers of other
             processes sharing the store run the generations).
         lease_s: a claimed generation's lease (see :mod:`pmgen.serve.worker`).
+        batch: most generations a worker thread runs together (dynamic batching; 1: one at a time).
+        pool: model replicas on Ray Serve (:class:`pmgen.serve.ray_replicas.ReplicaPool`): this process's
+            worker threads then only claim generations and hand them to the replicas (``workers`` is
+            ignored; the pool's ``concurrency`` threads keep every replica's batch full).
     """
 
     def __init__(self, pmg: Any, catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
-                 queue_size: int = 16, waits_per_client: int = 16, workers: int = 1, lease_s: float = LEASE_S):
+                 queue_size: int = 16, waits_per_client: int = 16, workers: int = 1, lease_s: float = LEASE_S,
+                 batch: int = 1, pool: Any = None):
         if queue_size < 1:
             raise ValueError(f"queue size must be >= 1, got {queue_size}")
         self._loader: Callable[[], Any] | None = pmg if callable(pmg) and not hasattr(pmg, "generate") else None
@@ -98,7 +104,15 @@ class Service:
         self.limits = limits
         self.validator = RequestValidator(catalog, self.index, store, limits)
         self.queue_size = queue_size
-        self.worker = Worker(store, self.run_generation, lease_s=lease_s, threads=workers) if workers else None
+        self.pool = pool
+        self.lease_s = lease_s
+        if pool is not None:
+            self.worker: Worker | None = Worker(store, self._dispatch, lease_s=lease_s, threads=pool.concurrency)
+        elif workers:
+            self.worker = Worker(store, self.run_generation, lease_s=lease_s, threads=workers, batch=batch,
+                                 run_many=self.run_generations)
+        else:
+            self.worker = None
         self._ready = threading.Event()
         self.waits = Waits(waits_per_client)
         self._model_lock = threading.Lock()
@@ -120,7 +134,10 @@ class Service:
         """Recover what a previous run left, load the models (if given a loader), start the worker once
         they are loaded (it claims nothing before)."""
         self.recover()
-        if self.ready and self.worker is not None:
+        if self.ready and self.pool is not None:  # the replicas load their models: not ready before
+            self._ready.clear()
+            threading.Thread(target=self._load, name="pmgen-model-loader", daemon=True).start()
+        elif self.ready and self.worker is not None:
             self.worker.start()
         if self._loader is not None and not self.ready:
             threading.Thread(target=self._load, name="pmgen-model-loader", daemon=True).start()
@@ -128,8 +145,12 @@ class Service:
     def _load(self) -> None:
         try:
             t = time.perf_counter()
-            self.pmg = self._loader()
-            log.info("models loaded in %.1f s", time.perf_counter() - t)
+            if self.pmg is None:
+                self.pmg = self._loader()
+                log.info("models loaded in %.1f s", time.perf_counter() - t)
+            if self.pool is not None:
+                self.pool.start()
+                log.info("%d model replica(s) ready after %.1f s", self.pool.replicas, time.perf_counter() - t)
             self._ready.set()
             if self.worker is not None:
                 self.worker.start()
@@ -140,6 +161,8 @@ class Service:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+        if self.pool is not None:
+            self.pool.stop()
 
     def recover(self) -> None:
         """After a restart: remove half-written result folders (``.<id>.<hex>.partial``, pmgen's own) of
@@ -240,7 +263,9 @@ class Service:
     # ------------------------------------------------------------------ generations
     @property
     def replicas(self) -> int:
-        """Model worker threads in this process (0: it only accepts generations)."""
+        """Model replicas on Ray Serve, else model worker threads in this process (0: it only accepts)."""
+        if self.pool is not None:
+            return self.pool.replicas
         return self.worker.threads if self.worker is not None else 0
 
     def queue_depth(self) -> int:
@@ -388,7 +413,10 @@ class Service:
         return Path(path)
 
     # ------------------------------------------------------------------ the worker's job
-    def _materialize(self, gen: Generation) -> tuple[User, Item, list[Event], Path | None, list[Path]]:
+    def _request(self, gen: Generation) -> Request:
+        """The stored generation as a :class:`pmgen.data.requests.Request`: the user's events (stored, as
+        many as there were when it was accepted, or sent inline), the target, the context, the images, the
+        options, and α learned from a stored user's feedback unless the request sets one."""
         from pmgen.data.requests import history_image_paths
 
         req = gen.request
@@ -404,51 +432,131 @@ class Service:
         else:
             target = Item(id=t["item"]["id"], title=t["item"]["title"], text=t["item"]["text"])
             target_image = inside(self.upload_root, check_id(t["image"], "upload")) if t.get("image") else None
-        context = [Event(**e) for e in req["context"]]
-        return user, target, context, target_image, history_image_paths(self.catalog, user, self.catalog.items)
+        opts = dict(req["options"])
+        if "weights" in opts:
+            opts["weights"] = tuple(opts["weights"])
+        if "alpha" not in opts and u["stored"]:  # α learned from this user's feedback
+            b = self.balance(user.user_id)
+            if b.n_events:
+                opts["alpha"], opts["alpha_source"] = b.alpha(self.default_alpha)
+        return Request(request_id=gen.id, user=user, target=target, items=self.catalog.items,
+                       context=[Event(**e) for e in req["context"]], target_image=target_image,
+                       history_images=history_image_paths(self.catalog, user, self.catalog.items),
+                       images_root=self.catalog.items_root or self.catalog.root, options=opts)
 
-    def run_generation(self, gen: Generation) -> None:
-        """Run one claimed generation on a worker thread and store its result (or its failure), as long
-        as this worker still holds its lease (else another worker took it over and stores the result)."""
-        owner = self.worker.owner if self.worker is not None else None
-        folder = inside(self.gen_root, check_id(gen.id, "generation_id"))
+    def _take(self, gen: Generation, owner: str | None) -> bool:
+        """Before running a claimed generation: clear a dead worker's half-written folder; finish at once
+        one whose result was written in full before a crash, or that was interrupted too often. ``True``
+        when it still has to run."""
         self.waits.changed(gen.id)
         for p in self.gen_root.glob(f".{gen.id}.*"):  # a dead worker's half-written folder (the lease is ours now)
             if _PARTIAL.fullmatch(p.name):
                 shutil.rmtree(p, ignore_errors=True)
+        folder = inside(self.gen_root, check_id(gen.id, "generation_id"))
         if (folder / "record.json").is_file():  # written in full before a crash, not yet marked done
             self._finish(gen.id, owner, json.loads((folder / "record.json").read_text()))
-            return
+            return False
         if gen.attempts > MAX_ATTEMPTS:
             self._finish(gen.id, owner, error=f"interrupted {gen.attempts - 1} times (its worker stopped while "
                                               "running it); not retried")
+            return False
+        return True
+
+    def _save(self, gen: Generation, owner: str | None, res: Any) -> dict[str, Any] | None:
+        """Write a result's folder and return its record, unless another worker took the generation over
+        (``None``: the result is dropped). Called under the model lock."""
+        if owner is not None and not self.store.renew(gen.id, owner, self.lease_s):
+            log.warning("generation %s was taken over by another worker; result dropped", gen.id)
+            return None
+        res.save(inside(self.gen_root, check_id(gen.id, "generation_id")))
+        record = res.record.to_json()
+        if gen.request["user"]["stored"]:  # the profile shows the keywords without running the LLM again
+            self._keywords[(gen.user_id, int(gen.request["user"]["n_events"]))] = \
+                list(record.get("preference_keywords") or [])
+        return record
+
+    def _owner(self) -> str | None:
+        return self.worker.owner if self.worker is not None else None
+
+    def _dispatch(self, gen: Generation) -> None:
+        """A dispatcher thread's job (with model replicas): run ``gen`` on a replica under this process's
+        lease. A call that fails (its replica died, Ray is away) gives the lease back, so the generation
+        is claimed again and runs on a live replica."""
+        owner = self.worker.owner
+        try:
+            status, size = self.pool.run(gen.id, owner)
+            with self._balance_lock:
+                self.worker.batches[size] += 1
+        except Exception as e:  # noqa: BLE001 — any failure of the call: the generation goes back to the queue
+            log.warning("generation %s: the replica call failed (%s: %s); back to the queue",
+                        gen.id, type(e).__name__, e)
+            status = None
+        if status not in ("done", "failed") and self.store.release(gen.id, owner):
+            time.sleep(min(2.0, self.lease_s / 3))  # a replica restarting: do not burn the attempts at once
+        self.waits.changed(gen.id)
+
+    def run_generation(self, gen: Generation, owner: str | None = None) -> None:
+        """Run one claimed generation on a worker thread and store its result (or its failure), as long
+        as ``owner`` (default: this process's worker) still holds its lease (else another worker took
+        it over and stores the result)."""
+        owner = owner or self._owner()
+        if not self._take(gen, owner):
             return
         t0 = time.perf_counter()
         try:
-            user, target, context, target_image, history = self._materialize(gen)
-            opts = dict(gen.request["options"])
-            if "weights" in opts:
-                opts["weights"] = tuple(opts["weights"])
-            if "alpha" not in opts and gen.request["user"]["stored"]:  # α learned from this user's feedback
-                b = self.balance(user.user_id)
-                if b.n_events:
-                    opts["alpha"], opts["alpha_source"] = b.alpha(self.default_alpha)
+            req = self._request(gen)
             with self._model_lock:
-                res = self.pmg.generate(user, target, self.catalog.items, context=context, target_image=target_image,
-                                        history_images=history, user_id=user.user_id,
-                                        item_images=self.catalog.image_path, **opts)
-                if owner is not None and not self.store.renew(gen.id, owner, self.worker.lease_s):
-                    log.warning("generation %s was taken over by another worker; result dropped", gen.id)
-                    return
-                res.save(folder)
-                record = res.record.to_json()
-                if gen.request["user"]["stored"]:  # the profile shows the keywords without running the LLM again
-                    self._keywords[(user.user_id, len(user.events))] = list(record.get("preference_keywords") or [])
-            if self._finish(gen.id, owner, record):
+                res = self.pmg.generate(req.user, req.target, req.items, **req.generate_kwargs())
+                record = self._save(gen, owner, res)
+            if record is not None and self._finish(gen.id, owner, record):
                 self._durations = (self._durations + [time.perf_counter() - t0])[-50:]
         except Exception as e:  # a bad image, a model error: reported on the generation
             log.exception("generation %s failed", gen.id)
             self._finish(gen.id, owner, error=f"{type(e).__name__}: {e}")
+
+    def run_generations(self, gens: list[Generation], owners: list[str] | None = None) -> None:
+        """Run several claimed generations together (the worker's dynamic batch): the keywords of their
+        cache misses in one LLM call, their candidates in shared UNet batches
+        (:func:`pmgen.batch.local.run_group`), then each result stored as :meth:`run_generation` does.
+        One generation's failure is its own; the others still finish. ``owners``: the lease owner of each
+        generation (a model replica runs them for its dispatchers; default this process's worker)."""
+        from pmgen.batch.local import run_group
+
+        own = dict(zip([g.id for g in gens], owners)) if owners is not None else {}
+
+        def owner_of(g: Generation) -> str | None:
+            return own.get(g.id) or self._owner()
+
+        ok: list[tuple[Generation, Request]] = []
+        for gen in gens:
+            if not self._take(gen, owner_of(gen)):
+                continue
+            try:
+                ok.append((gen, self._request(gen)))
+            except Exception as e:  # noqa: BLE001 — its own failure, reported on it
+                log.exception("generation %s failed", gen.id)
+                self._finish(gen.id, owner_of(gen), error=f"{type(e).__name__}: {e}")
+        if not ok:
+            return
+        t0 = time.perf_counter()
+        rows = sum(len(g.request["options"].get("weights") or self.pmg.settings.weights) for g, _ in ok)
+        try:
+            with self._model_lock:
+                results = run_group(self.pmg, [r for _, r in ok], None, unet_batch=max(1, min(8, rows)))
+                records = [None if isinstance(res, Exception) else self._save(gen, owner_of(gen), res)
+                           for (gen, _), res in zip(ok, results)]
+        except Exception as e:  # a model error hits the whole batch
+            log.exception("generations %s failed", ", ".join(g.id for g, _ in ok))
+            for gen, _ in ok:
+                self._finish(gen.id, owner_of(gen), error=f"{type(e).__name__}: {e}")
+            return
+        dt = (time.perf_counter() - t0) / len(ok)
+        for (gen, _), res, record in zip(ok, results, records):
+            if isinstance(res, Exception):
+                log.error("generation %s failed: %s", gen.id, res)
+                self._finish(gen.id, owner_of(gen), error=f"{type(res).__name__}: {res}")
+            elif record is not None and self._finish(gen.id, owner_of(gen), record):
+                self._durations = (self._durations + [dt])[-50:]
 
     def _finish(self, gen_id: str, owner: str | None, record: dict[str, Any] | None = None,
                 error: str | None = None) -> bool:

@@ -45,7 +45,7 @@ class RequestValidator:
         self.limits = limits
 
     def events(self, raw: Any, where: str, prefix: str = "") -> list[Event]:
-        """Events in the README's format, checked by the same validator as users.jsonl files."""
+        """Events in the format of docs/data.md, checked by the same validator as users.jsonl files."""
         from pmgen.data.requests import user_from_json
 
         if not isinstance(raw, list):

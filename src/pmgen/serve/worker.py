@@ -9,6 +9,12 @@ on the queue: :meth:`pmgen.data.store.Store.enqueue` refuses past the bound (503
     worker = Worker(store, run=service.run_generation, lease_s=10)
     worker.start()
     worker.notify()          # after storing a generation: claim now instead of at the next poll
+
+**Dynamic batching** (``batch > 1`` with ``run_many``): once a thread has claimed one generation it
+claims up to ``batch − 1`` more that wait in the queue, for at most ``batch_wait_s`` seconds, and runs
+them together (``run_many(generations)``: one LLM call for their keyword cache misses, shared UNet
+batches; :meth:`pmgen.serve.service.Service.run_generations`). A generation alone in the queue waits
+``batch_wait_s`` at most before it runs.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import os
 import secrets
 import socket
 import threading
+from collections import Counter
+import time
 from typing import Callable
 
 from pmgen.data.store import Generation, Store
@@ -28,6 +36,9 @@ LEASE_S = 10.0
 """Seconds a claimed generation stays its worker's without a heartbeat (renewed every third of it)."""
 POLL_S = 0.5
 """Seconds between looks at the queue when nothing was notified (generations stored by other processes)."""
+BATCH_WAIT_S = 0.05
+"""Seconds a dynamic batch waits for more generations after its first one."""
+MAX_BATCH = 32
 
 
 def worker_id() -> str:
@@ -44,13 +55,24 @@ class Worker:
             ``store.finish(..., owner=worker.owner)``. Exceptions are logged and never stop the worker
             (the lease then expires and the generation is claimed again).
         lease_s: lease length; the heartbeat renews it every ``lease_s / 3``.
-        threads: generations run at once by this worker.
+        threads: worker threads, each running one generation (or one batch) at a time.
+        batch: most generations one thread runs together through ``run_many`` (1: one at a time).
+        run_many: runs a list of claimed generations together (needed when ``batch > 1``).
+        batch_wait_s: how long a batch waits for more generations after its first.
     """
 
     def __init__(self, store: Store, run: Callable[[Generation], None], lease_s: float = LEASE_S,
-                 poll_s: float = POLL_S, threads: int = 1, owner: str | None = None):
+                 poll_s: float = POLL_S, threads: int = 1, owner: str | None = None, batch: int = 1,
+                 run_many: Callable[[list[Generation]], None] | None = None, batch_wait_s: float = BATCH_WAIT_S):
         if threads < 1:
             raise ValueError(f"worker threads must be >= 1, got {threads}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"worker batch must be in 1..{MAX_BATCH}, got {batch}")
+        if batch > 1 and run_many is None:
+            raise ValueError("a worker batch > 1 needs run_many")
+        if not 0 <= batch_wait_s <= 10:
+            raise ValueError(f"batch wait must be in [0, 10] seconds, got {batch_wait_s}")
+        self.batch, self.run_many, self.batch_wait_s = batch, run_many, batch_wait_s
         self.store = store
         self.run = run
         self.lease_s = lease_s
@@ -64,6 +86,8 @@ class Worker:
         self._lock = threading.Lock()
         self.running: set[str] = set()
         """Generations this worker runs now."""
+        self.batches: Counter[int] = Counter()
+        """Generations run by this worker, by the size of the batch they ran in (1: alone)."""
 
     @property
     def current(self) -> str | None:
@@ -95,26 +119,53 @@ class Worker:
         """A generation was stored: look at the queue now."""
         self._wake.set()
 
+    def _claim(self) -> Generation | None:
+        try:
+            gen = self.store.claim(self.owner, self.lease_s)
+        except Exception:  # the database is away for a moment: try again at the next poll
+            log.exception("claiming from the queue failed")
+            return None
+        if gen is not None:
+            with self._lock:
+                self.running.add(gen.id)  # the heartbeat renews its lease from now on
+        return gen
+
+    def _more(self, first: Generation) -> list[Generation]:
+        """``first`` and up to ``batch − 1`` more claimed within ``batch_wait_s``."""
+        gens = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(gens) < self.batch and not self._stop.is_set():
+            gen = self._claim()
+            if gen is not None:
+                gens.append(gen)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.wait(min(left, 0.01))
+            self._wake.clear()
+        return gens
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                gen = self.store.claim(self.owner, self.lease_s)
-            except Exception:  # the database is away for a moment: try again at the next poll
-                log.exception("claiming from the queue failed")
-                gen = None
+            gen = self._claim()
             if gen is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
+            gens = self._more(gen) if self.batch > 1 else [gen]
             with self._lock:
-                self.running.add(gen.id)
+                self.batches[len(gens)] += len(gens)
             try:
-                self.run(gen)
+                if len(gens) > 1 and self.run_many is not None:
+                    self.run_many(gens)
+                else:
+                    self.run(gen)
             except Exception:  # run() records failures; the worker must outlive any job
-                log.exception("generation %s failed", gen.id)
+                log.exception("generation(s) %s failed", ", ".join(g.id for g in gens))
             finally:
                 with self._lock:
-                    self.running.discard(gen.id)
+                    self.running.difference_update(g.id for g in gens)
 
     def _heartbeat(self) -> None:
         while not self._halt.wait(self.lease_s / 3):

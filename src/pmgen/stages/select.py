@@ -20,14 +20,14 @@ side also counts the image's mean similarity to the user's history images:
 
 With no history names given, ``"history"`` and ``"both"`` fall back to the keywords. With several
 selectors (:class:`pmgen.models.scorer.EnsembleScorer`) every ``sim`` is the mean of theirs. Measured
-on held-out users (README, "Choosing by what the user did"): with the seed-3 selector the history names
+on held-out users (docs/results.md, "Choosing by what the user did"): with the seed-3 selector the history names
 find about half again as much of the user's taste at the same accuracy as the keywords do.
 
 With ``contrast = c > 0`` the user's text side is measured **against a background** of other users'
 preference texts (their mean selector embedding ``b``, :func:`background_embedding`):
 ``sim_text = sim(image, preference text) − c·(image · b)``. What every user's keywords share (a
 sticker in general, a face, "smileys, emotion") then no longer counts as fitting this user; only what
-sets this user's preference apart does. Measured on held-out users (README, "Choosing with a
+sets this user's preference apart does. Measured on held-out users (docs/results.md, "Choosing with a
 background"): at the same accuracy it finds about twice the taste of the plain ``d_p``.
 """
 

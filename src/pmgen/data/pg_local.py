@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server for the service tests (``initdb`` + ``pg_ctl`` on a temp folder).
+"""A throwaway PostgreSQL server (``initdb`` + ``pg_ctl`` on a temp folder) for the service tests and
+``pmgen bench-serve --store postgresql``.
 
 ``initdb`` and ``pg_ctl`` refuse to run as root, so as root they run as the ``postgres`` user on a folder
 it owns (``runuser -u postgres``); as anyone else, as that user. Trust authentication, 127.0.0.1 only.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -19,7 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from serve_helpers import free_port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pg_bin() -> Path | None:
