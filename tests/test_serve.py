@@ -335,6 +335,23 @@ def test_cli_commands_register_in_a_typer_app(tmp_path):
     assert r.exit_code == 2 and "needs a token" in r.output
     r = runner.invoke(app, ["serve", "--preset", "nope"])
     assert r.exit_code == 2
+    assert all(o in runner.invoke(app, ["serve", "--help"]).output for o in ("--replicas", "--batch", "--ray-address"))
+    assert runner.invoke(app, ["bench-serve", "--replicas", "0,x"]).exit_code == 2
+    assert runner.invoke(app, ["bench-serve", "--replicas", "0,99"]).exit_code == 2
+
+
+def test_a_store_that_cannot_be_opened_fails_clearly_without_its_password():
+    import typer
+    from typer.testing import CliRunner
+
+    from pmgen.serve.cli import serve
+
+    app = typer.Typer()
+    app.command("serve")(serve)
+    app.command("other")(lambda: None)
+    r = CliRunner().invoke(app, ["serve", "--store", "postgresql://pmgen:s3cret-pw@127.0.0.1:1/pmgen"])
+    assert r.exit_code == 2 and "cannot open the store postgresql://pmgen:***@127.0.0.1:1/pmgen" in r.output
+    assert "s3cret" not in r.output and "Traceback" not in r.output
 
 
 

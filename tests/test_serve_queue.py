@@ -205,3 +205,15 @@ def test_the_service_runs_waiting_generations_as_one_batch_with_their_own_option
         fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
         assert {s.labels["size"]: s.value for s in fams["pmgen_batched_generations"].samples
                 if s.name.endswith("_total")} == {"3": 3}
+
+
+def test_a_released_lease_is_claimed_again_after_its_delay_and_only_by_its_owner(store):
+    store.add_generation("g1", "u", {})
+    assert store.claim("dispatcher", lease_s=30).id == "g1"
+    assert not store.release("g1", "someone-else")  # not theirs: nothing changes
+    assert store.release("g1", "dispatcher", after_s=0.3)  # its replica died: back to the queue in 0.3 s
+    assert store.claim("other", lease_s=30) is None
+    time.sleep(0.4)
+    again = store.claim("other", lease_s=30)
+    assert (again.id, again.attempts, again.resumed) == ("g1", 2, 1)
+    assert not store.release("g1", "dispatcher")  # the lease is the other's now

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pmgen.models.generator import guide, img2img_timesteps
+from pmgen.models.generator import img2img_timesteps
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LENGTH_STEP = 32
@@ -86,26 +86,26 @@ def render_many(pmg: Any, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_
                 continue
             s = p.settings
             use_cfg = s.guidance_scale > 1.0
-            scheduler = gen._fresh_scheduler(s.num_inference_steps)
+            scheduler = gen.new_scheduler(s.num_inference_steps)
             init_latents = gen.encode(p.init) if p.init is not None else None
             if init_latents is not None:
                 timesteps = img2img_timesteps(scheduler, s.num_inference_steps, s.strength)
             else:
                 timesteps = scheduler.timesteps
             for j, c in enumerate(p.conditions):
-                cond, uncond = gen._check_embeds(c.prompt_embeds, c.negative_prompt_embeds, s.guidance_scale)
+                cond, uncond = gen.check_embeds(c.prompt_embeds, c.negative_prompt_embeds, s.guidance_scale)
                 if cond.shape[0] != 1:
                     raise ValueError("a condition is one row ([1, L, D])")
                 if init_latents is not None and len(timesteps) == 0:  # strength 0: the VAE reconstruction
                     out[i][j] = gen.decode(init_latents)
                     continue
-                noise = gen._randn((1, gen.unet.config.in_channels, *gen._latent_hw()),
-                                   gen._generators(None, s.seed, 1))
+                noise = gen.randn((1, gen.unet.config.in_channels, *gen.latent_hw()),
+                                   gen.generators(None, s.seed, 1))
                 if init_latents is not None:
                     latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(1))
                 else:
                     latents = noise * scheduler.init_noise_sigma
-                extra = gen._check_extra(c.extra_prompt_embeds, 1, c.extra_base, uncond)
+                extra = gen.check_extra(c.extra_prompt_embeds, 1, c.extra_base, uncond)
                 use_extra = extra is not None and c.extra_scale != 0.0
                 row = _Row(i, j, cond[0], uncond[0] if use_cfg else None, extra[0] if use_extra else None,
                            float(c.extra_scale) if use_extra else 0.0, c.extra_base, latents, timesteps)
@@ -135,28 +135,19 @@ def _pad(rows: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch
 
 
 def _denoise_chunk(gen: Any, chunk: Sequence[_Row], key: tuple, batch_size: int) -> torch.Tensor:
-    """Denoise ``chunk`` (filled to ``batch_size`` rows) as :meth:`StickerGenerator._denoise` does one row."""
+    """Denoise ``chunk`` (filled to ``batch_size`` rows) with :meth:`StickerGenerator.denoise`, the
+    conditions padded to the chunk's length bucket and masked."""
+    from pmgen.models.generator import Masks
+
     steps, _, guidance_scale, use_cfg, length, extra_length, extra_base = key
     rows = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
-    scheduler = gen._fresh_scheduler(steps)
-    timesteps = rows[0].timesteps
     latents = torch.cat([r.latents for r in rows])
     cond, cmask = _pad([r.cond for r in rows], length)
-    if use_cfg:
-        uncond, umask = _pad([r.uncond for r in rows], length)  # type: ignore[misc]
-        context, mask = torch.cat([uncond, cond]), torch.cat([umask, cmask])
-    else:
-        context, mask = cond, cmask
+    uncond, umask = _pad([r.uncond for r in rows], length) if use_cfg else (None, None)  # type: ignore[misc]
+    extra, emask, scale = None, None, 0.0
     if extra_length is not None:
         extra, emask = _pad([r.extra for r in rows], extra_length)  # type: ignore[misc]
         scale = torch.tensor([r.extra_scale for r in rows], dtype=latents.dtype).view(-1, 1, 1, 1)
-    for t in timesteps:
-        model_in = torch.cat([latents, latents]) if use_cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        out = gen.unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
-        out_extra = (gen.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra,
-                              encoder_attention_mask=emask).sample if extra_length is not None else None)
-        out = guide(out, guidance_scale, use_cfg, out_extra, scale if out_extra is not None else 0.0,
-                    extra_base or "cond")
-        latents = scheduler.step(out, t, latents).prev_sample
+    latents = gen.denoise(latents, rows[0].timesteps, gen.new_scheduler(steps), cond, uncond, guidance_scale,
+                          extra, scale, extra_base or "cond", masks=Masks(cmask, umask, emask))
     return latents[: len(chunk)]

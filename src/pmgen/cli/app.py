@@ -28,6 +28,45 @@ models_app = typer.Typer(help="Inspect and check the models of a preset.", no_ar
 app.add_typer(models_app, name="models")
 train_app = typer.Typer(help="Train the models pmgen ships (runs resumably; see each --help).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+eval_app = typer.Typer(help="Evaluate pmgen: personalization on held-out users, the judges, the keywords, "
+                            "feedback, recommendation features.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def eval_command(name: str, alias: str) -> Any:
+    """Register an evaluation as ``pmgen eval <name>`` and, hidden, under its former name ``pmgen <alias>``."""
+    def register(fn: Any) -> Any:
+        eval_app.command(name)(fn)
+        app.command(alias, hidden=True)(fn)
+        return fn
+    return register
+
+
+def quiet_third_party() -> None:
+    """No third-party progress bars, info logs or warnings (transformers' "Loading weights", diffusers'
+    and huggingface_hub's bars, Ray's and RecBole's notices): pmgen shows its own progress. Environment
+    variables are read when those libraries are imported, so this runs before any of them is."""
+    import logging
+    import os
+    import warnings
+
+    for name, value in (("TQDM_DISABLE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("RAY_DEDUP_LOGS", "1")):
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", module=r"(?!pmgen)")  # pmgen's own warnings still show
+    for name in ("transformers", "diffusers", "huggingface_hub", "recbole", "ray", "cornac", "accelerate", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show third-party progress bars, "
+                                                                         "logs and warnings.")] = False) -> None:
+    """pmgen: personalized multimodal generation (PMG) on a laptop CPU."""
+    if not verbose:
+        quiet_third_party()
+
+
 # piped output (logs, CI) gets wide lines instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -165,17 +204,10 @@ GeneratorOpt = Annotated[Optional[str], typer.Option(
 
 def _learned_alpha(pmg, data_root: Optional[Path]):
     """``user_id → (α, source)`` from the feedback in the shared store, or ``None`` for a user without any."""
-    from pmgen.stages.feedback import balance_from_store, open_store
+    from pmgen.stages.feedback import open_store, resolve_alpha
 
     store = open_store(data_root)
-
-    def alpha_of(user_id: str):
-        if store is None:
-            return None
-        b = balance_from_store(store, user_id, pmg.settings.alpha)
-        return b.alpha(pmg.settings.alpha) if b.n_events else None
-
-    return alpha_of
+    return lambda user_id: resolve_alpha(store, user_id, pmg.settings.alpha)
 
 
 SelectorOpt = Annotated[Optional[str], typer.Option(

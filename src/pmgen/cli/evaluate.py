@@ -24,12 +24,12 @@ from pmgen.cli.app import (
     SurroundOpt,
     WeightsOpt,
     _fail,
+    eval_command,
     _load_keyword_models,
     _load_pmg,
     _print_table,
     _settings_overrides,
     _soft,
-    app,
     console,
     progress_bar,
 )
@@ -37,7 +37,7 @@ from pmgen.data import datasets
 from pmgen.data.schema import DataError
 
 
-@app.command()
+@eval_command("personalization", "evaluate")
 def evaluate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/eval"),
     n_samples: Annotated[int, typer.Option(help="Held-out samples (one per user first, then each user's next one).",
@@ -127,7 +127,7 @@ def evaluate(
     console.print(f"[green]✓[/] {out}/report.md, metrics.json, tradeoff.png, alpha_sweep.png, samples.png "
                   f"({meta['seconds']:.0f} s)")
 
-@app.command("evaluate-movielens")
+@eval_command("movielens", "evaluate-movielens")
 def evaluate_movielens(
     n_users: Annotated[Optional[int], typer.Option(help="Test users (seeded subset; default: every test user "
                                                    "with held-out likes, ~95).", min=1)] = None,
@@ -166,7 +166,7 @@ def evaluate_movielens(
                  f"keywords: {t['keywords_per_user']:.2f} s per user ({result['counts']['keywords_cached']} cached, "
                  f"{result['counts']['keyword_fallbacks']} with a fallback); movie vectors {t['item_vectors']:.1f} s")
 
-@app.command("evaluate-feedback")
+@eval_command("feedback", "evaluate-feedback")
 def evaluate_feedback(
     n_users: Annotated[int, typer.Option(help="Users per split (seeded subset).", min=1)] = 40,
     rounds: Annotated[int, typer.Option(help="Requests (and picks) per user.", min=1)] = 10,
@@ -207,7 +207,7 @@ def evaluate_feedback(
     console.print(f"[green]✓[/] {js}, {md}, {out / 'feedback_regret.png'}", highlight=False)
 
 
-@app.command("evaluate-judge")
+@eval_command("judge", "evaluate-judge")
 def evaluate_judge(
     n_samples: Annotated[int, typer.Option(help="Samples (one per user, as `pmgen evaluate` picks them).",
                                            min=1, max=1000)] = 60,
@@ -258,7 +258,7 @@ def evaluate_judge(
                                        f"{out / 'judge_examples.png'}: the images of the first samples") if x))
 
 
-@app.command("evaluate-leaks")
+@eval_command("leaks", "evaluate-leaks")
 def evaluate_leaks(
     n_users: Annotated[Optional[int], typer.Option(help="Users (seeded subset; default: every user of the split).",
                                                    min=1)] = None,
@@ -286,7 +286,7 @@ def evaluate_leaks(
                  f"Keyword leaks, {result['n_users']} sticker-users {split} users (mean [95% CI])")
 
 
-@app.command("evaluate-stability")
+@eval_command("stability", "evaluate-stability")
 def evaluate_stability(
     n_users: Annotated[int, typer.Option(help="Test users (seeded subset).", min=1)] = 30,
     out: Annotated[Path, typer.Option(help="Output folder (stability.json, stability.md).")] = Path("runs/eval"),

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from pmgen.cli.app import DataDirOpt, PresetOpt, _fail, _load_pmg, _print_table, app, console, progress_bar
+from pmgen.cli.app import DataDirOpt, PresetOpt, _fail, _load_pmg, _print_table, console, eval_command, progress_bar
 
 QUICK_USERS = 150
 QUICK_SEEDS = 2
@@ -62,7 +62,7 @@ def _feature_models(pmg: Any, data: Any, need_images: bool) -> tuple[Any, dict[s
                          extractor=extractor, ids=ids, **kwargs), ids
 
 
-@app.command("evaluate-recommendation")
+@eval_command("recommendation", "evaluate-recommendation")
 def evaluate_recommendation(
     dataset: Annotated[str, typer.Option(help="movielens-100k, sticker-users or all.")] = "all",
     quick: Annotated[bool, typer.Option(help=f"A CI-sized run: the first {QUICK_USERS} users per dataset, "

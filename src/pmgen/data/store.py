@@ -108,6 +108,14 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+def shown_url(url: str) -> str:
+    """A store URL fit for logs and errors: its password replaced by ``***``."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 — not parseable: show only its scheme
+        return url.split(":", 1)[0] + "://…"
+
+
 def engine_url(url: str) -> str:
     """``postgresql://…`` (and ``postgres://…``) → the psycopg 3 driver; other URLs unchanged."""
     for prefix in ("postgresql://", "postgres://"):
@@ -289,13 +297,14 @@ class Store:
                 (_g.id == gen_id) & (_g.status == "running") & (_g.lease_owner == owner))
                 .values(lease_expires=time.time() + lease_s)).rowcount == 1
 
-    def release(self, gen_id: str, owner: str) -> bool:
-        """Give ``owner``'s lease on a running generation back at once (its run failed before a result):
-        the next :meth:`claim` takes it (as a ``resumed`` attempt). ``False`` when it was not theirs."""
+    def release(self, gen_id: str, owner: str, after_s: float = 0.0) -> bool:
+        """Give ``owner``'s lease on a running generation back (its run failed before a result): a
+        :meth:`claim` takes it again ``after_s`` seconds from now (as a ``resumed`` attempt). ``False``
+        when it was not theirs."""
         with self.engine.begin() as conn:
             return conn.execute(generations_t.update().where(
                 (_g.id == gen_id) & (_g.status == "running") & (_g.lease_owner == owner))
-                .values(lease_expires=0.0)).rowcount == 1
+                .values(lease_expires=time.time() + after_s)).rowcount == 1
 
     def finish(self, gen_id: str, record: dict[str, Any] | None = None, error: str | None = None,
                owner: str | None = None) -> bool:

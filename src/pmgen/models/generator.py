@@ -117,7 +117,7 @@ def guide(out: torch.Tensor, guidance_scale: float, use_cfg: bool, out_extra: to
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + guidance_scale * (out_cond - out_uncond)
     else:
-        out_uncond, out_cond = out, out  # no unconditional prediction: _check_extra refuses "uncond" then
+        out_uncond, out_cond = out, out  # no unconditional prediction: check_extra refuses "uncond" then
     if out_extra is not None:
         out = out + extra_scale * (out_extra - (out_uncond if extra_base == "uncond" else out_cond))
     return out
@@ -167,6 +167,20 @@ def build_unet(block_out_channels: Sequence[int] = (64, 128, 192), layers_per_bl
         attention_head_dim=tuple(max(1, c // head_dim) for c in block_out_channels),
         norm_num_groups=norm_num_groups,
     )
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Attention masks ``[B, L]`` (1 = a real token) of padded conditions, for :meth:`StickerGenerator.denoise`."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+
+def _masked(mask: torch.Tensor | None) -> dict[str, Any]:
+    """The UNet's keyword for a mask; none at all without one (the unpadded path stays as it was)."""
+    return {} if mask is None else {"encoder_attention_mask": mask}
 
 
 def build_scheduler(prediction_type: str = "v_prediction") -> Any:
@@ -379,14 +393,14 @@ class StickerGenerator:
         Returns:
             float32 ``[B, 3, 64, 64]`` in [0, 1].
         """
-        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        cond, uncond = self.check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
         batch = cond.shape[0]
-        gens = self._generators(generator, seed, batch)
-        scheduler = self._fresh_scheduler(num_inference_steps)
-        shape = (batch, self.unet.config.in_channels, *self._latent_hw())
-        latents = self._randn(shape, gens) * scheduler.init_noise_sigma
-        extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
-        return self.decode(self._denoise(latents, scheduler.timesteps, scheduler, cond, uncond, guidance_scale,
+        gens = self.generators(generator, seed, batch)
+        scheduler = self.new_scheduler(num_inference_steps)
+        shape = (batch, self.unet.config.in_channels, *self.latent_hw())
+        latents = self.randn(shape, gens) * scheduler.init_noise_sigma
+        extra = self.check_extra(extra_prompt_embeds, batch, extra_base, uncond)
+        return self.decode(self.denoise(latents, scheduler.timesteps, scheduler, cond, uncond, guidance_scale,
                                          extra, extra_guidance_scale, extra_base))
 
     @torch.no_grad()
@@ -419,26 +433,26 @@ class StickerGenerator:
         """
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        cond, uncond = self.check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
         batch = cond.shape[0]
         images = self._check_images(init_images)
         if images.shape[0] not in (1, batch):
             raise ValueError(f"init_images has {images.shape[0]} images for {batch} prompts (expected 1 or {batch})")
-        gens = self._generators(generator, seed, batch)
+        gens = self.generators(generator, seed, batch)
         init_latents = self.encode(images).expand(batch, -1, -1, -1)
         held = None
         if strength_map is not None:
-            held = latent_strengths(strength_map, self._latent_hw(), batch).to(self.device)
+            held = latent_strengths(strength_map, self.latent_hw(), batch).to(self.device)
             strength = round(float(held.max()), 6)  # the map is float32: 0.9 must still run int(20 · 0.9) steps
-        scheduler = self._fresh_scheduler(num_inference_steps)
+        scheduler = self.new_scheduler(num_inference_steps)
         timesteps = img2img_timesteps(scheduler, num_inference_steps, strength)
         if len(timesteps) == 0:
             return self.decode(init_latents)
-        noise = self._randn(tuple(init_latents.shape), gens)
+        noise = self.randn(tuple(init_latents.shape), gens)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
-        extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
+        extra = self.check_extra(extra_prompt_embeds, batch, extra_base, uncond)
         hold = None if held is None else Hold(held, init_latents, noise, num_inference_steps)
-        return self.decode(self._denoise(latents, timesteps, scheduler, cond, uncond, guidance_scale, extra,
+        return self.decode(self.denoise(latents, timesteps, scheduler, cond, uncond, guidance_scale, extra,
                                          extra_guidance_scale, extra_base, hold))
 
     @torch.no_grad()
@@ -466,12 +480,12 @@ class StickerGenerator:
             raise ValueError(f"inversion method must be one of {INVERSIONS}, got {method!r}")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"inversion strength must be in (0, 1], got {strength}")
-        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        cond, uncond = self.check_embeds(prompt_embeds, negative_prompt_embeds, guidance_scale)
         images = self._check_images(init_images)
         if images.shape[0] != cond.shape[0]:
             raise ValueError(f"init_images has {images.shape[0]} images for {cond.shape[0]} prompts")
         init = self.encode(images)
-        scheduler = self._fresh_scheduler(num_inference_steps)
+        scheduler = self.new_scheduler(num_inference_steps)
         timesteps = img2img_timesteps(scheduler, num_inference_steps, strength)
         if len(timesteps) == 0:
             raise ValueError(f"strength {strength} runs no step of {num_inference_steps}: raise it")
@@ -480,13 +494,13 @@ class StickerGenerator:
             inverse.set_timesteps(num_inference_steps, device=self.device)
             traj = [init]
             for t in timesteps.flip(0):
-                traj.append(inverse.step(self._predict(traj[-1], t, inverse, cond, None, 1.0), t, traj[-1]).prev_sample)
+                traj.append(inverse.step(self.predict(traj[-1], t, inverse, cond, None, 1.0), t, traj[-1]).prev_sample)
             traj = traj[::-1]
         else:
-            noise = self._randn(tuple(init.shape), [torch.Generator().manual_seed(int(seed))])
+            noise = self.randn(tuple(init.shape), [torch.Generator().manual_seed(int(seed))])
             traj = [scheduler.add_noise(init, noise, t.reshape(1).repeat(init.shape[0])) for t in timesteps] + [init]
         corrections = torch.stack([
-            traj[k + 1] - scheduler.step(self._predict(traj[k], t, scheduler, cond, uncond, guidance_scale), t,
+            traj[k + 1] - scheduler.step(self.predict(traj[k], t, scheduler, cond, uncond, guidance_scale), t,
                                          traj[k]).prev_sample
             for k, t in enumerate(timesteps)])
         return Inversion(init, traj[0], corrections, timesteps, num_inference_steps, float(guidance_scale), method)
@@ -507,56 +521,65 @@ class StickerGenerator:
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {keep}")
         g = inversion.guidance_scale
-        cond, uncond = self._check_embeds(prompt_embeds, negative_prompt_embeds, g)
+        cond, uncond = self.check_embeds(prompt_embeds, negative_prompt_embeds, g)
         batch = cond.shape[0]
         if len(inversion) not in (1, batch):
             raise ValueError(f"the inversion has {len(inversion)} rows for {batch} prompts (expected 1 or {batch})")
         inv = inversion.select([0] * batch) if len(inversion) == 1 and batch > 1 else inversion
-        extra = self._check_extra(extra_prompt_embeds, batch, extra_base, uncond)
+        extra = self.check_extra(extra_prompt_embeds, batch, extra_base, uncond)
         scale: float | torch.Tensor = extra_guidance_scale  # type: ignore[assignment]
         if not isinstance(extra_guidance_scale, (int, float)):
             scale = torch.tensor([float(v) for v in extra_guidance_scale], dtype=self.dtype, device=self.device)
             if scale.numel() != batch:
                 raise ValueError(f"extra_guidance_scale has {scale.numel()} values for {batch} prompts")
             scale = scale.view(-1, 1, 1, 1)
-        scheduler = self._fresh_scheduler(inv.num_inference_steps)
+        scheduler = self.new_scheduler(inv.num_inference_steps)
         n_keep = round(keep * len(inv.timesteps))
-        return self.decode(self._denoise(inv.start.to(self.device, self.dtype), inv.timesteps, scheduler, cond,
+        return self.decode(self.denoise(inv.start.to(self.device, self.dtype), inv.timesteps, scheduler, cond,
                                          uncond, g, extra, scale, extra_base,
                                          corrections=inv.corrections[:n_keep].to(self.device, self.dtype)))
 
-    def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
-                 extra_scale: float = 0.0, extra_base: str = "cond", hold: "Hold | None" = None,
-                 corrections: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoise with classifier-free guidance; with ``extra`` also add ``extra_scale·(ε_extra − ε_base)``,
-        ``ε_base`` being ``ε_cond`` or (``extra_base="uncond"``) ``ε_uncond``; with ``hold``, the
-        pixels not yet released are reset to the noised init before each step; with ``corrections``
-        ``[K, B, C, h, w]``, ``corrections[k]`` is added after step ``k`` (an :class:`Inversion`'s)."""
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, cond: torch.Tensor,
+                uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
+                extra_scale: float | torch.Tensor = 0.0, extra_base: str = "cond", hold: "Hold | None" = None,
+                corrections: torch.Tensor | None = None, masks: "Masks | None" = None) -> torch.Tensor:
+        """The sampler loop, one batch of latents ``[B, C, h, w]`` (the pipeline's candidates and the batch
+        engines' fixed-shape chunks, :mod:`pmgen.batch.grouped`, both run it).
+
+        Classifier-free guidance; with ``extra`` also ``extra_scale·(ε_extra − ε_base)`` (``extra_scale``
+        one number or one per row ``[B, 1, 1, 1]``), ``ε_base`` being ``ε_cond`` or (``extra_base="uncond"``)
+        ``ε_uncond``; with ``hold``, the pixels not yet released are reset to the noised init before each
+        step; with ``corrections`` ``[K, B, C, h, w]``, ``corrections[k]`` is added after step ``k`` (an
+        :class:`Inversion`'s); ``masks``: attention masks of padded conditions (rows of different lengths)."""
         first = scheduler.num_inference_steps - len(timesteps) // scheduler.order
         for k, t in enumerate(timesteps):
             if hold is not None:
                 latents = hold(latents, first + k, t, scheduler)
-            out = self._predict(latents, t, scheduler, cond, uncond, guidance_scale, extra, extra_scale, extra_base)
+            out = self.predict(latents, t, scheduler, cond, uncond, guidance_scale, extra, extra_scale, extra_base,
+                               masks)
             latents = scheduler.step(out, t, latents).prev_sample
             if corrections is not None and k < len(corrections):
                 latents = latents + corrections[k]
         return latents
 
-    def _predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler: Any, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
-                 extra_scale: float | torch.Tensor = 0.0, extra_base: str = "cond") -> torch.Tensor:
-        """One step's guided model output (:func:`guide`) at ``latents``, timestep ``t`` (``extra_scale``:
-        one number, or one per row ``[B, 1, 1, 1]``)."""
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler: Any, cond: torch.Tensor,
+                uncond: torch.Tensor | None, guidance_scale: float, extra: torch.Tensor | None = None,
+                extra_scale: float | torch.Tensor = 0.0, extra_base: str = "cond",
+                masks: "Masks | None" = None) -> torch.Tensor:
+        """One step's guided model output (:func:`guide`) at ``latents``, timestep ``t``."""
         use_cfg = uncond is not None
         context = torch.cat([uncond, cond]) if use_cfg else cond
+        mask = None
+        if masks is not None:
+            mask = torch.cat([masks.uncond, masks.cond]) if use_cfg else masks.cond
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if use_cfg else latents, t)
-        out = self.unet(model_in, t, encoder_hidden_states=context).sample
-        out_extra = (self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra).sample
+        out = self.unet(model_in, t, encoder_hidden_states=context, **_masked(mask)).sample
+        out_extra = (self.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=extra,
+                               **_masked(masks.extra if masks is not None else None)).sample
                      if extra is not None and (isinstance(extra_scale, torch.Tensor) or extra_scale != 0.0) else None)
         return guide(out, guidance_scale, use_cfg, out_extra, extra_scale, extra_base)
 
-    def _check_extra(self, extra: torch.Tensor | None, batch: int, base: str = "cond",
+    def check_extra(self, extra: torch.Tensor | None, batch: int, base: str = "cond",
                      uncond: torch.Tensor | None = None) -> torch.Tensor | None:
         if base not in EXTRA_BASES:
             raise ValueError(f"extra_base must be one of {EXTRA_BASES}, got {base!r}")
@@ -571,18 +594,18 @@ class StickerGenerator:
         return extra.to(self.device, self.dtype).expand(batch, -1, -1)
 
     # ------------------------------------------------------------------ helpers
-    def _latent_hw(self) -> tuple[int, int]:
+    def latent_hw(self) -> tuple[int, int]:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return self.image_size // factor, self.image_size // factor
 
-    def _fresh_scheduler(self, num_inference_steps: int) -> Any:
+    def new_scheduler(self, num_inference_steps: int) -> Any:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         return scheduler
 
-    def _check_embeds(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float
+    def check_embeds(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dim = self.cross_attention_dim
         if cond.ndim != 3 or cond.shape[-1] != dim:
@@ -607,7 +630,7 @@ class StickerGenerator:
         return images.to(self.device, self.dtype)
 
     @staticmethod
-    def _generators(generator: GeneratorArg, seed: int | None, batch: int) -> list[torch.Generator]:
+    def generators(generator: GeneratorArg, seed: int | None, batch: int) -> list[torch.Generator]:
         if (generator is None) == (seed is None):
             raise ValueError("pass exactly one of generator= (a torch.Generator or a list, one per row) or seed=")
         if seed is not None:
@@ -618,7 +641,7 @@ class StickerGenerator:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
         return list(generator)
 
-    def _randn(self, shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
+    def randn(self, shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
         """Noise drawn on the CPU (identical on every device), one generator per row or one for all."""
         if len(gens) == 1:
             noise = torch.randn(shape, generator=gens[0], dtype=torch.float32)

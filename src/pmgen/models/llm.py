@@ -331,15 +331,22 @@ class LLM:
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()
 
+    @property
+    def config(self) -> Any:
+        """The transformer's configuration (layers, heads, widths)."""
+        return self.model.config
+
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      past_key_values: Any = None) -> torch.Tensor:
-        """Last-layer hidden states ``[B, T, hidden_size]`` for input embeddings ``[B, T, hidden_size]``.
+                      past_key_values: Any = None, position_ids: torch.Tensor | None = None,
+                      use_cache: bool = False) -> torch.Tensor:
+        """Last-layer hidden states ``[B, T, hidden_size]`` for input embeddings ``[B, T, hidden_size]``
+        (the decoder without its LM head), after ``past_key_values`` (e.g. a trained prefix).
 
         Gradients flow to ``inputs_embeds`` and ``past_key_values`` (used to train the soft prompt);
         the model's own weights stay frozen.
         """
         out = self.model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               past_key_values=past_key_values, use_cache=False)
+                               past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
         return out.last_hidden_state
 
 

@@ -78,6 +78,16 @@ def serve(
         get_preset(preset)
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e))
+    if store:  # fail here, clearly, when the store cannot be opened (its password never printed)
+        import sqlalchemy as sa
+
+        from pmgen.data.store import Store, shown_url
+
+        try:
+            Store.open(store).close()
+        except (sa.exc.SQLAlchemyError, ValueError, ImportError) as e:
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            _fail(f"cannot open the store {shown_url(store)}: {reason.replace(_password(store), '***')}")
     ddir = pmgen_data_dir(data_dir)
     typer.echo(f"loading the catalog {catalog!r} from {ddir} …")
     ds = datasets.load(catalog, ddir)
@@ -110,9 +120,20 @@ def serve(
                            cpus=replica_cpus, lease_s=lease, ray_address=ray_address)
     app = create_app(load_models, ds, root=root or ddir / "serve", store_url=store, host=host, token=token,
                      public_read=public_read, cors_origins=tuple(cors_origin), queue_size=queue_size,
-                     waits_per_client=waits_per_client, body_timeout=body_timeout, workers=workers, lease_s=lease, batch=batch, pool=pool)
+                     waits_per_client=waits_per_client, body_timeout=body_timeout, workers=workers, lease_s=lease,
+                     batch=batch, pool=pool)
     typer.echo(f"pmgen serve on http://{host}:{port}/ (models load in the background; /readyz says when)")
     uvicorn.Server(uvicorn_config(app, host, port)).run()
+
+
+def _password(url: str) -> str:
+    """The password in a database URL (``""`` when none), to keep it out of every message."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password or "\x00"
+    except Exception:  # noqa: BLE001 — not a URL: nothing to hide
+        return "\x00"
 
 
 def bench_serve(
@@ -149,7 +170,7 @@ def bench_serve(
     import json
 
     if replicas:
-        from pmgen.serve.bench import run_scale
+        from pmgen.serve.bench_scale import run_scale
 
         try:
             counts = tuple(int(x) for x in replicas.split(","))
@@ -165,7 +186,7 @@ def bench_serve(
         except ValueError as e:
             _fail(str(e))
     elif throughput:
-        from pmgen.serve.bench import run_throughput
+        from pmgen.serve.bench_scale import run_throughput
 
         try:
             counts = tuple(int(x) for x in throughput.split(","))

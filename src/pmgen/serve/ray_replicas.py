@@ -81,7 +81,9 @@ class ModelReplica:
                 gens.append(g)
                 owners.append(owner)
         self.batches[len(gens)] = self.batches.get(len(gens), 0) + 1
-        if gens:
+        if len(gens) == 1:  # alone: the one-at-a-time path, as the in-process worker runs it
+            await asyncio.to_thread(self.service.run_generation, gens[0], owners[0])
+        elif gens:
             await asyncio.to_thread(self.service.run_generations, gens, owners)
         ran = {g.id for g in gens}
         return [((self.store.status(gen_id) or "lost") if gen_id in ran else "lost", len(gens)) for gen_id, _ in calls]

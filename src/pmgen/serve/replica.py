@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pmgen.data.schema import Dataset
-from pmgen.data.store import STORE_FILE, Store, sqlite_url
+from pmgen.data.store import STORE_FILE, Store, shown_url, sqlite_url
 from pmgen.serve.service import Service
 from pmgen.serve.worker import LEASE_S
 
@@ -47,7 +47,7 @@ def run_worker(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str |
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     service.start()
-    log.info("model worker %s on %s", service.worker.owner, store.engine.url.render_as_string(hide_password=True))
+    log.info("model worker %s on %s", service.worker.owner, shown_url(str(store.engine.url)))
     stop.wait()
     service.stop()
     store.close()

@@ -82,7 +82,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._halt = threading.Event()  # set once the worker threads have stopped: the heartbeat ends
-        self._wake = threading.Event()
+        self._wake = threading.Semaphore(0)  # one release wakes one thread (no herd of claims per stored generation)
         self._lock = threading.Lock()
         self.running: set[str] = set()
         """Generations this worker runs now."""
@@ -107,7 +107,8 @@ class Worker:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running generations and stop (queued ones stay in the store for any worker)."""
         self._stop.set()
-        self._wake.set()
+        for _ in self._threads:
+            self._wake.release()
         for t in self._threads[:-1]:
             t.join(timeout)
         self._halt.set()
@@ -116,8 +117,8 @@ class Worker:
         self._threads = []
 
     def notify(self) -> None:
-        """A generation was stored: look at the queue now."""
-        self._wake.set()
+        """A generation was stored: one idle thread looks at the queue now."""
+        self._wake.release()
 
     def _claim(self) -> Generation | None:
         try:
@@ -142,16 +143,14 @@ class Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._wake.wait(min(left, 0.01))
-            self._wake.clear()
+            self._wake.acquire(timeout=min(left, 0.01))
         return gens
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             gen = self._claim()
-            if gen is None:
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
+            if gen is None:  # the threads together look poll_s apart for generations other processes stored
+                self._wake.acquire(timeout=self.poll_s * self.threads)
                 continue
             gens = self._more(gen) if self.batch > 1 else [gen]
             with self._lock:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from pmgen.stages.select import DEFAULT_ALPHA
 
 GRID = tuple(i / 100 for i in range(101))
 """The α values the posterior lives on."""
@@ -74,7 +76,7 @@ class AlphaPosterior:
     n_events: int = 0
 
     @classmethod
-    def prior(cls, alpha: float = 2 / 3, strength: float = PRIOR_STRENGTH,
+    def prior(cls, alpha: float = DEFAULT_ALPHA, strength: float = PRIOR_STRENGTH,
               temperature: float = DEFAULT_TEMPERATURE) -> AlphaPosterior:
         """Beta(strength·α, strength·(1−α)) on the grid, centred on ``alpha`` (cold start)."""
         if not 0 < alpha < 1:
@@ -211,7 +213,7 @@ class UserBalance:
         return {"posterior": self.posterior.to_json(), "weights": self.weights.to_json()}
 
 
-def learn(events: Sequence[FeedbackEvent], prior_alpha: float = 2 / 3,
+def learn(events: Sequence[FeedbackEvent], prior_alpha: float = DEFAULT_ALPHA,
           temperature: float = DEFAULT_TEMPERATURE) -> UserBalance:
     """Replay a user's feedback events (oldest first) into their :class:`UserBalance`."""
     post = AlphaPosterior.prior(prior_alpha, temperature=temperature)
@@ -222,7 +224,7 @@ def learn(events: Sequence[FeedbackEvent], prior_alpha: float = 2 / 3,
     return UserBalance(post, stats)
 
 
-def balance_from_store(store: Any, user_id: str, prior_alpha: float = 2 / 3) -> UserBalance:
+def balance_from_store(store: Any, user_id: str, prior_alpha: float = DEFAULT_ALPHA) -> UserBalance:
     """Replay a user's feedback rows from a :class:`pmgen.data.store.Store` (each row names a stored
     generation whose record holds the shown candidates' scores)."""
     events = []
@@ -249,3 +251,15 @@ def open_store(data_root: Any = None, create: bool = False) -> Any:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     return Store.open(sqlite_url(path))
+
+
+def resolve_alpha(store: Any, user_id: str, default: float,
+                  balance_of: Callable[[str], UserBalance] | None = None) -> tuple[float, str] | None:
+    """The α a user's next generation uses when the request sets none: ``(α, source)`` learned from the
+    user's feedback in ``store`` (:meth:`UserBalance.alpha`, prior centred on ``default``), or ``None``
+    for a user without feedback (the preset's α then applies). ``balance_of``: a cached
+    ``user_id → UserBalance`` (the service's) instead of replaying the store."""
+    if store is None:
+        return None
+    b = balance_of(user_id) if balance_of is not None else balance_from_store(store, user_id, default)
+    return b.alpha(default) if b.n_events else None

@@ -79,7 +79,7 @@ class SoftPromptEncoder(nn.Module):
         self.cfg = cfg
         self.llm = llm  # not a submodule: its weights are frozen and never saved here
         self._name: str | None = None
-        mc = llm.model.config
+        mc = llm.config
         self.n_layers = int(mc.num_hidden_layers)
         self.n_kv = int(getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads)
         self.head_dim = int(getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads)
@@ -120,16 +120,15 @@ class SoftPromptEncoder(nn.Module):
         p = self.cfg.prefix_length
         cache = None
         if self.prefix is not None:
-            cache = DynamicCache(config=self.llm.model.config)
+            cache = DynamicCache(config=self.llm.config)
             for layer in range(self.n_layers):
                 k = self.prefix[layer, 0].unsqueeze(0).expand(b, -1, -1, -1)
                 v = self.prefix[layer, 1].unsqueeze(0).expand(b, -1, -1, -1)
                 cache.update(k, v, layer)
             mask = torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1)
         positions = (mask[:, p:].cumsum(-1) - 1).clamp(min=0) + p
-        out = self.llm.model.model(inputs_embeds=emb, attention_mask=mask, past_key_values=cache,
-                                   position_ids=positions, use_cache=cache is not None)
-        h = out.last_hidden_state
+        h = self.llm.hidden_states(emb, mask, past_key_values=cache, position_ids=positions,
+                                   use_cache=cache is not None)
         if self.cfg.use_img_tokens:
             soft = self.proj(h[:, -self.cfg.n_img:])
         else:
