@@ -238,3 +238,22 @@ def test_evaluate_users_seed_is_bounded(tmp_path):
                                        "--data-dir", str(tmp_path / "data")])
         assert res.exit_code == 2 and "Invalid value for '--users-seed'" in " ".join(res.output.split()), res.output
         assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_third_party_noise_is_off_unless_verbose(monkeypatch):
+    import os
+    import warnings
+
+    from pmgen.cli.app import quiet_third_party
+
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_third_party()
+        warnings.warn_explicit("a library's notice", UserWarning, "x.py", 1, module="transformers.x")
+        warnings.warn_explicit("pmgen's own warning", UserWarning, "y.py", 1, module="pmgen.stages.x")
+    assert [str(w.message) for w in caught] == ["pmgen's own warning"]
+    assert os.environ["TQDM_DISABLE"] == "1" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    r = runner.invoke(app, ["--verbose", "data", "list"])
+    assert r.exit_code == 0 and "--verbose" in runner.invoke(app, ["--help"]).output
+    assert "personalization" in runner.invoke(app, ["eval", "--help"]).output

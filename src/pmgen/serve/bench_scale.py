@@ -14,6 +14,7 @@ Bounded in count and time, 127.0.0.1 only; each server is stopped and its folder
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
 import time
 from contextlib import ExitStack
@@ -76,7 +77,11 @@ def _throughput(base: str, clients: int, generations: int, log: Callable[[str], 
                 mixed: bool = False) -> dict[str, Any]:
     """``clients`` clients submit ``generations`` 3-weight generations in all (``mixed``: each also sends
     two events before each generation, as the mixed load of `pmgen bench-serve` does 7 per generation);
-    generations/min from the first request to the last result, accept latency, accepted → done."""
+    generations/min from the first request to the last result, accept latency, accepted → done.
+
+    The mixed events carry a fresh random tag per call, so every generation's history is new to the
+    keyword cache (as new behaviour is in production) and no run profits from an earlier one's cache."""
+    tag = secrets.token_hex(4)
     rec = Recorder()
     accepted: list[str] = []
     per_client = [list(range(generations))[k::clients] for k in range(clients)]
@@ -89,7 +94,7 @@ def _throughput(base: str, clients: int, generations: int, log: Callable[[str], 
                 if mixed:  # the user's newest behaviours; they also change the history the keywords see
                     for e in range(2):
                         _send(cc, rec, "events", "POST", f"/v1/users/{user}/events",
-                              {"events": [{"type": "search", "text": f"bench {k} {j} {e}"}]}, 200)
+                              {"events": [{"type": "search", "text": f"bench {tag} {k} {j} {e}"}]}, 200)
                 _accept(cc, rec, "accept", {"user_id": user, "target_id": TARGET, "weights": list(WEIGHTS),
                                             "seed": j}, accepted)
 

@@ -100,22 +100,22 @@ class GenerationJobs:
     def _owner(self) -> str | None:
         return self.worker.owner if self.worker is not None else None
 
-    def _dispatch(self, gen: Generation) -> None:
-        """A dispatcher thread's job (with model replicas): run ``gen`` on a replica under this process's
-        lease. A call that fails (its replica died, Ray is away) gives the lease back, so the generation
-        is claimed again and runs on a live replica."""
+    def _dispatch(self, gens: list[Generation]) -> None:
+        """A dispatcher thread's job (with model replicas): run ``gens`` (a dynamic batch claimed from the
+        queue) on one replica under this process's leases. A call that fails (its replica died, Ray is
+        away) gives the leases back: the generations are claimed again in a moment and run on a live
+        replica."""
         owner = self.worker.owner
         try:
-            status, size = self.pool.run(gen.id, owner)
-            with self._balance_lock:
-                self.worker.batches[size] += 1
-        except Exception as e:  # noqa: BLE001 — any failure of the call: the generation goes back to the queue
-            log.warning("generation %s: the replica call failed (%s: %s); back to the queue",
-                        gen.id, type(e).__name__, e)
-            status = None
-        if status not in ("done", "failed"):  # claimable again in a moment: Ray routes away from a dead replica
-            self.store.release(gen.id, owner, after_s=min(2.0, self.lease_s / 3))
-        self.waits.changed(gen.id)
+            results = self.pool.run([(g.id, owner) for g in gens])
+        except Exception as e:  # noqa: BLE001 — any failure of the call: the generations go back to the queue
+            log.warning("generations %s: the replica call failed (%s: %s); back to the queue",
+                        ", ".join(g.id for g in gens), type(e).__name__, e)
+            results = [("lost", len(gens))] * len(gens)
+        for gen, (status, _) in zip(gens, results):
+            if status not in ("done", "failed"):  # claimable again in a moment (Ray routes away from a dead replica)
+                self.store.release(gen.id, owner, after_s=min(2.0, self.lease_s / 3))
+            self.waits.changed(gen.id)
 
     def run_generation(self, gen: Generation, owner: str | None = None) -> None:
         """Run one claimed generation on a worker thread and store its result (or its failure), as long

@@ -4,13 +4,14 @@ The API process stays a stateless ingress over the store; the models run in ``N`
 Serve deployment (:class:`ModelReplica`: Ray places them on the cluster, checks their health and
 restarts a replica that dies). The store's durable queue stays the source of truth:
 
-1. a dispatcher in each API process (a :class:`pmgen.serve.worker.Worker` whose threads call the
-   replicas instead of the models) claims a waiting generation, holds its lease with the heartbeat and
-   sends its id to the deployment;
-2. Ray Serve routes the call to a replica, where ``@serve.batch`` collects the calls that arrive together
-   (up to ``batch`` within ``batch_wait_s``) into one **dynamic batch**:
+1. a dispatcher in each API process (a :class:`pmgen.serve.worker.Worker` with one thread per replica,
+   whose threads call the replicas instead of the models) claims a **dynamic batch** from the queue —
+   a waiting generation and up to ``batch − 1`` more within ``batch_wait_s``, as the in-process worker
+   does — holds their leases with the heartbeat and sends their ids to the deployment in one call;
+2. Ray Serve routes the call to a free replica (one batch per replica at a time), which runs it:
    :meth:`pmgen.serve.service.Service.run_generations` (one LLM call for the keyword cache misses,
-   shared UNet batches) writes each result and finishes it in the store under the dispatcher's lease;
+   shared UNet batches; a lone generation the one-at-a-time way) writes each result and finishes it in
+   the store under the dispatcher's lease;
 3. a call that fails because its replica died gives the lease back (:meth:`pmgen.data.store.Store.release`):
    the generation is claimed again and runs on a live replica (``attempts`` counts it). An API process
    that dies stops renewing its leases; another API process claims them when they expire, and a replica
@@ -19,7 +20,7 @@ restarts a replica that dies). The store's durable queue stays the source of tru
     pool = ReplicaPool(functools.partial(PMG.from_preset, "sticker-tiny"), catalog, root=..., store_url=...,
                        replicas=2, batch=8)
     pool.start()                         # ray.init + serve.run; blocks until the replicas are up
-    pool.run(generation_id, owner)       # from a dispatcher thread; returns when the result is stored
+    pool.run([(generation_id, owner), ...])   # from a dispatcher thread; returns when the results are stored
     pool.stop()
 
 Needs ``pip install 'pmgen[ray]'`` (``ray[serve]``).
@@ -57,7 +58,7 @@ class ModelReplica:
     """
 
     def __init__(self, loader: Callable[[], Any], catalog: Dataset, root: str, store_url: str, lease_s: float,
-                 threads: int = 1, batch: int = 8, batch_wait_s: float = 0.05):
+                 threads: int = 1):
         import torch
 
         from pmgen.data.store import Store
@@ -66,14 +67,14 @@ class ModelReplica:
         torch.set_num_threads(max(1, threads))
         self.store = Store.open(store_url)
         self.service = Service(loader(), catalog, self.store, root, workers=0, lease_s=lease_s)
-        self.run.set_max_batch_size(batch)  # type: ignore[attr-defined]  # serve.batch's setters
-        self.run.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
         self.batches: dict[int, int] = {}
 
     async def run(self, calls: list[tuple[str, str]]) -> list[tuple[str, int]]:
         """A dynamic batch of ``(generation id, lease owner)``: each generation still held by its owner
         runs; returns per call its status (``"done"`` / ``"failed"``, or ``"lost"``: the lease went
         elsewhere) and the size of the batch it ran in."""
+        if not 1 <= len(calls) <= 32:
+            raise ValueError(f"a batch holds 1..32 generations, got {len(calls)}")
         gens, owners = [], []
         for gen_id, owner in calls:
             g = self.store.generation(gen_id)
@@ -97,14 +98,13 @@ class ModelReplica:
         self.store.queue_depth()
 
 
-def deployment(replicas: int, cpus: float, batch: int) -> Any:
-    """The Ray Serve deployment of :class:`ModelReplica` (``replicas`` copies, ``cpus`` each)."""
+def deployment(replicas: int, cpus: float) -> Any:
+    """The Ray Serve deployment of :class:`ModelReplica` (``replicas`` copies, ``cpus`` each, one batch
+    at a time each: Ray Serve sends a call to a free replica)."""
     from ray import serve
 
-    cls = type("ModelReplica", (ModelReplica,), {
-        "run": serve.batch(max_batch_size=batch, batch_wait_timeout_s=0.05)(ModelReplica.run)})
-    return serve.deployment(cls, name="ModelReplica", num_replicas=replicas,
-                            ray_actor_options={"num_cpus": cpus}, max_ongoing_requests=4 * batch,
+    return serve.deployment(ModelReplica, name="ModelReplica", num_replicas=replicas,
+                            ray_actor_options={"num_cpus": cpus}, max_ongoing_requests=1,
                             health_check_period_s=10, health_check_timeout_s=30)
 
 
@@ -134,14 +134,16 @@ class ReplicaPool:
         self.replicas, self.batch, self.batch_wait_s, self.cpus = replicas, batch, batch_wait_s, cpus
         self.lease_s, self.ray_address = lease_s, ray_address
         self.handle: Any = None
+        self.joined = False
+        """Whether this pool joined replicas another API process deployed on the cluster."""
         self._started_ray = False
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def concurrency(self) -> int:
-        """Dispatcher threads that keep every replica's batch full."""
-        return self.replicas * self.batch
+        """Dispatcher threads: one per replica, each with one batch out at a time."""
+        return self.replicas
 
     def start(self) -> None:
         """Start (or join) Ray, deploy the replicas and wait until they are up (their models loaded).
@@ -183,17 +185,21 @@ class ReplicaPool:
                          include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         serve.start(proxy_location="Disabled")  # the API is pmgen's own; no Serve HTTP proxy
-        app = deployment(self.replicas, self.cpus, self.batch).bind(
-            self.loader, self.catalog, self.root, self.store_url, self.lease_s, max(1, int(self.cpus)),
-            self.batch, self.batch_wait_s)
+        if self.ray_address and APP_NAME in serve.status().applications:  # another API process deployed it
+            self.handle = serve.get_app_handle(APP_NAME)
+            self.joined = True
+            log.info("joined the model replicas already running on %s", self.ray_address)
+            return
+        app = deployment(self.replicas, self.cpus).bind(
+            self.loader, self.catalog, self.root, self.store_url, self.lease_s, max(1, int(self.cpus)))
         self.handle = serve.run(app, name=APP_NAME, route_prefix=None)
         log.info("%d model replica(s) up on Ray Serve", self.replicas)
 
-    def run(self, gen_id: str, owner: str) -> tuple[str, int]:
-        """Run one claimed generation on a replica (blocks; batched there with concurrent calls): its
-        status afterwards and the size of the batch it ran in."""
-        status, size = self.handle.run.remote((gen_id, owner)).result(timeout_s=CALL_TIMEOUT_S)
-        return str(status), int(size)
+    def run(self, calls: list[tuple[str, str]]) -> list[tuple[str, int]]:
+        """Run claimed generations ``(id, lease owner)`` together on a replica (blocks): each one's status
+        afterwards and the size of the batch it ran in."""
+        got = self.handle.run.remote(list(calls)).result(timeout_s=CALL_TIMEOUT_S)
+        return [(str(status), int(size)) for status, size in got]
 
     def info(self) -> list[dict[str, Any]]:
         """Each live replica's :meth:`ModelReplica.info` (Ray Serve routes each call to some replica:
@@ -205,7 +211,8 @@ class ReplicaPool:
         return list(seen.values())
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Delete the replicas (and stop the local Ray this pool started)."""
+        """Delete the replicas and stop the local Ray this pool started; on a cluster (``ray_address``)
+        the replicas keep serving the other API processes (remove them with ``serve shutdown``)."""
         self._halt.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -214,6 +221,8 @@ class ReplicaPool:
         try:
             from ray import serve
 
+            if self.ray_address:  # a cluster's replicas serve every API process: they stay (`serve shutdown`)
+                return
             serve.delete(APP_NAME)
             if self._started_ray:
                 import ray

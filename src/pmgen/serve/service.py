@@ -79,7 +79,7 @@ class Service(GenerationJobs):
         batch: most generations a worker thread runs together (dynamic batching; 1: one at a time).
         pool: model replicas on Ray Serve (:class:`pmgen.serve.ray_replicas.ReplicaPool`): this process's
             worker threads then only claim generations and hand them to the replicas (``workers`` is
-            ignored; the pool's ``concurrency`` threads keep every replica's batch full).
+            ignored; one dispatcher thread per replica claims dynamic batches of up to ``pool.batch``).
     """
 
     def __init__(self, pmg: Any, catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
@@ -103,7 +103,9 @@ class Service(GenerationJobs):
         self.pool = pool
         self.lease_s = lease_s
         if pool is not None:
-            self.worker: Worker | None = Worker(store, self._dispatch, lease_s=lease_s, threads=pool.concurrency)
+            self.worker: Worker | None = Worker(store, lambda gen: self._dispatch([gen]), lease_s=lease_s,
+                                                threads=pool.concurrency, batch=pool.batch, run_many=self._dispatch,
+                                                batch_wait_s=pool.batch_wait_s)
         elif workers:
             self.worker = Worker(store, self.run_generation, lease_s=lease_s, threads=workers, batch=batch,
                                  run_many=self.run_generations)
