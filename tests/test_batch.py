@@ -77,8 +77,8 @@ def shipped_generator_pmg():
     p = get_preset("sticker-tiny")
     gen = load_generator(p)
     te = load_text_encoder(p, gen)
-    settings = Settings(weights=(0, 1, 2), seed=0, strength=p.strength, num_inference_steps=10,
-                        guidance_scale=p.guidance_scale)
+    settings = Settings(weights=(0, 1, 2), seed=0, strength=p.settings.strength, num_inference_steps=10,
+                        guidance_scale=p.settings.guidance_scale)
     return PMG(p, StubLLM(), te, gen, load_scorer(p, "selector", te), settings=settings)
 
 

@@ -13,7 +13,7 @@ import torch
 from pmgen.stages.condition import ConditionBuilder
 from pmgen.data.schema import Item, Sample
 from pmgen.stages.keywords import target_keywords
-from pmgen.train import composites as comp
+from pmgen import composites as comp
 from pmgen.train import generator as train
 
 L = 24  # token positions of the tiny text states (no keyword text here is longer)

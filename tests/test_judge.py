@@ -16,7 +16,7 @@ def test_judge_images_are_the_target_the_truth_and_composites_of_a_safe_taste_st
     from pmgen.data.datasets.sticker_users import taste_by_name
     from pmgen.eval.evaluate import evaluation_samples
     from pmgen.eval.judge import ROWS, judge_images
-    from pmgen.train.composites import heldout_from_sticker_users
+    from pmgen.composites import heldout_from_sticker_users
 
     ds = datasets.load("sticker-users", data_root)
     samples = evaluation_samples(ds, 6, split="val")

@@ -48,9 +48,9 @@ def test_registry_has_both_presets_with_every_role():
 
 def test_preset_overrides_are_checked():
     p = get_preset("sticker-tiny", strength=0.4, num_inference_steps=10)
-    assert p.strength == 0.4 and p.num_inference_steps == 10
-    assert PRESETS["sticker-tiny"].strength == 0.6  # the registry itself is untouched
-    assert get_preset("sticker-tiny", strength=1).strength == 1.0
+    assert p.settings.strength == 0.4 and p.settings.num_inference_steps == 10
+    assert PRESETS["sticker-tiny"].settings.strength == 0.6  # the registry itself is untouched
+    assert get_preset("sticker-tiny", strength=1).settings.strength == 1.0
     with pytest.raises(TypeError, match="unknown preset field"):
         get_preset("sticker-tiny", strenght=0.5)
     with pytest.raises(TypeError, match="expects int"):

@@ -153,6 +153,17 @@ def test_sigkill_under_load_then_restart_loses_nothing_acknowledged(tmp_path, st
 N_GENERATIONS = 10
 
 
+def _submit(c: httpx.Client, n: int) -> list[str]:
+    """User ``w`` with one event, then ``n`` 3-weight generations (seeds 0..n-1) accepted; their ids."""
+    assert c.post("/v1/users/w/events", json={"events": [{"type": "search", "text": "cats"}]}).status_code == 200
+    ids = []
+    for i in range(n):
+        r = c.post("/v1/generations", json={"user_id": "w", "target_id": "a", "weights": [0, 1, 2], "seed": i})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
 def test_sigkill_of_one_model_worker_process_loses_no_generation(tmp_path, store_url):
     """A stateless API process (no model worker) and two worker processes on one store; SIGKILL the
     worker that is running a generation while 10 are queued or running: the other worker takes the
@@ -168,12 +179,7 @@ def test_sigkill_of_one_model_worker_process_loses_no_generation(tmp_path, store
                                 extra=("--worker-only", *LEASE)) for k in range(2)]
         procs += workers
         with httpx.Client(base_url=base, timeout=70) as c:
-            assert c.post("/v1/users/w/events", json={"events": [{"type": "search", "text": "cats"}]}).status_code == 200
-            ids = []
-            for i in range(N_GENERATIONS):
-                r = c.post("/v1/generations", json={"user_id": "w", "target_id": "a", "weights": [0, 1, 2], "seed": i})
-                assert r.status_code == 202, r.text
-                ids.append(r.json()["id"])
+            ids = _submit(c, N_GENERATIONS)
             # wait until a worker runs a generation, then kill that worker's process
             store = _open_store(store_url, state)
             victim = deadline = None
@@ -233,12 +239,7 @@ def test_sigkill_of_one_ray_serve_replica_loses_no_generation(tmp_path, store_ur
         wait_ready(base, api, timeout=300)
         with httpx.Client(base_url=base, timeout=70) as c:
             assert c.get("/readyz").json()["replicas"] == 2
-            assert c.post("/v1/users/w/events", json={"events": [{"type": "search", "text": "cats"}]}).status_code == 200
-            ids = []
-            for i in range(N_GENERATIONS):
-                r = c.post("/v1/generations", json={"user_id": "w", "target_id": "a", "weights": [0, 1, 2], "seed": i})
-                assert r.status_code == 202, r.text
-                ids.append(r.json()["id"])
+            ids = _submit(c, N_GENERATIONS)
             store = _open_store(store_url, state)
             deadline = time.monotonic() + 120
             while not any(g.status == "running" for g in store.unfinished()) and time.monotonic() < deadline:

@@ -16,11 +16,14 @@ import html
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from pmgen.data.schema import Dataset, Sample
 from pmgen.report import CREDIT, side_by_side
 from pmgen.data.requests import from_dataset
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 
 def pick_samples(ds: Dataset, n_users: int = 4, split: str = "test", target_key: str | None = None) -> list[Sample]:
@@ -50,7 +53,7 @@ def pick_samples(ds: Dataset, n_users: int = 4, split: str = "test", target_key:
     return chosen
 
 
-def run_demo(pmg: Any, ds: Dataset, out: Path, n_users: int = 4, target_key: str | None = None,
+def run_demo(pmg: PMG, ds: Dataset, out: Path, n_users: int = 4, target_key: str | None = None,
              log: Any = print) -> Path:
     """Generate the demo picture and pages into ``out``; returns the picture's path."""
     from pmgen.paths import prepare_batch_root

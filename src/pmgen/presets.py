@@ -10,6 +10,8 @@ Nothing outside this module names a model. A model reference is one of:
 * anything else — a Hugging Face id or a local path (loaded offline; a clear error if absent).
 
     >>> preset = get_preset("sticker-tiny", strength=0.5)   # overrides are type-checked
+    >>> preset.settings.strength
+    0.5
     >>> gen = load_generator(preset)
 """
 
@@ -21,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pmgen.settings import Settings
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 MAX_ENSEMBLE = 8
@@ -36,22 +40,16 @@ class Preset:
         llm, text_encoder, generator, selector, evaluator: model references (see module docstring).
         generator_kind: ``"sticker"`` (pmgen's small latent diffusion) or ``"stable-diffusion"``.
         image_size: output side in pixels.
-        strength: default image-to-image strength (the target item's image is the init).
-        num_inference_steps, guidance_scale: sampler settings.
         text_max_length: token length of the generator's text condition.
         soft_prompt: reference to trained soft-prompt weights (``""`` = soft embeddings off).
         history_images: reference to a trained history-image encoder (``""`` = none; see
             :mod:`pmgen.stages.history_images`); used when a request sets ``use_history_images``.
         history_images_tower: the scorer whose image embeddings that encoder reads, the one it was
             trained on (``""`` = the selector).
-        mode, alpha, target_text, contrast: the default weighting mode and selection (see
-            :class:`pmgen.pipeline.Settings`); a request can override each.
-        preference_text: what d_p compares candidates with (keywords | history | both; see
-            :class:`pmgen.pipeline.Settings`).
         preference_background: reference to a JSON file ``{"texts": [...]}`` of other users'
             preference texts, the background of ``contrast`` (``""`` = none).
-        inversion, keep, exemplars: how candidates start from the target's image and how many catalog
-            exemplars are redrawn beside them (see :class:`pmgen.pipeline.Settings`).
+        settings: the preset's generation settings (:class:`pmgen.settings.Settings`: weights, α,
+            sampler, weighting mode, selection, inversion, exemplars); a request overrides each.
     """
 
     name: str
@@ -63,37 +61,22 @@ class Preset:
     evaluator: str
     generator_kind: str = "sticker"
     image_size: int = 64
-    strength: float = 0.6
-    num_inference_steps: int = 20
-    guidance_scale: float = 4.0
     text_max_length: int = 32
     soft_prompt: str = ""
     history_images: str = ""
     history_images_tower: str = ""
-    mode: str = "concat"
-    alpha: float = 2 / 3
-    target_text: str = "keywords"
-    contrast: float = 0.0
     preference_background: str = ""
-    preference_text: str = "keywords"
-    inversion: str = "off"
-    keep: float = 1.0
-    exemplars: int = 0
+    settings: Settings = dataclasses.field(default_factory=Settings)
 
     def __post_init__(self) -> None:
         if self.generator_kind not in ("sticker", "stable-diffusion"):
             raise ValueError(f"generator_kind must be 'sticker' or 'stable-diffusion', got {self.generator_kind!r}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
-        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.contrast <= 1.0:
-            raise ValueError(f"alpha and contrast must be in [0, 1], got {self.alpha}, {self.contrast}")
-        # pmgen.stages.select.PREFERENCE_SOURCES, spelled out: importing it would load torch with the presets
-        if self.preference_text not in ("keywords", "history", "both"):
-            raise ValueError(f"preference_text must be keywords, history or both, got {self.preference_text!r}")
-        if self.contrast > 0 and not self.preference_background:
+        if not isinstance(self.settings, Settings):
+            raise TypeError(f"settings must be a pmgen.settings.Settings, got {type(self.settings).__name__}")
+        if self.settings.contrast > 0 and not self.preference_background:
             raise ValueError("a preset with contrast > 0 must name a preference_background")
-        if self.num_inference_steps < 1 or self.guidance_scale < 0 or self.image_size < 8:
-            raise ValueError("num_inference_steps >= 1, guidance_scale >= 0 and image_size >= 8 are required")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
 
 PRESETS: dict[str, Preset] = {
@@ -114,11 +97,8 @@ PRESETS: dict[str, Preset] = {
         # chosen on the val users (docs/results.md, "Choosing with a background"): the preference composed with the
         # target, d_t to the title (d_p against other users' preferences with --preference-text keywords|both);
         # the paper's is concat / keywords / keywords / no contrast
-        mode="compose",
-        target_text="title",
-        preference_text="history",
-        contrast=1.0,
         preference_background="zoo:sticker-tiny/preference-background.json",
+        settings=Settings(mode="compose", target_text="title", preference_text="history", contrast=1.0),
     ),
     "sd15": Preset(
         name="sd15",
@@ -131,10 +111,8 @@ PRESETS: dict[str, Preset] = {
         evaluator="openai/clip-vit-large-patch14",
         generator_kind="stable-diffusion",
         image_size=512,
-        strength=0.6,
-        num_inference_steps=30,
-        guidance_scale=7.5,
         text_max_length=77,
+        settings=Settings(strength=0.6, num_inference_steps=30, guidance_scale=7.5),
     ),
 }
 DEFAULT_PRESET = "sticker-tiny"
@@ -142,22 +120,27 @@ ROLES = ("llm", "text_encoder", "generator", "selector", "evaluator")
 
 
 def get_preset(name: str = DEFAULT_PRESET, **overrides: Any) -> Preset:
-    """A registered preset, with fields overridden (unknown fields are rejected with the valid names)."""
+    """A registered preset, with fields overridden: its own (models, image size) and those of its
+    :class:`~pmgen.settings.Settings` (``strength=0.5``), type-checked; unknown names are rejected with
+    the valid ones."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    valid = {f.name for f in dataclasses.fields(Preset)} - {"name"}
-    bad = sorted(set(overrides) - valid)
+    own = {f.name for f in dataclasses.fields(Preset)} - {"name", "settings"}
+    tunable = {f.name for f in dataclasses.fields(Settings)}
+    bad = sorted(set(overrides) - own - tunable)
     if bad:
-        raise TypeError(f"unknown preset field(s) {bad}; valid fields: {', '.join(sorted(valid))}")
+        raise TypeError(f"unknown preset field(s) {bad}; valid fields: {', '.join(sorted(own | tunable))}")
     preset = PRESETS[name]
+    mine, theirs = {}, {}
     for k, v in overrides.items():
-        expected = type(getattr(preset, k))
+        expected = type(getattr(preset if k in own else preset.settings, k))
         if expected is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
-        if not isinstance(v, expected):
+        if expected is not type(None) and not isinstance(v, expected):
             raise TypeError(f"preset field {k!r} expects {expected.__name__}, got {type(v).__name__} ({v!r})")
-        overrides[k] = v
-    return dataclasses.replace(preset, **overrides)
+        (mine if k in own else theirs)[k] = v
+    settings = dataclasses.replace(preset.settings, **theirs) if theirs else preset.settings
+    return dataclasses.replace(preset, **mine, settings=settings)
 
 
 def resolve(ref: str) -> Path | str:

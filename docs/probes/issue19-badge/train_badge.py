@@ -1,6 +1,6 @@
 """Probe (issue 19): a badge-inpainting UNet. Fine-tuned from the shipped sticker generator with 5 more
 input channels (box mask + latents of the image with the box whitened, zero-initialised), on badge
-composites of training targets (pmgen.train.composites.render, mode badge): the target full size, a taste
+composites of training targets (pmgen.composites.render, mode badge): the target full size, a taste
 sticker in a corner box; the condition describes only what goes in the box (a taste keyword list, or
 the element's title). Val/test targets and ground truths are never targets or elements.
 
@@ -33,7 +33,7 @@ from pmgen.models.text_encoder import TextEncoder
 from pmgen.paths import cache_dir
 from pmgen.presets import ZOO
 from pmgen.stages.condition import keywords_text
-from pmgen.train import composites as C
+from pmgen import composites as C
 from pmgen.train.losses import min_snr_weight
 from pmgen.train.run import atomic_save
 

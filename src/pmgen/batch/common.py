@@ -17,10 +17,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TYPE_CHECKING
 
 from pmgen.data.requests import Request
 from pmgen.paths import RESULT_MARKER, UnsafePathError, check_id, inside
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 ATTEMPTS_DIR = ".pmgen-attempts"
 DEFAULT_GROUP_SIZE = 8
@@ -184,7 +187,7 @@ def write_index(out: Path, lines: dict[str, int] | None = None) -> list[dict[str
     return rows
 
 
-def plan_group(pmg: Any, reqs: Sequence[Request], alpha_of: Callable[[str], Any] | None,
+def plan_group(pmg: PMG, reqs: Sequence[Request], alpha_of: Callable[[str], Any] | None,
                keywords: dict[int, tuple[Any, float]] | None = None,
                soft: dict[int, tuple[Any, float]] | None = None) -> list[Any | Exception]:
     """:meth:`PMG.plan` for every request of a group (an exception in place of a failed one), with the
@@ -206,7 +209,7 @@ def plan_group(pmg: Any, reqs: Sequence[Request], alpha_of: Callable[[str], Any]
     return plans
 
 
-def keywords_for_group(pmg: Any, reqs: Sequence[Request]) -> dict[int, tuple[Any, float]]:
+def keywords_for_group(pmg: PMG, reqs: Sequence[Request]) -> dict[int, tuple[Any, float]]:
     """Preference keywords of every request in a group that needs them: cache lookups first, then the
     misses in one batched LLM call when the extractor has ``extract_many`` (else one by one).
 
@@ -238,7 +241,7 @@ def keywords_for_group(pmg: Any, reqs: Sequence[Request]) -> dict[int, tuple[Any
     return out
 
 
-def soft_for_group(pmg: Any, reqs: Sequence[Request]) -> dict[int, tuple[Any, float]]:
+def soft_for_group(pmg: PMG, reqs: Sequence[Request]) -> dict[int, tuple[Any, float]]:
     """Soft embeddings of every request that uses them, one user at a time (:meth:`PMG.soft_embeddings`:
     the single-request numbers; a padded batch would change them)."""
     s = pmg.settings

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import torch
 
 from pmgen.models.generator import img2img_timesteps
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LENGTH_STEP = 32
@@ -61,7 +64,7 @@ def _bucket(length: int, step: int) -> int:
     return -(-length // step) * step
 
 
-def render_many(pmg: Any, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE,
+def render_many(pmg: PMG, plans: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE,
                 length_step: int = DEFAULT_LENGTH_STEP) -> list[torch.Tensor]:
     """Candidates of every plan (:meth:`pmgen.pipeline.PMG.plan`), ``[N_i, 3, H, W]`` each, in order.
 

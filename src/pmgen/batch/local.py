@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import torch
 
@@ -37,8 +37,11 @@ from pmgen.data.requests import Request
 from pmgen.paths import inside
 from pmgen.progress import progress_bar
 
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
-def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
+
+def run_batch(pmg: PMG, batch: Path, out: Path, data_root: Path | None = None, console: Any = None,
               err: Any = None, requests: list[tuple[int, Request | Exception]] | None = None,
               alpha_of: Callable[[str], tuple[float, str] | None] | None = None, group_size: int = 1,
               unet_batch: int = DEFAULT_BATCH_SIZE, stats: dict[str, Any] | None = None,
@@ -136,7 +139,7 @@ def run_batch(pmg: Any, batch: Path, out: Path, data_root: Path | None = None, c
     return done, failed
 
 
-def run_group(pmg: Any, reqs: list[Request], alpha_of: Callable[[str], Any] | None,
+def run_group(pmg: PMG, reqs: list[Request], alpha_of: Callable[[str], Any] | None,
               unet_batch: int = DEFAULT_BATCH_SIZE, kws: Any = None, soft: Any = None) -> list[Any]:
     """One group: keywords (cache first, misses batched) and soft embeddings unless given, plans, the
     candidates of all in shared UNet batches, selection. A :class:`pmgen.pipeline.GenerationResult`

@@ -226,7 +226,7 @@ def evaluate_judge(
     from pmgen.eval.grading import sticker_grader
     from pmgen.eval.judge import bound_sentence, judge_check, judge_table, write_judge_outputs
     from pmgen.presets import get_preset, load_scorer
-    from pmgen.train.composites import heldout_from_sticker_users
+    from pmgen.composites import heldout_from_sticker_users
 
     if split not in ("val", "test"):
         _fail(f"--split must be val or test, got {split!r}", 2)

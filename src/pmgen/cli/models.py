@@ -32,8 +32,9 @@ def models_list() -> None:
             console.print(f"  {role:13s} {getattr(p, role)}", highlight=False)
         console.print(f"  soft_prompt   {p.soft_prompt or '(off: no trained soft prompt in this preset)'}",
                       highlight=False)
-        console.print(f"  settings      {p.image_size}px, strength {p.strength}, {p.num_inference_steps} steps, "
-                      f"guidance {p.guidance_scale}", highlight=False)
+        st = p.settings
+        console.print(f"  settings      {p.image_size}px, strength {st.strength}, {st.num_inference_steps} steps, "
+                      f"guidance {st.guidance_scale}, mode {st.mode}, α {st.alpha:.3g}", highlight=False)
 
 
 @models_app.command("check")
@@ -125,7 +126,7 @@ def models_report(
     te = load_text_encoder(p, gen)
     ev = load_scorer(p, "evaluator", te)
     folder = out or Path(resolve(p.generator)) / "report"
-    quality_report(gen, te, ev, folder, n_items=n_items, default_strength=p.strength, steps=p.num_inference_steps,
-                   guidance=p.guidance_scale, seed=seed or 0, data_root=data_dir_,
+    quality_report(gen, te, ev, folder, n_items=n_items, default_strength=p.settings.strength,
+                   steps=p.settings.num_inference_steps, guidance=p.settings.guidance_scale, seed=seed or 0, data_root=data_dir_,
                    log=lambda m: console.print(m, highlight=False))
     console.print(f"[green]✓[/] {folder}/quality.json, strength_curve.png, samples.png")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional, TYPE_CHECKING
 
 import typer
 
 from pmgen.cli.app import DataDirOpt, PresetOpt, _fail, _load_pmg, _print_table, console, eval_command, progress_bar
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 QUICK_USERS = 150
 QUICK_SEEDS = 2
@@ -29,7 +32,7 @@ def _stage_progress() -> Iterator[Any]:
         yield progress
 
 
-def _feature_models(pmg: Any, data: Any, need_images: bool) -> tuple[Any, dict[str, str]]:
+def _feature_models(pmg: PMG, data: Any, need_images: bool) -> tuple[Any, dict[str, str]]:
     """A loaded PMG's models as :class:`~pmgen.eval.recommendation_features.FeatureModels` (+ their names)."""
     from pmgen.data.images import load_image
     from pmgen.eval.movielens import encoder_text_vectors

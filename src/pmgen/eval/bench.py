@@ -18,9 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 BUDGETS_S = {"preference_keywords_cold": 3.0, "soft_embeddings": 0.3, "candidate_img2img": 0.5,
              "generate_3_weights_warm": 5.0, "generate_cold_process": 30.0}
@@ -163,7 +166,7 @@ def run_bench(preset: str = "sticker-tiny", n: int = 5, data_root: Path | None =
     return results
 
 
-def _five_weights(pmg: Any, reqs: list[Any], log: Callable[[str], None]) -> dict[str, Any]:
+def _five_weights(pmg: PMG, reqs: list[Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Warm 5-weight generation with the preset's start (inversion, exemplars) against SDEdit alone (the
     start before issue 41), interleaved request by request; the retrieval's share; a 100,000-item index."""
     from pmgen.stages.retrieve import ExemplarIndex

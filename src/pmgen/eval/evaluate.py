@@ -22,11 +22,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from pmgen.data.requests import from_dataset
 from pmgen.data.schema import Dataset, Sample
 from pmgen.eval.grading import Grader
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 REFERENCE = "target image"
 """The pseudo-method of :func:`run_methods` ``reference=True``: the real target image, graded as is."""
@@ -145,7 +148,7 @@ def history_item_ids(user: Any, limit: int = 12) -> list[str]:
     return recent_item_ids(user.events, limit)
 
 
-def run_methods(pmg: Any, grader: Grader, ds: Dataset, samples: Sequence[Sample], methods: Sequence[Method],
+def run_methods(pmg: PMG, grader: Grader, ds: Dataset, samples: Sequence[Sample], methods: Sequence[Method],
                 progress: Callable[[int, int], None] | None = None, keep_images: int = 0,
                 soft_loader: Callable[[str], Any] | None = None, reference: bool = False
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:

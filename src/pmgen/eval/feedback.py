@@ -24,9 +24,12 @@ import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 from pmgen.stages.feedback import DEFAULT_TEMPERATURE, AlphaPosterior, z_values
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 USER_TYPES = ((0.2, "item-keeper"), (0.5, "balanced"), (0.85, "taste-seeker"))
 METHODS = ("fixed", "global", "learned", "thompson")
@@ -135,7 +138,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]
     return out
 
 
-def candidate_rounds(pmg: Any, grader: Any, ds: Any, split: str, n_users: int, n_rounds: int, cache: Path,
+def candidate_rounds(pmg: PMG, grader: Any, ds: Any, split: str, n_users: int, n_rounds: int, cache: Path,
                      seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, list[Round]]:
     """Generate (or read from ``cache``, a JSONL file, resumable) ``n_rounds`` requests for ``n_users`` users."""
     from pmgen.data.requests import from_dataset

@@ -1,7 +1,7 @@
 """What can the evaluator credit as "the target, in this user's taste"? (``pmgen evaluate-judge``)
 
 No generation: real catalog images, and composites of them drawn by
-:func:`pmgen.train.composites.render` (the target with an element of the user's hidden taste as a
+:func:`pmgen.composites.render` (the target with an element of the user's hidden taste as a
 badge, beside it, as its palette or as a pattern behind it), are graded exactly as ``pmgen evaluate``
 grades a generated sticker (:class:`pmgen.eval.grading.Grader`). Each row is a kind of image any
 generator could at best produce; its "both at once" (target in the top 5 of 100 names **and** the
@@ -63,7 +63,7 @@ def judge_images(ds: Any, samples: Sequence[Any], heldout_images: set[str], seed
     each ``[1, 3, 64, 64]`` in [0, 1]. Taste elements are drawn (``seed``) from the catalog stickers of
     the user's hidden taste (not the target itself), never from ``heldout_images`` or skin-tone variants."""
     from pmgen.data.datasets.sticker_users import taste_by_name
-    from pmgen.train import composites as C
+    from pmgen import composites as C
 
     cache: dict[str, np.ndarray] = {}
 
@@ -168,7 +168,7 @@ def judge_check(grader: Grader, ds: Any, samples: Sequence[Any], heldout_images:
     summary = {row: {m: mean_ci([g[m] for _, g in rs if m in g], [u for u, g in rs if m in g], seed)
                      for m in METRICS if any(m in g for _, g in rs)}
                for row, rs in graded.items() if rs}
-    return {"protocol": "real catalog images and composites of them (pmgen.train.composites.render), graded as "
+    return {"protocol": "real catalog images and composites of them (pmgen.composites.render), graded as "
                         "`pmgen evaluate` grades a generated sticker; no generation",
             "n_samples": len(samples), "seed": seed, "summary": summary,
             "substitution_bound": substitution_bound(pairs) if graded["ground truth"] else None,

@@ -23,7 +23,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -158,14 +158,6 @@ def check_chat_ids(tokenizer: Any, messages: Sequence[Message], ids: Sequence[in
 
 class ModelNotAvailable(FileNotFoundError):
     """A model's weights are not available locally (pmgen never downloads at run time)."""
-
-
-class ChatModel(Protocol):
-    """What keyword extraction needs: turn chat messages into a reply."""
-
-    name: str
-
-    def chat(self, messages: Sequence[Message], max_new_tokens: int = 48, **decoding: Any) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import asyncio
 import ipaddress
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TYPE_CHECKING
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -47,6 +47,9 @@ from pmgen.serve.metrics import CONTENT_TYPE, metrics_registry, render
 from pmgen.serve.service import MAX_WAIT_S, Service
 from pmgen.serve.worker import LEASE_S
 from pmgen.data.store import STORE_FILE, Store, sqlite_url
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 STATIC = Path(__file__).parent / "static"
 
@@ -110,7 +113,7 @@ def _field(loc: tuple[Any, ...]) -> str | None:
 
 # ---------------------------------------------------------------------------------------- the app
 
-def create_app(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str | None = None,
+def create_app(pmg: PMG | Callable[[], PMG], catalog: Dataset, *, root: str | Path, store_url: str | None = None,
                host: str = "127.0.0.1", token: str | None = None, public_read: bool = False,
                cors_origins: tuple[str, ...] = (), limits: Limits = LIMITS, queue_size: int = 16,
                waits_per_client: int = 16, body_timeout: float = 30.0, workers: int = 1,

@@ -190,9 +190,12 @@ def local_server(preset: str, data_dir: Path, log: Callable[[str], None], *args:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({proc.returncode}); see {tmp / 'server.log'}")
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                r = httpx.get(f"{base}/readyz", timeout=2)
+                if r.status_code == 200:
                     break
-            except httpx.HTTPError:
+                if r.status_code == 503 and r.json().get("error"):  # the models failed to load: no use waiting
+                    raise RuntimeError(f"the server cannot load its models: {r.json()['error']}; see {tmp / 'server.log'}")
+            except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() - t0 > 600:
                 raise TimeoutError("server not ready after 600 s")

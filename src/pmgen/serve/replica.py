@@ -15,17 +15,20 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Callable, TYPE_CHECKING
 
 from pmgen.data.schema import Dataset
 from pmgen.data.store import STORE_FILE, Store, shown_url, sqlite_url
 from pmgen.serve.service import Service
 from pmgen.serve.worker import LEASE_S
 
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
+
 log = logging.getLogger(__name__)
 
 
-def run_worker(pmg: Any, catalog: Dataset, *, root: str | Path, store_url: str | None = None, threads: int = 1,
+def run_worker(pmg: PMG | Callable[[], PMG], catalog: Dataset, *, root: str | Path, store_url: str | None = None, threads: int = 1,
                lease_s: float = LEASE_S, stop: threading.Event | None = None, batch: int = 1) -> None:
     """Run generations from the store until ``stop`` is set (or SIGTERM / SIGINT arrives, in the main thread).
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TYPE_CHECKING
 
 from pmgen.data.schema import Dataset, Event, Item
 from pmgen.limits import LIMITS, Limits
@@ -46,6 +46,9 @@ from pmgen.serve.waiting import RECHECK_S, Waits
 from pmgen.serve.worker import LEASE_S, Worker
 from pmgen.stages.feedback import FeedbackEvent, UserBalance, learn
 from pmgen.stages.select import DEFAULT_ALPHA
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class Service(GenerationJobs):
             ignored; one dispatcher thread per replica claims dynamic batches of up to ``pool.batch``).
     """
 
-    def __init__(self, pmg: Any, catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
+    def __init__(self, pmg: PMG | Callable[[], PMG], catalog: Dataset, store: Store, root: str | Path, limits: Limits = LIMITS,
                  queue_size: int = 16, waits_per_client: int = 16, workers: int = 1, lease_s: float = LEASE_S,
                  batch: int = 1, pool: Any = None):
         if queue_size < 1:

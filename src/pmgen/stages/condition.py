@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-WEIGHTING_MODES = ("concat", "guidance", "compose")
+from pmgen.settings import WEIGHTING_MODES  # noqa: E402,F401  (re-exported)
 COMPOSE_SCALE = 2.0
 """``"compose"`` mode: the preference's guidance scale per unit of weight (``w = 1`` → ``c·w = 2``)."""
 log = logging.getLogger(__name__)

@@ -28,11 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from pmgen.settings import MAX_EXEMPLARS  # noqa: F401  (re-exported)
 from pmgen.stages.select import to_unit, z_score
 
 log = logging.getLogger(__name__)
-MAX_EXEMPLARS = 8
-"""Most exemplars per request (each one costs an inversion and a candidate)."""
 INDEX_FORMAT = 1
 
 

@@ -33,20 +33,14 @@ background"): at the same accuracy it finds about twice the taste of the plain `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-DEFAULT_ALPHA = 2 / 3
-MAX_WEIGHT = 16.0
-"""Largest preference weight accepted (the condition grows by one preference unit per 1.0)."""
-MAX_WEIGHTS = 16
-"""Most candidate weights per request."""
-PREFERENCE_SOURCES = ("keywords", "history", "both")
-"""What d_p compares a candidate with (:func:`select`)."""
-
+from pmgen.settings import (  # noqa: F401  (re-exported)
+    DEFAULT_ALPHA, MAX_WEIGHT, MAX_WEIGHTS, PREFERENCE_SOURCES, weight_grid,
+)
 
 def to_unit(cos: torch.Tensor) -> torch.Tensor:
     """Cosine similarity in [-1, 1] → (0, 1]."""
@@ -169,19 +163,3 @@ def select(images: torch.Tensor, selector: Any, target_text: str, preference_tex
                      d_h=[float(v) for v in d_h] if d_h is not None else None)
 
 
-def weight_grid(spec: str | Sequence[float]) -> list[float]:
-    """Parse ``"0,0.5,1"`` (or a sequence) into sorted unique weights in [0, MAX_WEIGHT]; 0 always included.
-
-    At most :data:`MAX_WEIGHTS` distinct weights (each one is a generated candidate).
-    """
-    parts = [v for v in (spec.split(",") if isinstance(spec, str) else spec) if str(v).strip() != ""]
-    try:
-        vals = [float(v) for v in parts]
-    except (TypeError, ValueError):
-        raise ValueError(f"weights must be comma-separated numbers such as '0,0.5,1', got {spec!r}") from None
-    if any(not math.isfinite(v) or not 0 <= v <= MAX_WEIGHT for v in vals):
-        raise ValueError(f"weights must be finite numbers in [0, {MAX_WEIGHT:g}], got {spec!r}")
-    out = sorted(set(vals) | {0.0})
-    if len(out) > MAX_WEIGHTS:
-        raise ValueError(f"at most {MAX_WEIGHTS} weights (one candidate each), got {len(out)}")
-    return out

@@ -14,14 +14,17 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from pmgen.paths import write_text_atomically
+
+if TYPE_CHECKING:
+    from pmgen.pipeline import PMG
 
 FORMAT = "pmgen-preference-background"
 
 
-def preference_texts(pmg: Any, ds: Any, split: str = "train", n_users: int = 240, seed: int = 0,
+def preference_texts(pmg: PMG, ds: Any, split: str = "train", n_users: int = 240, seed: int = 0,
                      batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> list[str]:
     """The joined preference keywords of ``n_users`` users of ``split`` (a fixed random choice by ``seed``),
     extracted in batches (:func:`preference_keywords_by_user`, cached); users whose history yields no

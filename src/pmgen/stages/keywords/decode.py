@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from pmgen.models.llm import ChatModel, Decoding, Message
+from pmgen.models.llm import Decoding, Message
+from pmgen.types import ChatLLM
 
 DEFAULT_DECODING = Decoding(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2)
 """Greedy decoding; with an :class:`~pmgen.models.llm.LLM` the repetition penalty and the n-gram
@@ -108,7 +109,7 @@ def _decoding_kwargs(tok: Any, start: int, max_new_tokens: int, decoding: Decodi
     return kwargs
 
 
-def generate(llm: ChatModel, messages: Sequence[Message], max_new_tokens: int, decoding: Decoding,
+def generate(llm: ChatLLM, messages: Sequence[Message], max_new_tokens: int, decoding: Decoding,
              stop: Callable[[str], bool] | None = None, prompt_cache: PromptCache | None = None,
              n_prefix_messages: int = 0) -> str:
     """Run a chat model, stopping early once ``stop(text_so_far)`` is true.
@@ -118,7 +119,7 @@ def generate(llm: ChatModel, messages: Sequence[Message], max_new_tokens: int, d
     generated tokens only — penalizing the prompt would push the model away from the very words
     of the history — and (c) reuse the key/value states of the first ``n_prefix_messages``
     messages from ``prompt_cache`` (used only when their tokens are an exact prefix of the full
-    prompt's). Any other :class:`~pmgen.models.llm.ChatModel` goes through its ``chat`` (no early
+    prompt's). Any other :class:`~pmgen.types.ChatLLM` goes through its ``chat`` (no early
     stop; the parser copes with the extra text).
     """
     from pmgen.models.llm import LLM
@@ -142,7 +143,7 @@ def generate(llm: ChatModel, messages: Sequence[Message], max_new_tokens: int, d
     return tok.decode(out[0, start:], skip_special_tokens=True)
 
 
-def generate_batch(llm: ChatModel, conversations: Sequence[Sequence[Message]], max_new_tokens: int,
+def generate_batch(llm: ChatLLM, conversations: Sequence[Sequence[Message]], max_new_tokens: int,
                    decoding: Decoding, stop: Callable[[str], bool] | None = None,
                    prompt_cache: PromptCache | None = None, n_prefix_messages: int = 0) -> list[str]:
     """:func:`generate` for several prompts in **one** batched ``model.generate`` call.
@@ -155,7 +156,7 @@ def generate_batch(llm: ChatModel, conversations: Sequence[Sequence[Message]], m
     row). The rest of each prompt is padded *between* the shared head and its own tail (masked;
     positions follow the mask), so only what differs between the prompts is prefilled per row.
     Otherwise rows are left-padded. A one-prompt batch is :func:`generate`; other
-    :class:`~pmgen.models.llm.ChatModel` s get one ``chat`` call per prompt.
+    :class:`~pmgen.types.ChatLLM` s get one ``chat`` call per prompt.
     """
     from pmgen.models.llm import LLM
 

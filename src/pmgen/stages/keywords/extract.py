@@ -12,7 +12,8 @@ from dataclasses import asdict, replace
 from typing import AbstractSet, Any, Mapping, Sequence
 
 from pmgen.data.schema import Event, Item
-from pmgen.models.llm import ChatModel, Decoding, Message
+from pmgen.models.llm import Decoding, Message
+from pmgen.types import ChatLLM
 from pmgen.stages.keywords.cache import KeywordCache, Keywords, _with_fallback, model_id
 from pmgen.stages.keywords.decode import (
     DEFAULT_DECODING,
@@ -63,7 +64,7 @@ class PreferenceExtractor:
     """History → ``k`` preference keywords with a frozen chat LLM (the PMG "extract preferences" stage).
 
     Args:
-        llm: any :class:`~pmgen.models.llm.ChatModel`; a local :class:`~pmgen.models.llm.LLM` gets
+        llm: any :class:`~pmgen.types.ChatLLM`; a local :class:`~pmgen.models.llm.LLM` gets
             early stopping and its ``count_tokens`` for the history budget.
         k: number of keywords (``1..32``; PMG uses 8).
         prompt_version: which prompt (:data:`PROMPT_VERSION`); part of the cache key.
@@ -127,7 +128,7 @@ class PreferenceExtractor:
             ``glossary`` is given), so the keywords come out in the catalog's language.
     """
 
-    def __init__(self, llm: ChatModel, k: int = 8, prompt_version: str = PROMPT_VERSION,
+    def __init__(self, llm: ChatLLM, k: int = 8, prompt_version: str = PROMPT_VERSION,
                  cache: KeywordCache | None = None, decoding: Decoding = DEFAULT_DECODING,
                  max_new_tokens: int = 48, budget_tokens: int = 192, detail_words: int | None = None,
                  min_rating: float | None = None, max_words: int = 3, pad: bool = True,

@@ -12,7 +12,8 @@ from dataclasses import asdict
 from typing import Sequence
 
 from pmgen.data.schema import Event, Item
-from pmgen.models.llm import ChatModel, Decoding, Message
+from pmgen.models.llm import Decoding, Message
+from pmgen.types import ChatLLM
 from pmgen.stages.keywords.cache import KeywordCache, Keywords, _with_fallback, model_id
 from pmgen.stages.keywords.decode import DEFAULT_DECODING, generate
 from pmgen.stages.keywords.parse import (
@@ -135,7 +136,7 @@ def target_messages(item: Item | None, turn: str | None, k: int) -> list[Message
 
 
 def target_keywords(item: Item | None = None, conversation: Sequence[Event] | None = None, *, k: int = 5,
-                    llm: ChatModel | None = None, cache: KeywordCache | None = None,
+                    llm: ChatLLM | None = None, cache: KeywordCache | None = None,
                     decoding: Decoding = DEFAULT_DECODING, max_new_tokens: int = 32, max_words: int = 4) -> Keywords:
     """Keywords of the generation target: an item, and/or the last user turn of a conversation.
 

@@ -30,7 +30,7 @@ pipeline folder (fp16 safetensors) to ``--out`` with a sample grid ``samples.png
 and ``progress.log`` stay in the train dir (``<cache dir>/train/generator`` by default).
 
 **Composition fine-tune** (``composite_share > 0``, issue 19): a share of every UNet batch is drawn
-from :mod:`pmgen.train.composites` — a target sticker shown with an element of a hidden taste, its
+from :mod:`pmgen.composites` — a target sticker shown with an element of a hidden taste, its
 condition built by :class:`pmgen.stages.condition.ConditionBuilder` exactly as at inference (target keywords,
 then ``w`` copies of the taste's preference keywords). The rest of the batch stays plain catalog
 items, so single objects are not forgotten. Rows of different condition lengths are padded and

@@ -297,7 +297,7 @@ The `sticker-tiny` generator fine-tuned to draw **the target, in the user's tast
 lever "teach composition"). Same architecture as `../generator` (UNet2DConditionModel
 {meta['parameters']['unet'] / 1e6:.2f} M parameters, AutoencoderKL {meta['parameters']['vae'] / 1e6:.2f} M, frozen), started
 from its weights (`init_from`), trained on batches of which {cfg['composite_share']:.0%} are **composites**
-(`pmgen.train.composites`) and the rest plain OpenMoji catalog stickers (so single objects are not
+(`pmgen.composites`) and the rest plain OpenMoji catalog stickers (so single objects are not
 forgotten).
 
 A composite is a catalog sticker (the target) shown with an element of one of the 12 hidden tastes

@@ -52,5 +52,5 @@ def read_checkpoint(path: Path, cfg: GeneratorTrainConfig, data_fingerprint: str
     if state["data_fingerprint"] != data_fingerprint:
         raise ValueError(f"{path} was trained on different data (catalog or text variants changed)")
     if state.get("composite_fingerprint") != composite_fingerprint:
-        raise ValueError(f"{path} was trained on different composites (pmgen.train.composites changed)")
+        raise ValueError(f"{path} was trained on different composites (pmgen.composites changed)")
     return state

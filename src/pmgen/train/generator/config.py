@@ -85,7 +85,7 @@ class GeneratorTrainConfig(RunConfig):
         sample_guidance: guidance scale for the sample grid.
         sample_strengths: the img2img strengths shown for the "other name" column(s).
 
-    Composition (issue 19; see :mod:`pmgen.train.composites`):
+    Composition (issue 19; see :mod:`pmgen.composites`):
         composite_share: share of each UNet batch drawn from composites (0 <= x < 1; 0 = catalog only,
             the original recipe, bit for bit).
         composite_count: training composites made (deterministic from ``seed``; their latents are

@@ -36,7 +36,7 @@ def main(given: Mapping[str, Any], resume: bool = False, write_card: bool = Fals
         f"variants), {sum(map(len, data.texts))} texts, loaded in {time.monotonic() - t0:.0f} s")
     composites = None
     if cfg.composite_share > 0:
-        from pmgen.train.composites import load_composites
+        from pmgen.composites import load_composites
 
         t1 = time.monotonic()
         composites = load_composites(cfg, data.ids, data.images, data.heldout)

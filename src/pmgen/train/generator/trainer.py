@@ -39,7 +39,7 @@ class GeneratorTrainer:
         text_encoder: a :class:`~pmgen.models.text_encoder.TextEncoder` (or anything with the same
             ``token_states``); ``None`` loads ``cfg.text_encoder`` / MiniLM.
         log: where progress lines go (besides ``progress.log``).
-        composites: a :class:`pmgen.train.composites.CompositeSet` (required when
+        composites: a :class:`pmgen.composites.CompositeSet` (required when
             ``cfg.composite_share > 0``; ``load_composites`` for the real run).
     """
 
@@ -57,7 +57,7 @@ class GeneratorTrainer:
         self.progress_path = self.train_dir / "progress.log"
         self.data_fingerprint = data.fingerprint()
         if cfg.composite_share > 0 and composites is None:
-            raise ValueError("composite_share > 0 needs composites (pmgen.train.composites.load_composites)")
+            raise ValueError("composite_share > 0 needs composites (pmgen.composites.load_composites)")
         self.composites = composites if cfg.composite_share > 0 else None
         self.n_composite = round(cfg.composite_share * cfg.batch_size) if self.composites is not None else 0
         self.comp_epoch, self.comp_pos = 0, 0
