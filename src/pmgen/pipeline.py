@@ -190,6 +190,22 @@ class PMG:
             return sp([sp.history_text(events, items)])[0]
 
     # ------------------------------------------------------------------ generate
+    def generate_text(self, user: User | Sequence[Event], target: Item, items: Mapping[str, Item], *,
+                      weights: Sequence[float] | None = None, alpha: float | None = None, kind: str = "pitch",
+                      titles: Any = None) -> Any:
+        """A personalized one-line text about ``target`` (``kind``: ``"pitch"`` or ``"caption"``): candidates
+        at ``weights`` from guided decoding with the preset's LLM and this user's preference keywords,
+        chosen by the same ``z`` and α as images (:mod:`pmgen.stages.text`). An empty history gives the
+        plain text only. ``titles``: a prebuilt :class:`pmgen.stages.text.TitleIndex` of ``items``."""
+        from pmgen.stages.text import TitleIndex, write_text
+
+        events = user.events if isinstance(user, User) else list(user)
+        s = dataclasses.replace(self.settings, **{k: v for k, v in (("weights", weights), ("alpha", alpha))
+                                                  if v is not None})
+        keywords = list(self.extract(events, items).keywords) if events else []
+        return write_text(self.llm, self.text_encoder, target, keywords, s.weights, s.alpha,
+                          titles if titles is not None else TitleIndex(items), kind)
+
     def generate(self, user: User | Sequence[Event], target: Item, items: Mapping[str, Item], *,
                  context: Sequence[Event] = (), target_image: Any = None, history_images: Sequence[Path] = (),
                  user_id: str | None = None, settings: Settings | None = None,

@@ -179,6 +179,8 @@ class GenerationRecord:
     surround_strength: float | None = None
     preference_text: str = "keywords"
     history_names: int = 0
+    text: dict[str, Any] | None = None
+    """With ``--modality both``: the chosen text, its candidates and its fit to the chosen image."""
     schema_version: int = RECORD_SCHEMA_VERSION
 
     @property
@@ -190,7 +192,7 @@ class GenerationRecord:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("reason", "image", "ground_truth_personalized", "history_image_tokens") and not v:
+            if f.name in ("reason", "image", "ground_truth_personalized", "history_image_tokens", "text") and not v:
                 continue
             out[f.name] = [c.to_json() for c in v] if f.name == "candidates" else v
         return out

@@ -49,6 +49,37 @@ from pmgen.data import datasets
 from pmgen.data.schema import DataError
 
 
+MODALITIES = ("image", "text", "both")
+
+
+def _with_image_fit(pmg, res, text_result) -> dict:
+    """The text's record, with its fit to the chosen image (the selector's ``s(image · text)``)."""
+    from pmgen.stages.select import to_unit
+
+    out = text_result.to_json()
+    out["image_fit"] = round(float(to_unit(pmg.selector.text_similarity(res.chosen_image[None], [out["text"]])[0, 0])), 6)
+    return out
+
+
+def _text_only(pmg, req, folder: Path, alpha, as_json: bool) -> None:
+    """``--modality text``: the text candidates and the chosen one in ``folder/text.json``."""
+    from pmgen.paths import write_file_atomically
+
+    res = pmg.generate_text(req.user, req.target, req.items, alpha=alpha)
+    out = {"user_id": req.user.user_id, "target_id": req.target.id, "target_title": req.target.title,
+           **res.to_json()}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(folder / "text.json", lambda tmp: Path(tmp).write_text(
+        json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    if as_json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    console.print(f"[green]✓[/] {escape(res.text)}", highlight=False)
+    for c in res.candidates:
+        console.print(f"  w = {c.weight:g}: {escape(c.text)}  (d_t {c.d_t:.3f}, d_p {c.d_p:.3f})", highlight=False)
+    console.print(f"  preference keywords: {', '.join(res.keywords) or '-'}; {folder / 'text.json'}", highlight=False)
+
+
 @app.command()
 def generate(
     dataset: Annotated[Optional[str], typer.Option(help="Built-in dataset to take the user and target from.")] = None,
@@ -84,9 +115,13 @@ def generate(
     llm_actors: Annotated[int, typer.Option(help="--engine ray: keyword / soft-embedding (LLM) actors.")] = 1,
     stats: Annotated[Optional[Path], typer.Option(help="Batch: write the run's timings (per-request latency, "
                                                   "wall time, candidates) to this JSON file.")] = None,
+    modality: Annotated[str, typer.Option(help="image (the default), text (a one-line pitch of the target in "
+                                          "this user's taste, from the same keywords and weights) or both "
+                                          "(the text is chosen under the same α and its fit to the chosen "
+                                          "image is recorded).")] = "image",
     data_dir_: DataDirOpt = None,
 ) -> None:
-    """Generate a personalized image: chosen PNG, every candidate, record.json and report.html."""
+    """Generate a personalized image (and/or text): chosen PNG, every candidate, record.json and report.html."""
     from pmgen.data import requests as rq
     from pmgen.paths import UnsafePathError, check_result_dir
 
@@ -95,6 +130,10 @@ def generate(
                                     inversion, exemplars, keep)
     if history_images is not None:
         overrides["use_history_images"] = history_images
+    if modality not in MODALITIES:
+        _fail(f"--modality must be one of {', '.join(MODALITIES)}, got {modality!r}", 2)
+    if batch is not None and modality != "image":
+        _fail("--modality text|both is for single requests (batch files make images)", 2)
     if batch is not None:
         _batch(batch, out, preset, overrides, alpha, soft_prompt, generator, selector, engine, group_size, ray_address,
                actors, llm_actors, stats, data_dir_)
@@ -118,12 +157,15 @@ def generate(
     except (KeyError, ValueError) as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
     pmg = _load_pmg(preset, overrides, **_soft(soft_prompt, generator, selector))
-    learned = _learned_alpha(pmg, data_dir_)(req.user.user_id) if alpha is None else None
+    kwargs = req.generate_kwargs(_learned_alpha(pmg, data_dir_) if alpha is None else None)
+    if modality == "text":
+        _text_only(pmg, req, folder, kwargs.get("alpha"), as_json)
+        return
     try:
-        res = pmg.generate(req.user, req.target, req.items, context=req.context, target_image=req.target_image,
-                           history_images=req.history_images, user_id=req.user.user_id, item_images=req.item_image,
-                           **({"seed": req.seed} if req.seed is not None else {}),
-                           **({"alpha": learned[0], "alpha_source": learned[1]} if learned else {}))
+        res = pmg.generate(req.user, req.target, req.items, **kwargs)
+        if modality == "both":
+            res.record.text = _with_image_fit(pmg, res, pmg.generate_text(req.user, req.target, req.items,
+                                                                         alpha=res.record.alpha))
         folder = res.save(folder)
     except ValueError as e:  # an image over the limits, an output folder that became foreign meanwhile
         _fail(str(e), 2)
@@ -135,6 +177,9 @@ def generate(
         console.print(f"[green]✓[/] {folder}/chosen.png  (w = {c.weight:g}{escape(start)}, d_t {c.d_t:.3f}, "
                       f"d_p {c.d_p:.3f})")
         console.print(f"  preference keywords: {', '.join(res.record.preference_keywords) or '-'}", highlight=False)
+        if res.record.text:
+            console.print(f"  text: {escape(res.record.text['text'])}  (fit to the image "
+                          f"{res.record.text['image_fit']:.3f})", highlight=False)
         console.print(f"  report: {folder}/report.html", highlight=False)
         for w in res.record.warnings:
             err.print(f"[yellow]warning:[/] {w}", highlight=False)
