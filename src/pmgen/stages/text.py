@@ -13,6 +13,9 @@ like an image candidate and the same rule chooses::
     d_p = fit to the user           = s(text · preference keywords)
     z   = α·log d_p + (1 − α)·log d_t            (s(c) = (1 + c)/2; text embeddings: the preset's text encoder)
 
+and, as the image's target guard does, a candidate that drops the item's title is chosen only when
+none keeps it.
+
 User text never becomes instructions: the prompt holds the item's facts and the keywords (already
 parsed into a bounded list) as quoted data, neutralized against control tokens; replies are bounded
 (:data:`MAX_CHARS`) and escaped wherever they are shown.
@@ -159,7 +162,10 @@ def score_texts(texts: Sequence[str], weights: Sequence[float], item: Item, keyw
         d_p = float(to_unit(sims_p[i])) if pref else 1.0
         z = float(z_score(torch.tensor(d_t), torch.tensor(d_p), alpha))
         out.append(TextCandidate(float(w), t, d_t, d_p, z, f))
-    chosen = max(range(len(out)), key=lambda i: (round(out[i].z, 9), -i))
+    # like the image's target guard: a text that drops the item's title is not chosen while another keeps it
+    # (SmolLM2 at w ≥ 1 sometimes just repeats the keyword list, which d_p alone would reward)
+    eligible = [i for i, c in enumerate(out) if c.faithfulness.title_kept] or list(range(len(out)))
+    chosen = max(eligible, key=lambda i: (round(out[i].z, 9), -i))
     return out, chosen
 
 
