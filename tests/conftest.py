@@ -6,11 +6,9 @@ from pathlib import Path
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from pmgen.data.schema import Event, Item, User
-from tiny_models import tiny_sticker_generator, write_tiny_bert, write_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,23 +42,9 @@ def write_jsonl_lines(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pmg(tmp_path_factory):
-    from pmgen.models.llm import LLM
-    from pmgen.models.scorer import DualEncoder, Scorer, ScorerConfig
-    from pmgen.models.text_encoder import TextEncoder
-    from pmgen.pipeline import PMG, Settings
-    from pmgen.stages.keywords import KeywordCache
-    from pmgen.presets import get_preset
+    from serve_helpers import build_tiny_pmg
 
-    root = tmp_path_factory.mktemp("tiny-pmg")
-    torch.manual_seed(0)
-    te = TextEncoder(write_tiny_bert(root / "bert"))
-    gen = tiny_sticker_generator(text_max_length=16)
-    sel_model = DualEncoder(ScorerConfig(widths=(8, 16), embed_dim=16, text_dim=32))
-    selector = Scorer(sel_model, te, name="tiny-selector")
-    llm = LLM.from_pretrained(write_tiny_llama(root / "llama"))
-    preset = get_preset("sticker-tiny", text_max_length=16)
-    settings = Settings(weights=(0.0, 1.0, 2.0), num_inference_steps=3, strength=0.6, guidance_scale=3.0, k=4)
-    return PMG(preset, llm, te, gen, selector, settings=settings, keyword_cache=KeywordCache(root / "kw.sqlite"))
+    return build_tiny_pmg(tmp_path_factory.mktemp("tiny-pmg"))
 
 
 @pytest.fixture(scope="module")

@@ -84,11 +84,10 @@ def run_text_eval(pmg: Any, ds: Dataset, n_users: int = 100, split: str = "test"
                   weights: Sequence[float] = (0.0, 1.0, 2.0), alpha: float | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Plain vs. personalized pitches for ``n_users`` held-out MovieLens users (see the module docstring)."""
-    users = [u for u in evaluation_users(ds, None, split) if any(s.user_id == u.user_id for s in ds.split(split))]
-    first = {}
-    for s in ds.split(split):
+    first: dict[str, Any] = {}
+    for s in ds.split(split):  # each user's first sample: its target is the user's first later like
         first.setdefault(s.user_id, s)
-    users = users[:n_users]
+    users = [u for u in evaluation_users(ds, None, split) if u.user_id in first][:n_users]
     titles = TitleIndex(ds.items)
     shares = genre_shares([ds.users[u] for u in ds.user_split("train") if u in ds.users], ds.items)
     rows, t0 = [], time.perf_counter()

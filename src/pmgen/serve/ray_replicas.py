@@ -67,7 +67,6 @@ class ModelReplica:
         torch.set_num_threads(max(1, threads))
         self.store = Store.open(store_url)
         self.service = Service(loader(), catalog, self.store, root, workers=0, lease_s=lease_s)
-        self.batches: dict[int, int] = {}
 
     async def run(self, calls: list[tuple[str, str]]) -> list[tuple[str, int]]:
         """A dynamic batch of ``(generation id, lease owner)``: each generation still held by its owner
@@ -81,17 +80,12 @@ class ModelReplica:
             if g is not None and g.status == "running" and g.lease_owner == owner:
                 gens.append(g)
                 owners.append(owner)
-        self.batches[len(gens)] = self.batches.get(len(gens), 0) + 1
         if len(gens) == 1:  # alone: the one-at-a-time path, as the in-process worker runs it
             await asyncio.to_thread(self.service.run_generation, gens[0], owners[0])
         elif gens:
             await asyncio.to_thread(self.service.run_generations, gens, owners)
         ran = {g.id for g in gens}
         return [((self.store.status(gen_id) or "lost") if gen_id in ran else "lost", len(gens)) for gen_id, _ in calls]
-
-    def info(self) -> dict[str, Any]:
-        """This replica's process id and the sizes of the batches it ran (tests, ``/metrics``)."""
-        return {"pid": os.getpid(), "batches": dict(self.batches)}
 
     def check_health(self) -> None:
         """Ray Serve's health check: the store answers (a replica whose database is gone is restarted)."""
@@ -200,15 +194,6 @@ class ReplicaPool:
         afterwards and the size of the batch it ran in."""
         got = self.handle.run.remote(list(calls)).result(timeout_s=CALL_TIMEOUT_S)
         return [(str(status), int(size)) for status, size in got]
-
-    def info(self) -> list[dict[str, Any]]:
-        """Each live replica's :meth:`ModelReplica.info` (Ray Serve routes each call to some replica:
-        asked ``4 × replicas`` times, distinct pids kept)."""
-        seen: dict[int, dict[str, Any]] = {}
-        for _ in range(4 * self.replicas):
-            got = self.handle.info.remote().result(timeout_s=60)
-            seen[got["pid"]] = got
-        return list(seen.values())
 
     def stop(self, timeout: float = 60.0) -> None:
         """Delete the replicas and stop the local Ray this pool started; on a cluster (``ray_address``)
